@@ -1,0 +1,203 @@
+"""TurboQuant: rotate, quantise each coordinate with a Lloyd-Max codebook, pack tightly."""
+
+import math
+from dataclasses import dataclass, replace
+from functools import cache
+
+import mlx.core as mx
+import numpy as np
+
+from .codebook import SUPPORTED_BITS, codebook
+from .rotation import check_head_dim, rotate, unrotate
+
+FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
+
+
+def words_per_row(dim: int, bits: int) -> int:
+    """uint32 words of one packed vector: the index bits, then one float32 scale."""
+    return -(-dim * bits // 32) + 1
+
+
+def pack(indices: mx.array, bits: int) -> mx.array:
+    """Packs (..., D) integers < 2**bits into (..., ceil(D*bits/32)) uint32, LSB first.
+
+    Element i occupies bits [i*bits, (i+1)*bits) of the row's bit stream, so 3-bit
+    rows hold exactly 3 bits per element and an element may straddle two words.
+    """
+    *lead, dim = indices.shape
+    n_words = -(-dim * bits // 32)
+    planes = (indices.astype(mx.uint32)[..., None] >> mx.arange(bits, dtype=mx.uint32)) & 1
+    planes = planes.reshape(*lead, dim * bits)
+    if n_words * 32 > dim * bits:
+        pad = mx.zeros((*lead, n_words * 32 - dim * bits), dtype=mx.uint32)
+        planes = mx.concatenate([planes, pad], axis=-1)
+    planes = planes.reshape(*lead, n_words, 32) << mx.arange(32, dtype=mx.uint32)
+    return planes.sum(axis=-1).astype(mx.uint32)
+
+
+@cache
+def _unpack_plan(dim: int, bits: int):
+    pos = np.arange(dim) * bits
+    word, shift = pos >> 5, pos & 31
+    spill = shift + bits > 32
+    nxt = np.minimum(word + 1, max(word.max(), 0))
+    return tuple(mx.array(a.astype(np.uint32)) for a in (word, shift, nxt, spill))
+
+
+def unpack(words: mx.array, bits: int, dim: int) -> mx.array:
+    """Inverse of `pack`: (..., W) uint32 -> (..., D) uint32 indices."""
+    word, shift, nxt, spill = _unpack_plan(dim, bits)
+    lo = mx.take(words, word, axis=-1) >> shift
+    # (w << (31 - s)) << 1 avoids the undefined shift by 32 when s == 0.
+    hi = (mx.take(words, nxt, axis=-1) << (31 - shift)) << 1
+    return (lo | mx.where(spill.astype(mx.bool_), hi, 0)) & ((1 << bits) - 1)
+
+
+@dataclass(frozen=True)
+class TurboQuantized:
+    """Packed TurboQuant vectors.
+
+    Attributes:
+        data: (..., W + 1) uint32: ceil(D*bits/32) words of packed codebook indices,
+            then the float32 scale (bit-cast) with x = scale * R^T c[idx] (+ offset).
+        bits, dim, seed: codebook width, vector length D, rotation seed.
+        dtype: the dtype of the original vectors (returned by `dequantize`).
+        offset: optional float32 (..., 1, D) subtracted before quantising (constant
+            along the sequence axis -2, e.g. a per-head key mean).
+        qjl: optional (..., ceil(D/32) + 1) uint32: 1-bit residual sign sketch and
+            the float32 residual norm (QJL, the paper's Q_prod; off by default).
+    """
+
+    data: mx.array
+    bits: int
+    dim: int
+    seed: int = 0
+    dtype: mx.Dtype = mx.float32
+    offset: mx.array | None = None
+    qjl: mx.array | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.data.shape[:-1], self.dim)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.data, self.offset, self.qjl) if a is not None)
+
+    def indices(self) -> mx.array:
+        return unpack(self.data[..., :-1], self.bits, self.dim)
+
+    def scales(self) -> mx.array:
+        return self.data[..., -1:].view(mx.float32)[..., 0]
+
+    def rotated(self) -> mx.array:
+        """(..., D) float32 reconstruction in the rotated space, without the offset."""
+        levels, _ = codebook(self.bits, self.dim)
+        z = levels[self.indices()] * self.scales()[..., None]
+        return z if self.qjl is None else z + _qjl_rotated(self)
+
+    def tokens(self, start: int, stop: int) -> "TurboQuantized":
+        """The vectors [start, stop) along the sequence axis -2."""
+        qjl = None if self.qjl is None else self.qjl[..., start:stop, :]
+        return replace(self, data=self.data[..., start:stop, :], qjl=qjl)
+
+
+def check_bits(bits: int, name: str = "bits"):
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"{name}={bits} is not supported: choose one of {SUPPORTED_BITS}")
+
+
+def check_input(x: mx.array, name: str = "x"):
+    if not isinstance(x, mx.array):
+        raise TypeError(f"{name} must be an mx.array, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {x.dtype}: supported dtypes are float16, bfloat16, float32"
+        )
+    if x.ndim < 1:
+        raise ValueError(f"{name} must have shape (..., D), got a scalar")
+    check_head_dim(x.shape[-1])
+
+
+def quantize_indices(z: mx.array, bits: int) -> mx.array:
+    """Nearest codebook level of each coordinate of z (..., D), by binary search."""
+    _, boundaries = codebook(bits, z.shape[-1])
+    idx = mx.zeros(z.shape, dtype=mx.uint32)
+    for k in reversed(range(bits)):
+        cand = idx + (1 << k)
+        idx = mx.where(z > boundaries[cand - 1], cand, idx)
+    return idx
+
+
+@cache
+def _qjl_matrix(dim: int, seed: int) -> mx.array:
+    return mx.array(np.random.default_rng(seed + 7919).standard_normal((dim, dim), np.float32))
+
+
+def quantize(
+    x: mx.array,
+    bits: int,
+    seed: int = 0,
+    *,
+    offset: mx.array | None = None,
+    norm_correction: bool = True,
+    qjl: bool = False,
+    check_finite: bool = True,
+) -> TurboQuantized:
+    """Quantises vectors with TurboQuant.
+
+    Args:
+        x: (..., D) float16, bfloat16 or float32, D in `SUPPORTED_DIMS`.
+        bits: Bits per element (2-8). With `qjl`, bits - 1 go to the codebook and
+            one to the residual sign sketch.
+        seed: Seed of the random signs of the rotation.
+        offset: Optional (..., 1, D) vector subtracted before quantising (e.g. a key mean).
+        norm_correction: Store norm / ||c[idx]|| so the reconstruction keeps the exact norm.
+        qjl: Add the 1-bit QJL residual sketch (unbiased inner products).
+        check_finite: Raise on NaN or inf (costs a synchronisation).
+
+    Returns:
+        A `TurboQuantized` holding D*bits/8 bytes per vector plus a 4-byte scale.
+    """
+    check_input(x)
+    check_bits(bits)
+    if qjl and bits < 3:
+        raise ValueError("qjl needs bits >= 3 (bits - 1 for the codebook, 1 for the sketch)")
+    if check_finite and not mx.all(mx.isfinite(x)).item():
+        raise ValueError("x contains NaN or inf: TurboQuant only stores finite vectors")
+    dim = x.shape[-1]
+    mse_bits = bits - 1 if qjl else bits
+    xf = x.astype(mx.float32)
+    if offset is not None:
+        offset = offset.astype(mx.float32)
+        xf = xf - offset
+    norms = mx.linalg.norm(xf, axis=-1, keepdims=True)
+    z = rotate(xf / mx.where(norms > 0, norms, 1), seed) * math.sqrt(dim)
+    idx = quantize_indices(z, mse_bits)
+    levels, _ = codebook(mse_bits, dim)
+    zq = levels[idx]
+    denom = mx.linalg.norm(zq, axis=-1, keepdims=True) if norm_correction else math.sqrt(dim)
+    scales = norms / denom
+    data = mx.concatenate([pack(idx, mse_bits), scales.view(mx.uint32)], axis=-1)
+    sketch = None
+    if qjl:
+        residual = z * (norms / math.sqrt(dim)) - zq * scales  # rotated space
+        signs = (residual @ _qjl_matrix(dim, seed).T) >= 0
+        gamma = mx.linalg.norm(residual, axis=-1, keepdims=True)
+        sketch = mx.concatenate([pack(signs, 1), gamma.view(mx.uint32)], axis=-1)
+    return TurboQuantized(data, mse_bits, dim, seed, x.dtype, offset, sketch)
+
+
+def _qjl_rotated(q: TurboQuantized) -> mx.array:
+    """QJL estimate of the residual in the rotated space, (..., D) float32."""
+    signs = unpack(q.qjl[..., :-1], 1, q.dim).astype(mx.float32) * 2 - 1
+    gamma = q.qjl[..., -1:].view(mx.float32)
+    return gamma * math.sqrt(math.pi / 2) / q.dim * (signs @ _qjl_matrix(q.dim, q.seed))
+
+
+def dequantize(q: TurboQuantized) -> mx.array:
+    """Reconstructs the vectors of `q` in their original dtype."""
+    x = unrotate(q.rotated(), q.seed)
+    if q.offset is not None:
+        x = x + q.offset
+    return x.astype(q.dtype)
