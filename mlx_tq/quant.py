@@ -201,3 +201,8 @@ def dequantize(q: TurboQuantized) -> mx.array:
     if q.offset is not None:
         x = x + q.offset
     return x.astype(q.dtype)
+
+
+def quantize_rows(x: mx.array, bits: int, seed: int = 0, offset: mx.array | None = None):
+    """Packed rows (..., W + 1) uint32 of `quantize(x, bits, seed, offset=offset).data`."""
+    return quantize(x, bits, seed, offset=offset, check_finite=False).data
