@@ -1,0 +1,317 @@
+"""TurboQuant KV caches following mlx-lm's cache protocol.
+
+Keys and values are stored as packed rows (B, H, capacity, W + 1) uint32 (see `quant.py`),
+so mlx-lm's own growth and sliding-window logic (`KVCache`, `RotatingKVCache`) runs
+unchanged on them: the subclasses only encode on the way in and wrap on the way out.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import mlx_lm.models.cache as lm_cache
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+from . import patch as _patch
+from .codebook import SUPPORTED_BITS
+from .quant import TurboQuantized, check_bits, dequantize, quantize_rows
+from .rotation import check_head_dim
+
+FILE_FORMAT = "mlx_tq.prompt_cache/1"
+# kv_bits budget -> (key_bits, value_bits); keys are the sensitive half.
+PRESETS = {b: (b, b) for b in SUPPORTED_BITS}
+
+
+class _TurboQuantMixin:
+    # mlx-lm re-quantises caches that have `to_quantized` and batches those with `merge`;
+    # neither applies to packed rows, so hide both from hasattr().
+    @property
+    def to_quantized(self):
+        raise AttributeError("TurboQuant caches are already quantised")
+
+    @property
+    def merge(self):
+        raise AttributeError("TurboQuant caches do not support batch merging")
+
+    def _setup(self, key_bits, value_bits, seed, center_keys):
+        check_bits(key_bits, "key_bits")
+        check_bits(value_bits, "value_bits")
+        self.key_bits, self.value_bits = key_bits, value_bits
+        self.seed, self.center_keys = seed, center_keys
+        self.key_offset = None
+        self.head_dim = None
+        self.dtype = None
+        self._pending = False
+
+    def _encode(self, keys, values):
+        if keys.shape[-1] != values.shape[-1]:
+            raise ValueError(
+                f"key head_dim {keys.shape[-1]} != value head_dim {values.shape[-1]}: "
+                "attention with different key and value sizes (e.g. MLA) is not supported"
+            )
+        if self.key_offset is None:
+            check_head_dim(keys.shape[-1])
+            # A dtype name, not an mx.Dtype, so that copy.deepcopy works.
+            self.head_dim, self.dtype = keys.shape[-1], str(keys.dtype).removeprefix("mlx.core.")
+            # Softmax ignores a per-head shift of the keys, so store k - mean(k) (frozen
+            # after the first update) and spend the bits on what differs between keys.
+            mean = mx.mean(keys.astype(mx.float32), axis=2, keepdims=True)
+            self.key_offset = mean if self.center_keys else mx.zeros_like(mean)
+        if _patch.is_patched() and self._pending:
+            raise RuntimeError(
+                "the last keys/values this cache returned never reached "
+                "mlx_lm.models.base.scaled_dot_product_attention: this model's attention "
+                "does not go through it, so it cannot use a TurboQuant cache"
+            )
+        k = quantize_rows(keys, self.key_bits, self.seed, self.key_offset)
+        v = quantize_rows(values, self.value_bits, self.seed)
+        return k, v
+
+    def _wrap(self, k, v):
+        keys = TurboQuantized(
+            k, self.key_bits, self.head_dim, self.seed, getattr(mx, self.dtype), self.key_offset
+        )
+        values = TurboQuantized(
+            v, self.value_bits, self.head_dim, self.seed, getattr(mx, self.dtype)
+        )
+        if _patch.is_patched():
+            self._pending = True
+            return keys, values
+        return dequantize(keys), dequantize(values)
+
+    def update_and_fetch(self, keys, values):
+        return self._wrap(*super().update_and_fetch(*self._encode(keys, values)))
+
+    def _meta(self):
+        return (
+            str(self.key_bits),
+            str(self.value_bits),
+            str(self.seed),
+            str(int(self.center_keys)),
+            str(self.head_dim),
+            str(self.dtype),
+        )
+
+    def _set_meta(self, v):
+        kb, vb, seed, center, head_dim, dtype = v
+        self._setup(int(kb), int(vb), int(seed), bool(int(center)))
+        self.head_dim = None if head_dim == "None" else int(head_dim)
+        self.dtype = None if dtype == "None" else dtype
+
+    @classmethod
+    def from_state(cls, state, meta_state):
+        obj = cls.__new__(cls)
+        obj.meta_state = meta_state
+        obj.state = state
+        return obj
+
+    @property
+    def nbytes(self):
+        if self.keys is None:
+            return 0
+        return self.keys.nbytes + self.values.nbytes + self.key_offset.nbytes
+
+
+class TurboQuantKVCache(_TurboQuantMixin, KVCache):
+    """A `KVCache` holding TurboQuant-packed keys and values.
+
+    Args:
+        key_bits, value_bits: Bits per element of keys and values (2-8).
+        seed: Seed of the rotation's random signs.
+        center_keys: Store keys minus their per-head mean (free at attention time).
+    """
+
+    def __init__(self, key_bits: int = 4, value_bits: int = 4, seed: int = 0, center_keys=True):
+        super().__init__()
+        self._setup(key_bits, value_bits, seed, center_keys)
+
+    @property
+    def state(self):
+        if self.keys is None:
+            return []
+        n = self.offset
+        return self.keys[..., :n, :], self.values[..., :n, :], self.key_offset
+
+    @state.setter
+    def state(self, v):
+        self.keys, self.values, self.key_offset = v if v else (None, None, None)
+        self.offset = 0 if self.keys is None else self.keys.shape[2]
+
+    @property
+    def meta_state(self):
+        return (str(self.offset), *self._meta())
+
+    @meta_state.setter
+    def meta_state(self, v):
+        self._set_meta(v[1:])
+        self.offset = int(v[0])
+
+
+class TurboQuantRotatingKVCache(_TurboQuantMixin, RotatingKVCache):
+    """A `RotatingKVCache` (sliding window) holding TurboQuant-packed keys and values.
+
+    Args:
+        max_size: Tokens kept (the window).
+        keep: Leading tokens never evicted.
+        key_bits, value_bits, seed, center_keys: As for `TurboQuantKVCache`.
+    """
+
+    def __init__(
+        self,
+        max_size: int,
+        keep: int = 0,
+        key_bits: int = 4,
+        value_bits: int = 4,
+        seed: int = 0,
+        center_keys: bool = True,
+    ):
+        super().__init__(max_size, keep)
+        self._setup(key_bits, value_bits, seed, center_keys)
+
+    @property
+    def state(self):
+        if self.keys is None:
+            return []
+        return self.keys, self.values, self.key_offset
+
+    @state.setter
+    def state(self, v):
+        self.keys, self.values, self.key_offset = v if v else (None, None, None)
+
+    @property
+    def meta_state(self):
+        return (str(self.keep), str(self.max_size), str(self.offset), str(self._idx), *self._meta())
+
+    @meta_state.setter
+    def meta_state(self, v):
+        self._set_meta(v[4:])
+        self.keep, self.max_size, self.offset, self._idx = map(int, v[:4])
+
+
+def make_prompt_cache(
+    model,
+    kv_bits: int = 4,
+    key_bits: int | None = None,
+    value_bits: int | None = None,
+    max_kv_size: int | None = None,
+    quantize_sliding: bool = True,
+    seed: int = 0,
+    center_keys: bool = True,
+) -> list:
+    """Builds the model's cache with TurboQuant layers, like mlx-lm's `make_prompt_cache`.
+
+    Respects `model.make_cache()`. Plain `KVCache` layers become `TurboQuantKVCache`;
+    `RotatingKVCache` (sliding-window) layers become `TurboQuantRotatingKVCache`, or stay
+    fp16 with `quantize_sliding=False`; other caches (SSM, arrays) are left alone.
+
+    Args:
+        model: An mlx-lm model.
+        kv_bits: The bit budget; picks the recommended (key_bits, value_bits) for it.
+        key_bits, value_bits: Override the preset.
+        max_kv_size: Keep only this many tokens (a rotating cache), as in mlx-lm.
+        quantize_sliding: Compress sliding-window layers too.
+        seed: Rotation seed.
+        center_keys: Store keys minus their per-head mean.
+
+    Returns:
+        A list with one cache per layer.
+    """
+    if kv_bits not in PRESETS:
+        raise ValueError(f"kv_bits={kv_bits} is not supported: choose one of {tuple(PRESETS)}")
+    kb, vb = PRESETS[kv_bits]
+    kb, vb = key_bits or kb, value_bits or vb
+    check_bits(kb, "key_bits")
+    check_bits(vb, "value_bits")
+    if not _patch.uses_base_attention(model):
+        raise ValueError(
+            f"{type(model).__module__}: the model's attention does not call "
+            "mlx_lm.models.base.scaled_dot_product_attention, so it cannot use a TurboQuant cache"
+        )
+    head_dim = getattr(getattr(model, "args", None), "head_dim", None)
+    if isinstance(head_dim, int):
+        check_head_dim(head_dim)
+    caches = lm_cache.make_prompt_cache(model, max_kv_size=max_kv_size)
+    if max_kv_size is not None and hasattr(model, "make_cache"):
+        caches = [
+            RotatingKVCache(max_size=max_kv_size, keep=4) if type(c) is KVCache else c
+            for c in caches
+        ]
+    options = dict(key_bits=kb, value_bits=vb, seed=seed, center_keys=center_keys)
+    out = []
+    for c in caches:
+        if type(c) is KVCache:
+            c = TurboQuantKVCache(**options)
+        elif type(c) is RotatingKVCache and quantize_sliding:
+            c = TurboQuantRotatingKVCache(c.max_size, c.keep, **options)
+        out.append(c)
+    if not any(isinstance(c, _TurboQuantMixin) for c in out):
+        raise ValueError("the model has no KV cache layer that TurboQuant can compress")
+    return out
+
+
+def save_prompt_cache(path: str, cache: list, metadata: dict[str, str] | None = None):
+    """Saves a prompt cache (TurboQuant and mlx-lm layers mixed) to a safetensors file.
+
+    The file is written to a temporary name and renamed, so a crash never leaves a
+    partial file under `path`.
+    """
+    arrays, leaves = {}, {}
+    for i, c in enumerate(cache):
+        for key, value in tree_flatten(c.state, prefix=f"{i}"):
+            if isinstance(value, mx.array):
+                arrays[key] = value
+            else:
+                leaves[key] = value
+    header = {
+        "format": FILE_FORMAT,
+        "classes": json.dumps([type(c).__name__ for c in cache]),
+        "meta_states": json.dumps([getattr(c, "meta_state", None) for c in cache]),
+        "leaves": json.dumps(leaves),
+        "metadata": json.dumps(metadata or {}),
+    }
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
+    try:
+        mx.save_safetensors(str(tmp), arrays, header)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_prompt_cache(path: str, return_metadata: bool = False, **expected):
+    """Loads a prompt cache written by `save_prompt_cache`.
+
+    Args:
+        path: The .safetensors file.
+        return_metadata: Also return the metadata dict given at save time.
+        **expected: Settings the caller relies on (key_bits, value_bits, seed, head_dim);
+            a file written with others raises ValueError.
+    """
+    try:
+        arrays, header = mx.load(str(path), return_metadata=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated?): {e}") from e
+    if header.get("format") != FILE_FORMAT:
+        raise ValueError(
+            f"{path} is not an mlx_tq prompt cache (format {header.get('format')!r}); "
+            "files from mlx-lm load with mlx_lm.models.cache.load_prompt_cache"
+        )
+    classes = json.loads(header["classes"])
+    metas = json.loads(header["meta_states"])
+    flat = {**arrays, **json.loads(header["leaves"])}
+    cache = []
+    for i, (name, meta) in enumerate(zip(classes, metas, strict=True)):
+        items = [(k[len(str(i)) + 1 :], v) for k, v in flat.items() if k.split(".")[0] == str(i)]
+        state = tree_unflatten(items) if items else []
+        cls = globals().get(name) if name.startswith("TurboQuant") else getattr(lm_cache, name)
+        c = cls.from_state(state, meta) if meta is not None else cls.from_state(state)
+        for key, want in expected.items():
+            have = getattr(c, key, want)
+            if have is not None and have != want:
+                raise ValueError(f"{path} was written with {key}={have}, expected {want}")
+        cache.append(c)
+    return (cache, json.loads(header["metadata"])) if return_metadata else cache
