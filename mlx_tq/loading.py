@@ -161,10 +161,16 @@ def convert_weights(reader: gguf.GGUFReader, dtype=mx.float32) -> tuple[dict, di
         "tie_word_embeddings": "lm_head.weight" not in weights,
     }
     if meta.get("rope.scaling.type") == "linear":
-        config["rope_scaling"] = {"type": "linear", "factor": meta["rope.scaling.factor"]}
+        config["rope_scaling"] = {"rope_type": "linear", "factor": meta["rope.scaling.factor"]}
     if rope_freqs is not None:
-        # Llama 3.1+: llama.cpp stores the scaled frequencies; mlx-lm's defaults give the rest
-        config["rope_scaling"] = {"rope_type": "llama3", "factor": float(rope_freqs.max())}
+        # Llama 3.1+: llama.cpp stores the scaled frequencies, made with these constants
+        config["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": float(rope_freqs.max()),
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
     if arch == "gemma3":
         # As llama.cpp: Gemma-3-27B (62 layers) scales queries by hidden / heads
         big = config["num_hidden_layers"] == 62

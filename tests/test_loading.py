@@ -36,7 +36,8 @@ ARGS = {
         model_type="llama",
         num_hidden_layers=2,
         vocab_size=len(SP_TOKENS),
-        rope_theta=10000.0,
+        rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0},
         tie_word_embeddings=False,
     ),
     "qwen2": dict(
@@ -90,6 +91,16 @@ def permute(w, n_heads):
         .swapaxes(1, 2)
         .reshape(w.shape)
     )
+
+
+def llama3_rope_factors(args):
+    # llama.cpp's convert_hf_to_gguf.py: Llama 3's rope scaling as one factor per frequency
+    dims = args["hidden_size"] // args["num_attention_heads"]
+    wavelen = 2 * np.pi * args["rope_theta"] ** (np.arange(0, dims, 2) / dims)
+    factor = args["rope_scaling"]["factor"]
+    smooth = (8192 / wavelen - 1) / (4 - 1)
+    medium = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < 8192 / 4, 1, np.where(wavelen > 8192, factor, medium))
 
 
 def gguf_name(arch, name):
@@ -149,6 +160,8 @@ def write_gguf(path, arch, weights=None, vocab=True):
         w.add_eos_token_id(1)
         w.add_unk_token_id(3)
         w.add_pad_token_id(0)
+    if arch == "llama":
+        w.add_tensor("rope_freqs.weight", llama3_rope_factors(args).astype(np.float32))
     for name, v in (weights or {}).items():
         v = np.array(v, dtype=np.float32)
         if arch == "llama" and ("q_proj" in name or "k_proj" in name):
@@ -178,6 +191,16 @@ def test_gguf_logits_match_mlx_lm(tmp_path, arch):
     assert type(model) is type(ref)
     x = mx.array([[2, 20, 5, 9, 13, 7, 30, 11, 4, 17, 8, 25]])
     np.testing.assert_allclose(np.array(model(x)), np.array(ref(x)), rtol=1e-4, atol=1e-4)
+
+
+def test_llama3_rope_scaling(tmp_path):
+    args = ARGS["llama"]
+    model, _ = load(str(write_gguf(tmp_path / "llama.gguf", "llama", reference("llama")[1])))
+    factors = llama3_rope_factors(args)
+    assert len(set(factors.tolist())) > 2  # all three regimes: kept, scaled and in between
+    dims = args["hidden_size"] // args["num_attention_heads"]
+    periods = args["rope_theta"] ** (np.arange(0, dims, 2) / dims) * factors
+    np.testing.assert_allclose(np.array(model.layers[0].self_attn.rope._freqs), periods, rtol=1e-5)
 
 
 # Gemma adds no space before the first word; llama does
