@@ -6,59 +6,72 @@ the query is rotated once, the output once, and no key is dequantised to the ori
 
 import mlx.core as mx
 
-from .quant import TurboQuantized
+from . import kernels
+from .codebook import codebook
+from .quant import TurboQuantized, words_per_row
 from .rotation import rotate, unrotate
 
-DEFAULT_CHUNK = 4096
+# The fused kernel handles up to this many query tokens (decode, speculative decoding).
+MAX_KERNEL_TOKENS = 8
+# Threadgroups the split-K kernel aims for: a few waves on a large GPU.
+TARGET_GROUPS = 1024
+# Floats per score or accumulator block of the reference: at most 1/16 of the bytes of
+# an fp16 cache of the same keys, so prefill peaks well below that cache.
+MIN_BLOCK, MAX_BLOCK = 2**18, 2**24
 
 
-def _mask_chunk(mask, B, H, L, S, start, stop):
-    """The mask for keys [start, stop) as a bool or additive (B, H, L, C) array, or None."""
-    if mask is None:
-        return None
-    if isinstance(mask, str):
-        if mask != "causal":
-            raise ValueError(f"mask {mask!r} is not supported: use None, 'causal' or an array")
-        rows = mx.arange(S - L, S)[:, None]
-        return rows >= mx.arange(start, stop)[None]
-    if mask.ndim > 4 or mask.shape[-1] not in (1, S) or mask.shape[-2] not in (1, L):
-        raise ValueError(
-            f"mask of shape {mask.shape} does not broadcast to (B, H, L, S) = {(B, H, L, S)}"
-        )
-    return mask[..., start:stop] if mask.shape[-1] == S else mask
-
-
-def scaled_dot_product_attention(
-    queries: mx.array,
-    keys: TurboQuantized,
-    values: TurboQuantized,
-    scale: float,
-    mask: mx.array | str | None = None,
-    chunk_size: int = DEFAULT_CHUNK,
-) -> mx.array:
-    """Softmax attention over TurboQuant keys and values (reference, plain MLX ops).
-
-    Args:
-        queries: (B, Hq, L, D) float array.
-        keys, values: `TurboQuantized` of shape (B, Hkv, S, D) with Hq a multiple of Hkv.
-        scale: Multiplies the scores.
-        mask: None, "causal" (the L queries are the last L positions), or a boolean
-            or additive array broadcastable to (B, Hq, L, S).
-        chunk_size: Keys per chunk; chunks are merged with log-sum-exp so at most
-            L x chunk_size scores per head are held at once.
-
-    Returns:
-        (B, Hq, L, D) array in the queries' dtype.
-    """
+def _check_inputs(queries, keys, values):
     B, Hq, L, D = queries.shape
-    _, Hkv, S, Dk = keys.shape
-    if keys.shape != values.shape or Dk != D:
+    if keys.shape != values.shape or keys.shape[0] != B or keys.shape[-1] != D:
         raise ValueError(
             f"queries {queries.shape}, keys {keys.shape} and values {values.shape} must share "
             "B, D, and keys/values their shape"
         )
-    if Hq % Hkv:
-        raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} key/value heads")
+    if Hq % keys.shape[1]:
+        raise ValueError(f"{Hq} query heads are not a multiple of {keys.shape[1]} key/value heads")
+
+
+def _check_mask(mask, B, H, L, S):
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"mask {mask!r} is not supported: use None, 'causal' or an array")
+    elif mask is not None and (
+        mask.ndim > 4 or mask.shape[-1] not in (1, S) or mask.shape[-2] not in (1, L)
+    ):
+        raise ValueError(
+            f"mask of shape {mask.shape} does not broadcast to (B, H, L, S) = {(B, H, L, S)}"
+        )
+
+
+def _mask_chunk(mask, L, S, start, stop):
+    """The mask for keys [start, stop) as a bool or additive array, or None."""
+    if isinstance(mask, str):
+        return mx.arange(S - L, S)[:, None] >= mx.arange(start, stop)[None]
+    if mask is not None and mask.shape[-1] == S:
+        return mask[..., start:stop]
+    return mask
+
+
+def _add_value_offset(out, values, G):
+    """Adds the values' offset to out (B, Hq, L, D): the weights sum to one."""
+    if values.offset is None:
+        return out
+    B, Hkv, _, D = values.shape
+    offset = mx.broadcast_to(values.offset, (B, Hkv, 1, D))
+    return out + mx.repeat(offset, G, axis=1)
+
+
+def _block_sizes(B, Hq, Hkv, L, S, D):
+    """(query rows, keys) per block, so scores and accumulators stay within the budget."""
+    budget = min(max(B * Hkv * S * D // 16, MIN_BLOCK), MAX_BLOCK)
+    rows = max(1, min(L, budget // (B * Hq * D)))
+    return rows, max(1, min(S, budget // (B * Hq * rows)))
+
+
+def _attend(queries, keys, values, scale, mask, S, chunk_size):
+    """Online-softmax attention of queries (B, Hq, L, D) over keys [0, S); float32, rotated."""
+    B, Hq, L, D = queries.shape
+    Hkv = keys.shape[1]
     G = Hq // Hkv
     q = rotate(queries * scale, keys.seed).reshape(B, Hkv, G * L, D)
     # Keys' offset is a per-head shift of every score of a query: softmax ignores it.
@@ -68,7 +81,7 @@ def scaled_dot_product_attention(
     for start in range(0, S, chunk_size):
         stop = min(start + chunk_size, S)
         scores = q @ keys.tokens(start, stop).rotated().swapaxes(-1, -2)
-        chunk_mask = _mask_chunk(mask, B, Hq, L, S, start, stop)
+        chunk_mask = _mask_chunk(mask, L, S, start, stop)
         if chunk_mask is not None:
             chunk_mask = mx.broadcast_to(chunk_mask, (B, Hq, L, stop - start))
             chunk_mask = chunk_mask.reshape(B, Hkv, G * L, stop - start)
@@ -84,9 +97,158 @@ def scaled_dot_product_attention(
         denom = alpha * denom + p.sum(axis=-1, keepdims=True)
         acc = alpha * acc + p @ values.tokens(start, stop).rotated()
         m = m_new
-    out = unrotate(acc / denom, values.seed).reshape(B, Hq, L, D)
-    if values.offset is not None:
-        # Weights sum to one, so a constant value offset passes straight through.
-        offset = mx.broadcast_to(values.offset, (B, Hkv, 1, D))
-        out = out + mx.repeat(offset, G, axis=1)
+    return (acc / denom).reshape(B, Hq, L, D)
+
+
+def scaled_dot_product_attention_ops(
+    queries: mx.array,
+    keys: TurboQuantized,
+    values: TurboQuantized,
+    scale: float,
+    mask: mx.array | str | None = None,
+    chunk_size: int | None = None,
+) -> mx.array:
+    """Softmax attention over TurboQuant keys and values (reference, plain MLX ops).
+
+    Queries are taken in blocks and keys in chunks merged with log-sum-exp, so no
+    L x S score matrix is formed; with a causal mask each block skips the keys it cannot see.
+
+    Args:
+        queries: (B, Hq, L, D) float array.
+        keys, values: `TurboQuantized` of shape (B, Hkv, S, D) with Hq a multiple of Hkv.
+        scale: Multiplies the scores.
+        mask: None, "causal" (the L queries are the last L positions), or a boolean
+            or additive array broadcastable to (B, Hq, L, S).
+        chunk_size: Keys per chunk; by default sized so that a block of scores holds
+            at most 1/16 of the bytes of an fp16 cache of the same keys.
+
+    Returns:
+        (B, Hq, L, D) array in the queries' dtype.
+    """
+    _check_inputs(queries, keys, values)
+    B, Hq, L, D = queries.shape
+    Hkv, S = keys.shape[1:3]
+    _check_mask(mask, B, Hq, L, S)
+    rows, chunk = _block_sizes(B, Hq, Hkv, L, S, D)
+    outs = []
+    for i0 in range(0, L, rows):
+        i1 = min(i0 + rows, L)
+        block_mask, stop = mask, S
+        if isinstance(mask, str):
+            stop = max(S - L + i1, 0)
+        elif mask is not None and mask.shape[-2] == L:
+            block_mask = mask[..., i0:i1, :]
+        block = queries[:, :, i0:i1]
+        out = unrotate(
+            _attend(block, keys, values, scale, block_mask, stop, chunk_size or chunk), values.seed
+        )
+        outs.append(_add_value_offset(out, values, Hq // Hkv).astype(queries.dtype))
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+
+
+def _decode_attention(queries, keys, values, scale, causal):
+    """The fused split-K kernels; float32 (B, Hq, L, D)."""
+    B, Hq, L, D = queries.shape
+    Hkv, S = keys.shape[1:3]
+    GL = Hq // Hkv * L
+    dims_per_lane = -(-D // 32)
+    wk, wv = words_per_row(D, keys.bits) - 1, words_per_row(D, values.bits) - 1
+    # Keys per tile, one per thread: the K and V tiles stay within 20 KB of threadgroup memory.
+    T = 128 if (wk + wv + 2) * 128 * 4 <= 20480 else 64
+    # Query rows per threadgroup: R * dims_per_lane accumulators per thread.
+    R = min(GL, max(1, 32 // dims_per_lane))
+    blocks = -(-GL // R)
+    tiles = -(-S // T)
+    splits = min(tiles, max(1, TARGET_GROUPS // (B * Hkv * blocks)))
+    per_split = T * -(-tiles // splits)
+    splits = -(-S // per_split)
+
+    q = rotate(queries * scale, keys.seed).reshape(B * Hkv, GL, D)
+    attend = kernels.kernel(
+        "decode_attention",
+        ("q", "k", "v", "k_levels", "v_levels", "sizes"),
+        ("o", "ml"),
+        contiguous=False,
+    )
+    o, ml = attend(
+        inputs=[
+            q,
+            keys.data,
+            values.data,
+            codebook(keys.bits, D)[0],
+            codebook(values.bits, D)[0],
+            mx.array([S, per_split]),
+        ],
+        template=[
+            ("D", D),
+            ("KB", keys.bits),
+            ("VB", values.bits),
+            ("WK", wk),
+            ("WV", wv),
+            ("T", T),
+            ("R", R),
+            ("GL", GL),
+            ("L", L),
+            ("CAUSAL", causal),
+        ],
+        grid=(T * splits, B * Hkv, blocks),
+        threadgroup=(T, 1, 1),
+        output_shapes=[(B * Hkv, splits, GL, D), (B * Hkv, splits, GL, 2)],
+        output_dtypes=[mx.float32, mx.float32],
+    )
+    merge = kernels.kernel("merge", ("o", "ml", "sizes"), ("out",))
+    threads = 32 * dims_per_lane
+    (out,) = merge(
+        inputs=[o, ml, mx.array([splits])],
+        template=[("D", D), ("GL", GL)],
+        grid=(threads, B * Hkv * GL, 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[(B, Hq, L, D)],
+        output_dtypes=[mx.float32],
+    )
+    return _add_value_offset(unrotate(out, values.seed), values, Hq // Hkv)
+
+
+def _use_kernel(queries, keys, values, mask) -> bool:
+    return (
+        kernels.backend() is not None
+        and queries.shape[2] <= MAX_KERNEL_TOKENS
+        and (mask is None or (isinstance(mask, str) and mask == "causal"))
+        and keys.qjl is None
+        and values.qjl is None
+        and max(keys.bits, values.bits) <= 4
+        and keys.shape[2] > 0
+    )
+
+
+def scaled_dot_product_attention(
+    queries: mx.array,
+    keys: TurboQuantized,
+    values: TurboQuantized,
+    scale: float,
+    mask: mx.array | str | None = None,
+    chunk_size: int | None = None,
+) -> mx.array:
+    """Softmax attention over TurboQuant keys and values.
+
+    Uses the fused GPU kernels (Metal or CUDA) for up to 8 query tokens with mask None
+    or "causal", 2-4 bit keys and values and no QJL sketch; otherwise
+    `scaled_dot_product_attention_ops`. The packed data may be views of a larger buffer
+    sliced along the sequence axis: the kernels read them in place.
+
+    Args:
+        queries: (B, Hq, L, D) float array.
+        keys, values: `TurboQuantized` of shape (B, Hkv, S, D) with Hq a multiple of Hkv.
+        scale: Multiplies the scores.
+        mask: None, "causal" (the L queries are the last L positions), or a boolean
+            or additive array broadcastable to (B, Hq, L, S).
+        chunk_size: Keys per chunk of the plain-ops path (default: adaptive).
+
+    Returns:
+        (B, Hq, L, D) array in the queries' dtype.
+    """
+    if not _use_kernel(queries, keys, values, mask):
+        return scaled_dot_product_attention_ops(queries, keys, values, scale, mask, chunk_size)
+    _check_inputs(queries, keys, values)
+    out = _decode_attention(queries, keys, values, scale, causal=mask is not None)
     return out.astype(queries.dtype)

@@ -7,8 +7,9 @@ from functools import cache
 import mlx.core as mx
 import numpy as np
 
+from . import kernels
 from .codebook import SUPPORTED_BITS, codebook
-from .rotation import check_head_dim, rotate, unrotate
+from .rotation import check_head_dim, rotate, rotation_matrix, unrotate
 
 FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 
@@ -134,6 +135,18 @@ def _qjl_matrix(dim: int, seed: int) -> mx.array:
     return mx.array(np.random.default_rng(seed + 7919).standard_normal((dim, dim), np.float32))
 
 
+def _encode(xf: mx.array, bits: int, seed: int, norm_correction: bool = True):
+    """Reference quantiser of float32 rows: (z, norms, idx, zq, scales)."""
+    dim = xf.shape[-1]
+    norms = mx.linalg.norm(xf, axis=-1, keepdims=True)
+    z = rotate(xf / mx.where(norms > 0, norms, 1), seed) * math.sqrt(dim)
+    idx = quantize_indices(z, bits)
+    levels, _ = codebook(bits, dim)
+    zq = levels[idx]
+    denom = mx.linalg.norm(zq, axis=-1, keepdims=True) if norm_correction else math.sqrt(dim)
+    return z, norms, idx, zq, norms / denom
+
+
 def quantize(
     x: mx.array,
     bits: int,
@@ -171,13 +184,7 @@ def quantize(
     if offset is not None:
         offset = offset.astype(mx.float32)
         xf = xf - offset
-    norms = mx.linalg.norm(xf, axis=-1, keepdims=True)
-    z = rotate(xf / mx.where(norms > 0, norms, 1), seed) * math.sqrt(dim)
-    idx = quantize_indices(z, mse_bits)
-    levels, _ = codebook(mse_bits, dim)
-    zq = levels[idx]
-    denom = mx.linalg.norm(zq, axis=-1, keepdims=True) if norm_correction else math.sqrt(dim)
-    scales = norms / denom
+    z, norms, idx, zq, scales = _encode(xf, mse_bits, seed, norm_correction)
     data = mx.concatenate([pack(idx, mse_bits), scales.view(mx.uint32)], axis=-1)
     sketch = None
     if qjl:
@@ -186,6 +193,70 @@ def quantize(
         gamma = mx.linalg.norm(residual, axis=-1, keepdims=True)
         sketch = mx.concatenate([pack(signs, 1), gamma.view(mx.uint32)], axis=-1)
     return TurboQuantized(data, mse_bits, dim, seed, x.dtype, offset, sketch)
+
+
+def quantize_rows_ops(
+    x: mx.array, bits: int, seed: int = 0, offset: mx.array | None = None
+) -> mx.array:
+    """Reference of `quantize_rows`, in plain MLX ops."""
+    xf = x.astype(mx.float32)
+    if offset is not None:
+        xf = xf - offset.astype(mx.float32)
+    _, _, idx, _, scales = _encode(xf, bits, seed)
+    return mx.concatenate([pack(idx, bits), scales.view(mx.uint32)], axis=-1)
+
+
+def _quantize_rows_kernel(x, bits, seed, offset):
+    *lead, dim = x.shape
+    n = x.size // dim
+    rows = 4
+    if offset is None:
+        offset, per_offset = mx.zeros((1, dim), mx.float32), max(n, 1)
+    else:
+        # One offset row per run of x.shape[-2] rows (offset is constant along the sequence).
+        shape = (*lead[:-1], 1, dim)
+        offset = mx.broadcast_to(offset.astype(mx.float32), shape).reshape(-1, dim)
+        per_offset = x.shape[-2] if x.ndim > 1 else 1
+    levels, bounds = codebook(bits, dim)
+    words = words_per_row(dim, bits) - 1
+    threads = 32 * -(-dim // 32)
+    kernel = kernels.kernel(
+        "quantize", ("x", "rt", "levels", "bounds", "offset", "sizes"), ("out",)
+    )
+    (out,) = kernel(
+        inputs=[x, rotation_matrix(dim, seed), levels, bounds, offset, mx.array([n, per_offset])],
+        template=[("T", x.dtype), ("D", dim), ("BITS", bits), ("W", words), ("ROWS", rows)],
+        grid=(threads * -(-n // rows), 1, 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[(*lead, words + 1)],
+        output_dtypes=[mx.uint32],
+    )
+    return out
+
+
+def quantize_rows(
+    x: mx.array, bits: int, seed: int = 0, offset: mx.array | None = None
+) -> mx.array:
+    """Packed TurboQuant rows of new tokens, for a cache to store.
+
+    Equal to `quantize(x, bits, seed, offset=offset, check_finite=False).data`: a GPU kernel
+    where Metal or CUDA runs custom kernels (indices may differ only where a coordinate
+    sits on a level midpoint to float rounding), plain MLX ops elsewhere.
+
+    Args:
+        x: (..., D) float16, bfloat16 or float32 vectors.
+        bits: Bits per element, 2-8.
+        seed: Seed of the rotation's signs.
+        offset: Optional (..., 1, D) vector subtracted first (constant along axis -2).
+
+    Returns:
+        (..., W + 1) uint32: W = ceil(D * bits / 32) words of indices, then the scale.
+    """
+    check_input(x)
+    check_bits(bits)
+    if kernels.backend() is None or x.size == 0:
+        return quantize_rows_ops(x, bits, seed, offset)
+    return _quantize_rows_kernel(x, bits, seed, offset)
 
 
 def _qjl_rotated(q: TurboQuantized) -> mx.array:
@@ -201,8 +272,3 @@ def dequantize(q: TurboQuantized) -> mx.array:
     if q.offset is not None:
         x = x + q.offset
     return x.astype(q.dtype)
-
-
-def quantize_rows(x: mx.array, bits: int, seed: int = 0, offset: mx.array | None = None):
-    """Packed rows (..., W + 1) uint32 of `quantize(x, bits, seed, offset=offset).data`."""
-    return quantize(x, bits, seed, offset=offset, check_finite=False).data

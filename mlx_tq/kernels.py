@@ -1,0 +1,57 @@
+"""Builds the kernel bodies of `metal/` for Metal (`mx.fast.metal_kernel`) or CUDA
+(`mx.fast.cuda_kernel`). Each body is written once in a small dialect (TID, LANE, WARP,
+TGID, SHARED, BARRIER, WARP_SUM, ...) that a per-backend prelude defines."""
+
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+import mlx.core as mx
+
+KERNELS = ("quantize", "decode_attention", "merge")
+
+
+def backend() -> str | None:
+    """'metal' or 'cuda' when the default device is a GPU that runs custom kernels, else None."""
+    if mx.default_device() != mx.gpu:
+        return None
+    if mx.metal.is_available():
+        return "metal"
+    if mx.cuda.is_available():
+        return "cuda"
+    return None
+
+
+@cache
+def source(name: str) -> str:
+    """The text of `metal/<name>` from the installed package or a source checkout."""
+    try:
+        root = resources.files("mlx_tq.metal")
+    except ModuleNotFoundError:
+        # mlx_tq imported from a source tree on PYTHONPATH: metal/ sits beside the package.
+        root = Path(__file__).resolve().parent.parent / "metal"
+    return root.joinpath(name).read_text()
+
+
+def program(name: str, kind: str) -> tuple[str, str]:
+    """(header, body) of kernel `name` for backend `kind`."""
+    prelude, body = source(f"prelude_{kind}.h"), source(f"{name}.metal")
+    # MLX adds the Metal attributes named in the body to the signature, so the Metal
+    # prelude goes in the body; CUDA device helpers must sit outside the kernel.
+    return ("", prelude + body) if kind == "metal" else (prelude, body)
+
+
+@cache
+def kernel(name: str, inputs: tuple[str, ...], outputs: tuple[str, ...], contiguous: bool = True):
+    """The kernel `name` for the current backend, built once."""
+    kind = backend()
+    header, body = program(name, kind)
+    make = mx.fast.metal_kernel if kind == "metal" else mx.fast.cuda_kernel
+    return make(
+        name=f"tq_{name}",
+        input_names=list(inputs),
+        output_names=list(outputs),
+        source=body,
+        header=header,
+        ensure_row_contiguous=contiguous,
+    )
