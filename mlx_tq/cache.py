@@ -14,8 +14,8 @@ import mlx_lm.models.cache as lm_cache
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-from . import patch as _patch
 from .codebook import SUPPORTED_BITS
+from .patch import is_patched, uses_base_attention
 from .quant import TurboQuantized, check_bits, dequantize, quantize_rows
 from .rotation import check_head_dim
 
@@ -59,7 +59,7 @@ class _TurboQuantMixin:
             # after the first update) and spend the bits on what differs between keys.
             mean = mx.mean(keys.astype(mx.float32), axis=2, keepdims=True)
             self.key_offset = mean if self.center_keys else mx.zeros_like(mean)
-        if _patch.is_patched() and self._pending:
+        if is_patched() and self._pending:
             raise RuntimeError(
                 "the last keys/values this cache returned never reached "
                 "mlx_lm.models.base.scaled_dot_product_attention: this model's attention "
@@ -76,7 +76,7 @@ class _TurboQuantMixin:
         values = TurboQuantized(
             v, self.value_bits, self.head_dim, self.seed, getattr(mx, self.dtype)
         )
-        if _patch.is_patched():
+        if is_patched():
             self._pending = True
             return keys, values
         return dequantize(keys), dequantize(values)
@@ -224,12 +224,15 @@ def make_prompt_cache(
     kb, vb = key_bits or kb, value_bits or vb
     check_bits(kb, "key_bits")
     check_bits(vb, "value_bits")
-    if not _patch.uses_base_attention(model):
+    if not uses_base_attention(model):
         raise ValueError(
             f"{type(model).__module__}: the model's attention does not call "
             "mlx_lm.models.base.scaled_dot_product_attention, so it cannot use a TurboQuant cache"
         )
-    head_dim = getattr(getattr(model, "args", None), "head_dim", None)
+    args = getattr(model, "args", None)
+    head_dim = getattr(args, "head_dim", None)
+    if head_dim is None and hasattr(args, "hidden_size") and hasattr(args, "num_attention_heads"):
+        head_dim = args.hidden_size // args.num_attention_heads
     if isinstance(head_dim, int):
         check_head_dim(head_dim)
     caches = lm_cache.make_prompt_cache(model, max_kv_size=max_kv_size)
@@ -259,11 +262,8 @@ def save_prompt_cache(path: str, cache: list, metadata: dict[str, str] | None = 
     """
     arrays, leaves = {}, {}
     for i, c in enumerate(cache):
-        for key, value in tree_flatten(c.state, prefix=f"{i}"):
-            if isinstance(value, mx.array):
-                arrays[key] = value
-            else:
-                leaves[key] = value
+        for key, value in tree_flatten(c.state):
+            (arrays if isinstance(value, mx.array) else leaves)[f"{i}.{key}"] = value
     header = {
         "format": FILE_FORMAT,
         "classes": json.dumps([type(c).__name__ for c in cache]),
@@ -289,10 +289,10 @@ def load_prompt_cache(path: str, return_metadata: bool = False, **expected):
         **expected: Settings the caller relies on (key_bits, value_bits, seed, head_dim);
             a file written with others raises ValueError.
     """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no prompt cache file at {path}")
     try:
         arrays, header = mx.load(str(path), return_metadata=True)
-    except FileNotFoundError:
-        raise
     except Exception as e:
         raise ValueError(f"{path} is not a readable safetensors file (truncated?): {e}") from e
     if header.get("format") != FILE_FORMAT:
