@@ -1,5 +1,7 @@
 // CUDA side of the kernel dialect, passed as the kernel's header (helpers must sit
 // outside the generated __global__ function). Warps are 32 lanes, as Apple SIMD-groups.
+#ifndef TQ_PRELUDE_CUDA
+#define TQ_PRELUDE_CUDA
 #define TID threadIdx.x
 #define LANE (threadIdx.x & 31u)
 #define WARP (threadIdx.x >> 5)
@@ -28,3 +30,4 @@ __device__ inline float tq_warp_max(float x) {
   }
   return x;
 }
+#endif

@@ -1,0 +1,180 @@
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_tq import kernels, quantize, scaled_dot_product_attention
+from mlx_tq.attention import _decode_template, scaled_dot_product_attention_ops
+from mlx_tq.codebook import SUPPORTED_DIMS
+from mlx_tq.quant import _quantize_template, quantize_rows, quantize_rows_ops
+
+ROOT = Path(__file__).resolve().parent.parent
+GPU = kernels.backend() is not None
+FLOATS = (mx.float32, mx.float16, mx.bfloat16)
+INTS = {mx.int32: "int32_t", mx.uint32: "uint32_t"}
+METAL_TYPES = {mx.float32: "float", mx.float16: "half", mx.bfloat16: "bfloat16_t", **INTS}
+CUDA_TYPES = {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", **INTS}
+
+# (inputs as (name, dtype, size), outputs) of each kernel, as its dispatcher calls it.
+SIGNATURES = {
+    "quantize": (
+        [
+            ("x", None, 1024),
+            ("rt", mx.float32, 1024),
+            ("levels", mx.float32, 16),
+            ("bounds", mx.float32, 15),
+            ("offset", mx.float32, 128),
+            ("sizes", mx.int32, 2),
+        ],
+        [("out", mx.uint32)],
+    ),
+    "decode_attention": (
+        [
+            ("q", mx.float32, 1024),
+            ("k", mx.uint32, 1024),
+            ("v", mx.uint32, 1024),
+            ("k_levels", mx.float32, 16),
+            ("v_levels", mx.float32, 16),
+            ("sizes", mx.int32, 2),
+        ],
+        [("o", mx.float32), ("ml", mx.float32)],
+    ),
+    "merge": (
+        [("o", mx.float32, 1024), ("ml", mx.float32, 1024), ("sizes", mx.int32, 1)],
+        [("out", mx.float32)],
+    ),
+}
+
+
+def variants():
+    """Every template the dispatchers build for the supported head dims and 2-4 bits."""
+    for D in SUPPORTED_DIMS:
+        for bits in (2, 3, 4):
+            for dtype in FLOATS:
+                yield "quantize", _quantize_template(dtype, D, bits)
+            for value_bits in (2, 3, 4):
+                for GL, L, causal in ((1, 1, False), (8, 1, False), (32, 8, True)):
+                    yield "decode_attention", _decode_template(D, bits, value_bits, GL, L, causal)
+        for GL in (1, 32):
+            yield "merge", [("D", D), ("GL", GL)]
+
+
+def metal_source(i, name, template):
+    """The kernel as MLX's metal_kernel generates it (without the host_name attribute)."""
+    inputs, outputs = SIGNATURES[name]
+    header, body = kernels.program(name, "metal")
+    dtype = dict(template).get("T")
+    params = []
+    for arg, t, size in inputs:
+        space = "constant" if size < 8 else "device"
+        params.append(f"const {space} {METAL_TYPES[t or dtype]}* {arg}")
+        for suffix, ctype in (("shape", "int"), ("strides", "size_t")):
+            if f"{arg}_{suffix}" in body:
+                params.append(f"const constant {ctype}* {arg}_{suffix}")
+    params += [f"device {METAL_TYPES[t]}* {arg}" for arg, t in outputs]
+    for attr, ctype in (
+        ("simdgroup_index_in_threadgroup", "uint"),
+        ("thread_index_in_simdgroup", "uint"),
+        ("thread_index_in_threadgroup", "uint"),
+        ("threadgroup_position_in_grid", "uint3"),
+    ):
+        if attr in body:
+            params.append(f"{ctype} {attr}")
+    kinds = {int: "int", bool: "bool"}
+    decl = ", ".join(f"{kinds.get(type(v), 'typename')} {k}" for k, v in template)
+    args = ", ".join(
+        METAL_TYPES[v] if isinstance(v, mx.Dtype) else str(int(v)) for _, v in template
+    )
+    fn = f"kernel_{i}"
+    return (
+        f"{header}template <{decl}>\nvoid {fn}(\n  "
+        + ",\n  ".join(params)
+        + f") {{\n{body}\n}}\ntemplate decltype({fn}<{args}>) {fn}<{args}>;\n"
+    )
+
+
+def cuda_source(i, name, template):
+    """The kernel as MLX's cuda_kernel generates it."""
+    inputs, outputs = SIGNATURES[name]
+    header, body = kernels.program(name, "cuda")
+    dtype = dict(template).get("T")
+    params = []
+    for arg, t, _ in inputs:
+        params.append(f"const {CUDA_TYPES[t or dtype]}* {arg}")
+        for suffix, ctype in (("shape", "Shape"), ("strides", "Strides")):
+            if f"{arg}_{suffix}" in body:
+                params.append(f"const __grid_constant__ {ctype} {arg}_{suffix}")
+    params += [f"{CUDA_TYPES[t]}* {arg}" for arg, t in outputs]
+    consts = "".join(
+        f"  using {k} = {CUDA_TYPES[v]};\n"
+        if isinstance(v, mx.Dtype)
+        else f"  constexpr {'bool' if isinstance(v, bool) else 'int'} {k} = {str(v).lower()};\n"
+        for k, v in template
+    )
+    return (
+        f"{header}\nnamespace mlx::core::cu {{\n__global__ void kernel_{i}(\n    "
+        + ",\n    ".join(params)
+        + f") {{\n{consts}\n{body}\n}}\n}}\n"
+    )
+
+
+CUDA_SHIM = """#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda/std/array>
+#include <cuda/std/limits>
+namespace mlx::core::cu {
+using Shape = cuda::std::array<int32_t, 8>;
+using Strides = cuda::std::array<int64_t, 8>;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("clang++") is None, reason="needs clang++ (apt: clang)")
+def test_metal_sources_compile(tmp_path):
+    src = tmp_path / "kernels.cpp"
+    src.write_text(
+        '#include "metal_shim.h"\n'
+        + "\n".join(metal_source(i, n, t) for i, (n, t) in enumerate(variants()))
+    )
+    cmd = ["clang++", "-fsyntax-only", "-x", "c++", "-std=c++17", "-Wall", "-Werror"]
+    cmd += ["-Wno-unused-variable", "-I", str(ROOT / "tests"), str(src)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_cuda_sources_compile(tmp_path):
+    src = tmp_path / "kernels.cu"
+    picked = [v for v in variants() if dict(v[1])["D"] in (80, 128, 256)]
+    src.write_text(CUDA_SHIM + "\n".join(cuda_source(i, n, t) for i, (n, t) in enumerate(picked)))
+    cmd = ["nvcc", "-std=c++17", "-arch=sm_90", "--ptx", "-o", str(tmp_path / "k.ptx"), str(src)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_wheel_ships_kernel_sources(tmp_path):
+    cmd = [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(tmp_path)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("mlx_tq-*.whl")
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    sources = {p.name for p in (ROOT / "metal").iterdir() if p.suffix in (".metal", ".h")}
+    shipped = {p.name for p in (tmp_path / "site" / "mlx_tq" / "metal").iterdir()}
+    assert sources <= shipped
+    # The loader reads them from the unpacked wheel, not from this checkout.
+    code = "from mlx_tq import kernels; print(len(kernels.program('merge', 'cuda')[1]))"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(tmp_path / "site"), "PATH": ""},
+    )
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) == len((ROOT / "metal" / "merge.metal").read_text())
