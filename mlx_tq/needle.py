@@ -1,0 +1,157 @@
+"""Pass-key retrieval through a compressed KV cache: `mlx_tq.needle --kv-bits 4 3`.
+
+A five-digit pass key is hidden at several depths of filler text and asked for at the end;
+the prompt is prefilled through each configuration's cache, a few tokens are decoded
+greedily and the digits must match exactly.
+"""
+
+import argparse
+import json
+import random
+import re
+from pathlib import Path
+
+import mlx.core as mx
+from tqdm import tqdm
+
+from .loading import load
+from .patch import patch
+from .perplexity import REFERENCE, parse_config
+
+DEFAULT_LENGTHS = [1024, 2048]
+DEFAULT_DEPTHS = [0.1, 0.3, 0.5, 0.7, 0.9]
+DEFAULT_TRIALS = 2
+DEFAULT_KV_BITS = [4, 3]
+DEFAULT_COMPARE = ["k4v3"]
+DEFAULT_CHUNK_SIZE = 256
+DECODE_TOKENS = 8
+
+INTRO = (
+    "There is an important pass key hidden inside a lot of irrelevant text. "
+    "Find it and memorize it. I will quiz you about the pass key.\n"
+)
+FILLER = (
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+)
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
+QUESTION = "\nWhat is the pass key? The pass key is"
+
+
+def make_prompt(tokenizer, length: int, depth: float, key: str) -> list[int]:
+    """Token ids of about `length` tokens with the needle `depth` of the way into the filler."""
+    encode = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    head, tail = encode(INTRO), encode(QUESTION)
+    needle, filler = encode(NEEDLE.format(key=key)), encode(FILLER)
+    n = max(length - len(head) - len(tail) - len(needle), 0)
+    body = (filler * (n // len(filler) + 1))[:n]
+    # Cut the filler at a sentence boundary so the needle starts a sentence.
+    cut = int(depth * n) // len(filler) * len(filler)
+    ids = head + body[:cut] + needle + body[cut:] + tail
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return ([bos] if bos is not None else []) + ids
+
+
+def retrieve(model, cache, prompt: list[int], chunk_size=DEFAULT_CHUNK_SIZE) -> list[int]:
+    """Prefills `prompt` through `cache` in chunks and greedily decodes `DECODE_TOKENS`."""
+    x = mx.array(prompt)[None]
+    body = getattr(model, "model", None)
+    for start in range(0, x.shape[1] - 1, chunk_size):
+        chunk = x[:, start : min(start + chunk_size, x.shape[1] - 1)]
+        # Only the last position's logits are needed: skip the (large) vocabulary projection.
+        mx.eval(body(chunk, cache=cache) if body is not None else model(chunk, cache=cache))
+    y, out = x[:, -1:], []
+    for _ in range(DECODE_TOKENS):
+        y = mx.argmax(model(y, cache=cache)[:, -1], axis=-1, keepdims=True)
+        out.append(y.item())
+    return out
+
+
+def run(model, tokenizer, configs, lengths, depths, trials, chunk_size, seed=0):
+    """Exact-match rate per configuration and per (length, depth); see `main`."""
+    rng = random.Random(seed)
+    cases = [
+        (n, d, str(rng.randrange(10000, 100000)))
+        for n in lengths
+        for d in depths
+        for _ in range(trials)
+    ]
+    hits = {c.name: {} for c in configs}
+    answers = {c.name: [] for c in configs}
+    for n, d, key in tqdm(cases, desc="prompts"):
+        prompt = make_prompt(tokenizer, n, d, key)
+        for c in configs:
+            text = tokenizer.decode(retrieve(model, c.make_cache(model), prompt, chunk_size))
+            digits = re.findall(r"\d+", text)
+            ok = bool(digits) and digits[0] == key
+            hits[c.name].setdefault(f"{n}@{d:.0%}", []).append(ok)
+            answers[c.name].append({"length": n, "depth": d, "key": key, "text": text})
+    return {
+        name: {
+            "accuracy": sum(sum(v) for v in cells.values()) / len(cases),
+            "cells": {k: sum(v) / len(v) for k, v in cells.items()},
+            "answers": answers[name],
+        }
+        for name, cells in hits.items()
+    }
+
+
+def format_table(results: dict) -> str:
+    """Markdown: one row per configuration, one column per (length, depth), then the total."""
+    cells = list(next(iter(results.values()))["cells"])
+    lines = [
+        "| config | " + " | ".join(cells) + " | all |",
+        "|---" * (len(cells) + 2) + "|",
+    ]
+    for name, r in results.items():
+        row = " | ".join(f"{100 * r['cells'][k]:.0f}%" for k in cells)
+        lines.append(f"| {name} | {row} | {100 * r['accuracy']:.0f}% |")
+    return "\n".join(lines)
+
+
+def setup_arg_parser():
+    parser = argparse.ArgumentParser(description="Pass-key retrieval through a KV cache.")
+    parser.add_argument(
+        "--model", default=None, help="HF repo, local mlx folder or .gguf (default: Gemma-3-270M)"
+    )
+    parser.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS)
+    parser.add_argument("--depths", type=float, nargs="+", default=DEFAULT_DEPTHS)
+    parser.add_argument("--trials", type=int, default=DEFAULT_TRIALS, help="Keys per cell")
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    parser.add_argument("--kv-bits", type=int, nargs="*", default=DEFAULT_KV_BITS)
+    parser.add_argument(
+        "--compare",
+        nargs="*",
+        default=DEFAULT_COMPARE,
+        help="More configurations: affine<b>, tq<b>, k<b>v<b>",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the pass keys")
+    parser.add_argument("--json", default=None, help="Also write the results to this file")
+    return parser
+
+
+def main():
+    args = setup_arg_parser().parse_args()
+    names = [REFERENCE] + [f"tq{b}" for b in args.kv_bits] + args.compare
+    try:
+        configs = [parse_config(n) for n in dict.fromkeys(names)]
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from e
+    model, tokenizer = load(args.model)
+    patch()
+    results = run(
+        model,
+        tokenizer,
+        configs,
+        args.lengths,
+        args.depths,
+        args.trials,
+        args.chunk_size,
+        args.seed,
+    )
+    print(format_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
