@@ -9,6 +9,7 @@ from .cache import (
     save_prompt_cache,
 )
 from .codebook import SUPPORTED_BITS, SUPPORTED_DIMS
+from .loading import load
 from .patch import patch, unpatch
 from .quant import TurboQuantized, dequantize, quantize
 
