@@ -8,7 +8,7 @@ import mlx.core as mx
 
 from . import kernels
 from .codebook import codebook
-from .quant import TurboQuantized, words_per_row
+from .quant import TurboQuantized, check_input, words_per_row
 from .rotation import rotate, unrotate
 
 # The fused kernel handles up to this many query tokens (decode, speculative decoding).
@@ -21,6 +21,9 @@ MIN_BLOCK, MAX_BLOCK = 2**18, 2**24
 
 
 def _check_inputs(queries, keys, values):
+    check_input(queries, "queries")
+    if queries.ndim != 4:
+        raise ValueError(f"queries must have shape (B, Hq, L, D), got {queries.shape}")
     B, Hq, L, D = queries.shape
     if keys.shape != values.shape or keys.shape[0] != B or keys.shape[-1] != D:
         raise ValueError(
@@ -36,7 +39,8 @@ def _check_mask(mask, B, H, L, S):
         if mask != "causal":
             raise ValueError(f"mask {mask!r} is not supported: use None, 'causal' or an array")
     elif mask is not None and (
-        mask.ndim > 4 or mask.shape[-1] not in (1, S) or mask.shape[-2] not in (1, L)
+        mask.ndim > 4
+        or any(m not in (1, n) for m, n in zip(mask.shape[::-1], (S, L, H, B), strict=False))
     ):
         raise ValueError(
             f"mask of shape {mask.shape} does not broadcast to (B, H, L, S) = {(B, H, L, S)}"
@@ -136,7 +140,7 @@ def scaled_dot_product_attention_ops(
         block_mask, stop = mask, S
         if isinstance(mask, str):
             stop = max(S - L + i1, 0)
-        elif mask is not None and mask.shape[-2] == L:
+        elif mask is not None and mask.ndim > 1 and mask.shape[-2] == L:
             block_mask = mask[..., i0:i1, :]
         block = queries[:, :, i0:i1]
         out = unrotate(
