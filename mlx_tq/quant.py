@@ -178,6 +178,8 @@ def quantize(
         raise ValueError("qjl needs bits >= 3 (bits - 1 for the codebook, 1 for the sketch)")
     if check_finite and not mx.all(mx.isfinite(x)).item():
         raise ValueError("x contains NaN or inf: TurboQuant only stores finite vectors")
+    if check_finite and offset is not None and not mx.all(mx.isfinite(offset)).item():
+        raise ValueError("offset contains NaN or inf: TurboQuant only stores finite vectors")
     dim = x.shape[-1]
     mse_bits = bits - 1 if qjl else bits
     xf = x.astype(mx.float32)
