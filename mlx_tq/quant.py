@@ -273,4 +273,7 @@ def dequantize(q: TurboQuantized) -> mx.array:
     x = unrotate(q.rotated(), q.seed)
     if q.offset is not None:
         x = x + q.offset
+    if q.dtype == mx.float16:
+        # The reconstruction error may carry a value near the fp16 limit past it: not to inf.
+        x = mx.clip(x, -65504, 65504)
     return x.astype(q.dtype)
