@@ -16,7 +16,7 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from .codebook import SUPPORTED_BITS
 from .patch import is_patched, uses_base_attention
-from .quant import TurboQuantized, check_bits, dequantize, quantize_rows
+from .quant import TurboQuantized, check_bits, check_input, dequantize, quantize_rows
 from .rotation import check_head_dim
 
 FILE_FORMAT = "mlx_tq.prompt_cache/1"
@@ -46,19 +46,33 @@ class _TurboQuantMixin:
         self._pending = False
 
     def _encode(self, keys, values):
+        check_input(keys, "keys")
+        check_input(values, "values")
         if keys.shape[-1] != values.shape[-1]:
             raise ValueError(
                 f"key head_dim {keys.shape[-1]} != value head_dim {values.shape[-1]}: "
                 "attention with different key and value sizes (e.g. MLA) is not supported"
             )
+        if keys.ndim != 4 or keys.shape[:3] != values.shape[:3]:
+            raise ValueError(
+                f"keys {keys.shape} and values {values.shape} must be (B, H, L, D) "
+                "with the same B, H and L"
+            )
         if self.key_offset is None:
-            check_head_dim(keys.shape[-1])
             # A dtype name, not an mx.Dtype, so that copy.deepcopy works.
             self.head_dim, self.dtype = keys.shape[-1], str(keys.dtype).removeprefix("mlx.core.")
             # Softmax ignores a per-head shift of the keys, so store k - mean(k) (frozen
             # after the first update) and spend the bits on what differs between keys.
-            mean = mx.mean(keys.astype(mx.float32), axis=2, keepdims=True)
+            k = keys.astype(mx.float32)
+            # Finite, so that a NaN key spoils its own token only, as in an fp16 cache.
+            mean = mx.mean(mx.where(mx.isfinite(k), k, 0), axis=2, keepdims=True)
             self.key_offset = mean if self.center_keys else mx.zeros_like(mean)
+        elif keys.shape[:2] != self.key_offset.shape[:2] or keys.shape[-1] != self.head_dim:
+            B, H = self.key_offset.shape[:2]
+            raise ValueError(
+                f"keys {keys.shape} do not fit this cache of (B, H, D) = {(B, H, self.head_dim)}: "
+                "use one cache per layer and sequence batch"
+            )
         if is_patched() and self._pending:
             raise RuntimeError(
                 "the last keys/values this cache returned never reached "
@@ -221,7 +235,8 @@ def make_prompt_cache(
     if kv_bits not in PRESETS:
         raise ValueError(f"kv_bits={kv_bits} is not supported: choose one of {tuple(PRESETS)}")
     kb, vb = PRESETS[kv_bits]
-    kb, vb = key_bits or kb, value_bits or vb
+    kb = kb if key_bits is None else key_bits
+    vb = vb if value_bits is None else value_bits
     check_bits(kb, "key_bits")
     check_bits(vb, "value_bits")
     if not uses_base_attention(model):
@@ -289,6 +304,12 @@ def load_prompt_cache(path: str, return_metadata: bool = False, **expected):
         **expected: Settings the caller relies on (key_bits, value_bits, seed, head_dim);
             a file written with others raises ValueError.
     """
+    unknown = set(expected) - {"key_bits", "value_bits", "seed", "head_dim"}
+    if unknown:
+        raise TypeError(
+            f"cannot check {sorted(unknown)}: expected settings are key_bits, value_bits, "
+            "seed and head_dim"
+        )
     if not Path(path).is_file():
         raise FileNotFoundError(f"no prompt cache file at {path}")
     try:
