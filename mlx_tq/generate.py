@@ -8,6 +8,7 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from .cache import PRESETS, make_prompt_cache
+from .codebook import SUPPORTED_BITS
 from .loading import load
 from .patch import patch
 
@@ -45,10 +46,20 @@ def setup_arg_parser():
         "--kv-bits",
         type=int,
         default=DEFAULT_KV_BITS,
+        choices=PRESETS,
         help=f"Bit budget of the KV cache, one of {tuple(PRESETS)}",
     )
-    parser.add_argument("--kv-key-bits", type=int, default=None, help="Override key bits")
-    parser.add_argument("--kv-value-bits", type=int, default=None, help="Override value bits")
+    # Checked here, before a model is loaded.
+    parser.add_argument(
+        "--kv-key-bits", type=int, default=None, choices=SUPPORTED_BITS, help="Override key bits"
+    )
+    parser.add_argument(
+        "--kv-value-bits",
+        type=int,
+        default=None,
+        choices=SUPPORTED_BITS,
+        help="Override value bits",
+    )
     return parser
 
 
