@@ -1,11 +1,12 @@
 // Split-K attention in the rotated space. One threadgroup of T threads takes one
 // (batch, KV head), one split of the keys and R of the GL = G * L query rows that share
-// the KV head, so each packed word is read once for all of them. Per tile of T keys:
+// the KV head, so each packed word is read once for all of them (decode: all of them;
+// prefill: many row blocks, no L x S scores held anywhere). Per tile of T keys:
 // one key per thread for the scores, online softmax per row, then each SIMD-group
 // accumulates a quarter of the tile's values with each lane owning E dims.
 // q: [B * Hkv, GL, D] float, rotated and scaled; row = g * L + i
 // k, v: [B, Hkv, S, WK + 1], [B, Hkv, S, WV + 1] uint32 views (strided along S)
-// k_levels, v_levels: [2^KB], [2^VB] float; sizes: [S, keys per split]
+// k_levels, v_levels: [2^KB], [2^VB] float; sizes: [S, keys per split, GL, L]
 // o: [B * Hkv, n_splits, GL, D] float, unnormalised; ml: [B * Hkv, n_splits, GL, 2] (max, sum)
 constexpr int NW = T / 32;
 constexpr int E = (D + 31) / 32;
@@ -23,6 +24,8 @@ SHARED float a_s[R];
 
 const int S = sizes[0];
 const int per_split = sizes[1];
+const int GL = sizes[2];
+const int L = sizes[3];
 const int n_splits = (S + per_split - 1) / per_split;
 const int split = TGID.x;
 const int bh = TGID.y;
@@ -56,7 +59,15 @@ for (int r = 0; r < R; ++r) {
 BARRIER();
 
 const int begin = split * per_split;
-const int end = begin + per_split < S ? begin + per_split : S;
+int end = begin + per_split < S ? begin + per_split : S;
+if (CAUSAL) {
+  // Stop after the last key any of the block's rows sees (query i sees [0, S - L + i]).
+  int stop = 0;
+  for (int row = row0; row < row0 + R && row < GL; ++row) {
+    stop = S - L + row % L + 1 > stop ? S - L + row % L + 1 : stop;
+  }
+  end = stop < end ? stop : end;
+}
 for (int t0 = begin; t0 < end; t0 += T) {
   const int nk = end - t0 < T ? end - t0 : T;
   // Coalesced copy of the tile: consecutive threads read consecutive words.

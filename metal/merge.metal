@@ -1,7 +1,8 @@
 // Merge the splits of one query row: rescale each split's sum to the common max.
 // o: [B * Hkv, n_splits, GL, D] float; ml: [B * Hkv, n_splits, GL, 2] (max, sum)
-// sizes: [n_splits]; out: [B * Hkv, GL, D] float, normalised, still rotated
+// sizes: [n_splits, GL]; out: [B * Hkv, GL, D] float, normalised, still rotated
 const int n_splits = sizes[0];
+const int GL = sizes[1];
 const int bh = TGID.y / GL;
 const int row = TGID.y % GL;
 const int d = TID;

@@ -11,8 +11,6 @@ from .codebook import codebook
 from .quant import TurboQuantized, check_input, words_per_row
 from .rotation import rotate, unrotate
 
-# The fused kernel handles up to this many query tokens (decode, speculative decoding).
-MAX_KERNEL_TOKENS = 8
 # Threadgroups the split-K kernel aims for: a few waves on a large GPU.
 TARGET_GROUPS = 1024
 # Floats per score or accumulator block of the reference: at most 1/16 of the bytes of
@@ -150,17 +148,32 @@ def scaled_dot_product_attention_ops(
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
 
-def _decode_attention(queries, keys, values, scale, causal):
-    """The fused split-K kernels; float32 (B, Hq, L, D)."""
+def _decode_template(D, key_bits, value_bits, GL, causal):
+    """Template constants of decode_attention.metal."""
+    wk, wv = words_per_row(D, key_bits) - 1, words_per_row(D, value_bits) - 1
+    # Keys per tile, one per thread: the K and V tiles stay within 20 KB of threadgroup memory.
+    T = 128 if (wk + wv + 2) * 128 * 4 <= 20480 else 64
+    # Query rows per threadgroup: a lane holds R * ceil(D / 32) accumulators.
+    R = min(GL, max(1, 32 // -(-D // 32)))
+    return [
+        ("D", D),
+        ("KB", key_bits),
+        ("VB", value_bits),
+        ("WK", wk),
+        ("WV", wv),
+        ("T", T),
+        ("R", R),
+        ("CAUSAL", causal),
+    ]
+
+
+def _fused_attention(queries, keys, values, scale, causal):
+    """The split-K kernel and its merge; float32 (B, Hq, L, D)."""
     B, Hq, L, D = queries.shape
     Hkv, S = keys.shape[1:3]
     GL = Hq // Hkv * L
-    dims_per_lane = -(-D // 32)
-    wk, wv = words_per_row(D, keys.bits) - 1, words_per_row(D, values.bits) - 1
-    # Keys per tile, one per thread: the K and V tiles stay within 20 KB of threadgroup memory.
-    T = 128 if (wk + wv + 2) * 128 * 4 <= 20480 else 64
-    # Query rows per threadgroup: R * dims_per_lane accumulators per thread.
-    R = min(GL, max(1, 32 // dims_per_lane))
+    template = _decode_template(D, keys.bits, values.bits, GL, causal)
+    T, R = dict(template)["T"], dict(template)["R"]
     blocks = -(-GL // R)
     tiles = -(-S // T)
     splits = min(tiles, max(1, TARGET_GROUPS // (B * Hkv * blocks)))
@@ -181,30 +194,19 @@ def _decode_attention(queries, keys, values, scale, causal):
             values.data,
             codebook(keys.bits, D)[0],
             codebook(values.bits, D)[0],
-            mx.array([S, per_split]),
+            mx.array([S, per_split, GL, L]),
         ],
-        template=[
-            ("D", D),
-            ("KB", keys.bits),
-            ("VB", values.bits),
-            ("WK", wk),
-            ("WV", wv),
-            ("T", T),
-            ("R", R),
-            ("GL", GL),
-            ("L", L),
-            ("CAUSAL", causal),
-        ],
+        template=template,
         grid=(T * splits, B * Hkv, blocks),
         threadgroup=(T, 1, 1),
         output_shapes=[(B * Hkv, splits, GL, D), (B * Hkv, splits, GL, 2)],
         output_dtypes=[mx.float32, mx.float32],
     )
     merge = kernels.kernel("merge", ("o", "ml", "sizes"), ("out",))
-    threads = 32 * dims_per_lane
+    threads = 32 * -(-D // 32)
     (out,) = merge(
-        inputs=[o, ml, mx.array([splits])],
-        template=[("D", D), ("GL", GL)],
+        inputs=[o, ml, mx.array([splits, GL])],
+        template=[("D", D)],
         grid=(threads, B * Hkv * GL, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(B, Hq, L, D)],
@@ -216,7 +218,6 @@ def _decode_attention(queries, keys, values, scale, causal):
 def _use_kernel(queries, keys, values, mask) -> bool:
     return (
         kernels.backend() is not None
-        and queries.shape[2] <= MAX_KERNEL_TOKENS
         and (mask is None or (isinstance(mask, str) and mask == "causal"))
         and keys.qjl is None
         and values.qjl is None
@@ -235,10 +236,10 @@ def scaled_dot_product_attention(
 ) -> mx.array:
     """Softmax attention over TurboQuant keys and values.
 
-    Uses the fused GPU kernels (Metal or CUDA) for up to 8 query tokens with mask None
-    or "causal", 2-4 bit keys and values and no QJL sketch; otherwise
-    `scaled_dot_product_attention_ops`. The packed data may be views of a larger buffer
-    sliced along the sequence axis: the kernels read them in place.
+    On a GPU (Metal or CUDA) with mask None or "causal", 2-4 bit keys and values and no
+    QJL sketch, a fused split-K kernel reads the packed data in place (views of a larger
+    buffer sliced along the sequence axis need no copy) and holds no L x S scores, for
+    decode and prefill alike; otherwise `scaled_dot_product_attention_ops`.
 
     Args:
         queries: (B, Hq, L, D) float array.
@@ -254,5 +255,5 @@ def scaled_dot_product_attention(
     if not _use_kernel(queries, keys, values, mask):
         return scaled_dot_product_attention_ops(queries, keys, values, scale, mask, chunk_size)
     _check_inputs(queries, keys, values)
-    out = _decode_attention(queries, keys, values, scale, causal=mask is not None)
+    out = _fused_attention(queries, keys, values, scale, causal=mask is not None)
     return out.astype(queries.dtype)

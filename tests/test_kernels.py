@@ -40,12 +40,12 @@ SIGNATURES = {
             ("v", mx.uint32, 1024),
             ("k_levels", mx.float32, 16),
             ("v_levels", mx.float32, 16),
-            ("sizes", mx.int32, 2),
+            ("sizes", mx.int32, 4),
         ],
         [("o", mx.float32), ("ml", mx.float32)],
     ),
     "merge": (
-        [("o", mx.float32, 1024), ("ml", mx.float32, 1024), ("sizes", mx.int32, 1)],
+        [("o", mx.float32, 1024), ("ml", mx.float32, 1024), ("sizes", mx.int32, 2)],
         [("out", mx.float32)],
     ),
 }
@@ -58,10 +58,9 @@ def variants():
             for dtype in FLOATS:
                 yield "quantize", _quantize_template(dtype, D, bits)
             for value_bits in (2, 3, 4):
-                for GL, L, causal in ((1, 1, False), (8, 1, False), (32, 8, True)):
-                    yield "decode_attention", _decode_template(D, bits, value_bits, GL, L, causal)
-        for GL in (1, 32):
-            yield "merge", [("D", D), ("GL", GL)]
+                for GL, causal in ((1, False), (8, False), (32, True)):
+                    yield "decode_attention", _decode_template(D, bits, value_bits, GL, causal)
+        yield "merge", [("D", D)]
 
 
 def metal_source(i, name, template):
@@ -151,7 +150,7 @@ def test_metal_sources_compile(tmp_path):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 def test_cuda_sources_compile(tmp_path):
     src = tmp_path / "kernels.cu"
-    picked = [v for v in variants() if dict(v[1])["D"] in (80, 128, 256)]
+    picked = list(variants())[::8]  # nvcc takes ~2 s a variant
     src.write_text(CUDA_SHIM + "\n".join(cuda_source(i, n, t) for i, (n, t) in enumerate(picked)))
     cmd = ["nvcc", "-std=c++17", "-arch=sm_90", "--ptx", "-o", str(tmp_path / "k.ptx"), str(src)]
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -178,3 +177,51 @@ def test_wheel_ships_kernel_sources(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) == len((ROOT / "metal" / "merge.metal").read_text())
+
+
+def rows(shape, dtype, seed):
+    return mx.random.normal(shape, key=mx.random.key(seed)).astype(dtype)
+
+
+@pytest.mark.parametrize("D", [64, 80, 128, 256])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_quantize_rows(D, bits):
+    # (B, L, H, D) transposed to (B, H, L, D), as mlx-lm hands keys over.
+    x = rows((2, 9, 3, D), mx.bfloat16, D + bits).swapaxes(1, 2)
+    for offset in (None, rows((2, 3, 1, D), mx.float32, bits)):
+        ref = quantize(x, bits, offset=offset, check_finite=False).data
+        got = quantize_rows(x, bits, offset=offset)
+        assert got.shape == ref.shape and got.dtype == mx.uint32
+        if not GPU:
+            assert mx.array_equal(got, ref)
+            continue
+        # The kernel sums in another order: a coordinate on a midpoint may round either way.
+        assert (np.array(got[..., :-1]) != np.array(ref[..., :-1])).mean() < 1e-3
+        scales = (a[..., -1:].view(mx.float32) for a in (got, ref))
+        assert mx.allclose(*scales, rtol=1e-5, atol=0)
+
+
+def test_quantize_rows_ops_is_quantize():
+    x = rows((4, 5, 128), mx.float16, 0)
+    assert mx.array_equal(quantize_rows_ops(x, 3, seed=2), quantize(x, 3, seed=2).data)
+
+
+@pytest.mark.parametrize("S", [1, 127, 128, 129, 1000, 5000])
+@pytest.mark.parametrize("G, L", [(1, 1), (4, 1), (8, 3), (4, 20)])
+def test_attention_dispatch(S, G, L):
+    L = min(L, S)
+    q = rows((1, 2 * G, L, 128), mx.float16, S)
+    # Views of a larger buffer, as a cache hands them over.
+    keys = quantize(rows((1, 2, S + 50, 128), mx.float16, S + 1), 4).tokens(0, S)
+    offset = rows((1, 2, 1, 128), mx.float32, 2)
+    values = quantize(rows((1, 2, S + 50, 128), mx.float16, S + 2), 3, 1, offset=offset)
+    values = values.tokens(0, S)
+    mask = "causal" if L > 1 else None
+    out = scaled_dot_product_attention(q, keys, values, 0.1, mask)
+    ref = scaled_dot_product_attention_ops(q, keys, values, 0.1, mask)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    if not GPU:
+        assert mx.array_equal(out, ref)
+    else:  # both rounded to float16
+        out, ref = out.astype(mx.float32), ref.astype(mx.float32)
+        assert (mx.abs(out - ref).max() / mx.abs(ref).max()).item() < 2e-3

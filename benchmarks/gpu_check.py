@@ -1,0 +1,318 @@
+"""Checks every GPU kernel against its reference, then times them (issue 4).
+
+Run on a CUDA or Metal machine: python benchmarks/gpu_check.py [--quick] [--out DIR]
+
+1. quantize_rows vs quantize(...).data: indices equal except at level midpoints (to float
+   rounding), scales within 1e-6 of float64.
+2. Fused decode attention vs float64 NumPy on the same packed data: max |error| / max |ref|
+   <= 1e-3 over head dims, GQA, keys up to 131,072, bits, masks, fp16/bf16, cache views.
+3. Prefill over a long compressed cache: peak memory against the fp16 K+V bytes.
+4. Timings (median after warm-up), only for kernels that passed: TQ4/TQ3 decode vs fp16
+   mx.fast.scaled_dot_product_attention vs mlx-lm's quantized SDPA; the quantise step.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from datetime import datetime, timezone
+from functools import partial
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.base import quantized_scaled_dot_product_attention
+
+from mlx_tq import kernels, quantize, scaled_dot_product_attention
+from mlx_tq.attention import _fused_attention
+from mlx_tq.codebook import codebook
+from mlx_tq.quant import quantize_rows, unpack
+from mlx_tq.rotation import rotation_matrix
+
+TOL_ATTENTION = 1e-3
+TOL_SCALE = 1e-6
+TIE = 1e-5  # |z - midpoint| below which float rounding may pick either level
+
+
+def f64(a):
+    return np.array(a.astype(mx.float32), np.float64)
+
+
+def median_ms(fn, warmup=10, runs=100):
+    for _ in range(warmup):
+        mx.eval(fn())
+    mx.synchronize()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        mx.eval(fn())
+        mx.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
+def check_quantize(rng, shape, bits, dtype, offset, strided):
+    D = shape[-1]
+    x = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
+    if strided:  # mlx-lm's keys are (B, L, H, D) transposed to (B, H, L, D)
+        x = x.swapaxes(1, 2)
+    off = (
+        mx.array(rng.standard_normal((*x.shape[:-2], 1, D)).astype(np.float32)) if offset else None
+    )
+    ref = quantize(x, bits, offset=off, check_finite=False).data
+    got = quantize_rows(x, bits, offset=off)
+    ri, gi = (np.array(unpack(a[..., :-1], bits, D)).astype(int) for a in (ref, got))
+    # Coordinates in float64, to tell a tie from an error.
+    x64 = f64(x) - (f64(off) if offset else 0)
+    n = np.linalg.norm(x64, axis=-1, keepdims=True)
+    z = (x64 / np.where(n > 0, n, 1)) @ f64(rotation_matrix(D)) * math.sqrt(D)
+    levels, bounds = (f64(a) for a in codebook(bits, D))
+    diff = ri != gi
+    lo = np.minimum(ri, gi)[diff]
+    ties = (np.abs(ri - gi)[diff] == 1) & (
+        np.abs(z[diff] - bounds[np.minimum(lo, len(bounds) - 1)]) < TIE
+    )
+    scale64 = n[..., 0] / np.linalg.norm(levels[gi], axis=-1)
+    scale = np.array(got[..., -1:].view(mx.float32))[..., 0]
+    err = float(np.max(np.abs(scale - scale64) / np.maximum(scale64, 1e-30)))
+    ok = bool(ties.all()) and err <= TOL_SCALE and got.shape == ref.shape
+    return ok, {"mismatches": int(diff.sum()), "ties": int(ties.sum()), "scale_err": err}
+
+
+def packed_view(rng, B, H, S, D, bits, seed, offset, pad):
+    """TurboQuantized (B, H, S, D) whose data is a view into a buffer of S + pad rows."""
+    x = mx.array(rng.standard_normal((B, H, S + pad, D)).astype(np.float32))
+    off = mx.array(rng.standard_normal((B, H, 1, D)).astype(np.float32)) if offset else None
+    q = quantize(x, bits, seed, offset=off, check_finite=False)
+    mx.eval(q.data)
+    return q.tokens(0, S)
+
+
+def attention_f64(queries, keys, values, scale, causal):
+    """Softmax attention in float64 on the packed data, in the rotated space."""
+    B, Hq, L, D = queries.shape
+    Hkv, S = keys.shape[1:3]
+    G = Hq // Hkv
+    q = f64((queries * scale).astype(mx.float32)) @ f64(rotation_matrix(D, keys.seed))
+    q = q.reshape(B, Hkv, G * L, D)
+    k, v = (
+        f64(levels)[np.array(t.indices())] * f64(t.scales())[..., None]
+        for t, levels in ((keys, codebook(keys.bits, D)[0]), (values, codebook(values.bits, D)[0]))
+    )
+    s = q @ k.swapaxes(-1, -2)
+    if causal:
+        seen = np.arange(S)[None] <= (S - L + np.arange(G * L) % L)[:, None]
+        s = np.where(seen, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    out = (p / p.sum(-1, keepdims=True)) @ v @ f64(rotation_matrix(D, values.seed)).T
+    out = out.reshape(B, Hq, L, D)
+    if values.offset is not None:
+        out = out + np.repeat(np.broadcast_to(f64(values.offset), (B, Hkv, 1, D)), G, axis=1)
+    return out
+
+
+def check_attention(rng, B, Hkv, G, L, S, D, kb, vb, dtype):
+    causal = L > 1
+    keys = packed_view(rng, B, Hkv, S, D, kb, 0, True, pad=int(rng.integers(1, 300)))
+    values = packed_view(rng, B, Hkv, S, D, vb, 1, True, pad=int(rng.integers(1, 300)))
+    queries = mx.array(rng.standard_normal((B, Hkv * G, L, D)).astype(np.float32)).astype(dtype)
+    scale = D**-0.5
+    got = np.array(_fused_attention(queries, keys, values, scale, causal))
+    public = scaled_dot_product_attention(
+        queries, keys, values, scale, "causal" if causal else None
+    )
+    ref = attention_f64(queries, keys, values, scale, causal)
+    err = float(np.abs(got - ref).max() / np.abs(ref).max())
+    ok = err <= TOL_ATTENTION and public.dtype == dtype and public.shape == queries.shape
+    return ok, {"err": err}
+
+
+def check_prefill(rng, S, L, Hkv=8, G=4, D=128, bits=4):
+    """Peak memory of the L > 8 path over S compressed keys vs the fp16 K+V bytes."""
+    keys = packed_view(rng, 1, Hkv, S, D, bits, 0, True, pad=0)
+    values = packed_view(rng, 1, Hkv, S, D, bits, 1, False, pad=0)
+    q = mx.array(rng.standard_normal((1, Hkv * G, L, D)).astype(np.float32)).astype(mx.float16)
+    mx.eval(q)
+    mx.synchronize()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    out = scaled_dot_product_attention(q, keys, values, D**-0.5, "causal")
+    mx.eval(out)
+    peak = mx.get_peak_memory() - base
+    fp16_bytes = 2 * Hkv * S * D * 2
+    packed = keys.data.nbytes + values.data.nbytes
+    ms = median_ms(lambda: scaled_dot_product_attention(q, keys, values, D**-0.5, "causal"), 1, 3)
+    return peak + packed < fp16_bytes, {
+        "S": S,
+        "L": L,
+        "peak_extra_MB": peak / 2**20,
+        "packed_MB": packed / 2**20,
+        "fp16_kv_MB": fp16_bytes / 2**20,
+        "ms": ms,
+    }
+
+
+def attention_configs(rng, quick):
+    fixed = [  # (B, Hkv, G, L, S, D, kb, vb)
+        (1, 8, 4, 1, 4096, 128, 4, 4),
+        (1, 8, 4, 1, 4096, 128, 3, 3),
+        (1, 2, 4, 1, 131072, 128, 4, 4),
+        (1, 1, 8, 1, 131072, 256, 3, 2),
+        (1, 2, 1, 1, 131071, 64, 4, 3),
+        (1, 1, 8, 8, 32769, 128, 4, 4),
+        (2, 2, 4, 3, 1, 128, 3, 4),
+    ]
+    sizes = [1, 2, 31, 63, 64, 65, 127, 128, 129, 1000, 4095, 4097, 8193, 32767]
+    n = 8 if quick else 40
+    rand = [
+        (
+            int(rng.integers(1, 3)),
+            int(rng.choice([1, 2, 8])),
+            int(rng.choice([1, 4, 8])),
+            int(rng.choice([1, 1, 2, 5, 8])),
+            int(rng.choice(sizes)),
+            int(rng.choice([64, 128, 256])),
+            int(rng.choice([2, 3, 4])),
+            int(rng.choice([2, 3, 4])),
+        )
+        for _ in range(n)
+    ]
+    return fixed + rand
+
+
+def decode_timings(rng, Ns, Hkv=8, G=4, D=128):
+    rows = []
+    for N in Ns:
+        q = mx.array(rng.standard_normal((1, Hkv * G, 1, D)).astype(np.float16))
+        k, v = (mx.array(rng.standard_normal((1, Hkv, N, D)).astype(np.float16)) for _ in range(2))
+        row = {"N": N}
+        row["fp16_ms"] = median_ms(
+            partial(mx.fast.scaled_dot_product_attention, q, k, v, scale=D**-0.5)
+        )
+        row["fp16_GBs"] = (k.nbytes + v.nbytes) / row["fp16_ms"] / 1e6
+        for bits in (4, 8):
+            qk, qv = (mx.quantize(a, group_size=64, bits=bits) for a in (k, v))
+            # mlx-lm scales its queries in place: give it its own copy.
+            fn = partial(
+                quantized_scaled_dot_product_attention, q + 0, qk, qv, D**-0.5, None, bits=bits
+            )
+            row[f"mlxlm{bits}_ms"] = median_ms(fn)
+        for bits in (4, 3):
+            # Views of a larger buffer, as a cache hands them over.
+            tk = packed_view(rng, 1, Hkv, N, D, bits, 0, True, pad=256)
+            tv = packed_view(rng, 1, Hkv, N, D, bits, 1, False, pad=256)
+            row[f"tq{bits}_ms"] = median_ms(
+                partial(scaled_dot_product_attention, q, tk, tv, D**-0.5)
+            )
+            packed = 2 * Hkv * N * tk.data.shape[-1] * 4
+            row[f"tq{bits}_GBs"] = packed / row[f"tq{bits}_ms"] / 1e6
+        rows.append(row)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer random shapes")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    report = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "mlx": mx.__version__,
+        "backend": kernels.backend(),
+        "machine": platform.node(),
+        "device": str(mx.device_info() if hasattr(mx, "device_info") else mx.default_device()),
+        "failed": [],
+    }
+    print(json.dumps({k: report[k] for k in ("date", "mlx", "backend", "device")}), flush=True)
+    t0 = time.time()
+
+    results = []
+    for D in (64, 128, 256):
+        for bits in (2, 3, 4):
+            for dtype in (mx.float16, mx.bfloat16):
+                shape = (
+                    int(rng.integers(1, 3)),
+                    int(rng.integers(1, 9)),
+                    int(rng.integers(1, 40)),
+                    D,
+                )
+                for offset, strided in ((False, False), (True, True)):
+                    ok, info = check_quantize(rng, shape, bits, dtype, offset, strided)
+                    results.append(
+                        {
+                            "D": D,
+                            "bits": bits,
+                            "dtype": str(dtype),
+                            "shape": shape,
+                            "offset": offset,
+                            "strided": strided,
+                            "ok": ok,
+                            **info,
+                        }
+                    )
+                    if not ok:
+                        print("FAIL quantize", results[-1], flush=True)
+    report["quantize"] = results
+    if not all(r["ok"] for r in results):
+        report["failed"].append("quantize")
+    print(
+        f"quantize: {sum(r['ok'] for r in results)}/{len(results)} ok, max scale err "
+        f"{max(r['scale_err'] for r in results):.2e}, ties {sum(r['ties'] for r in results)}, "
+        f"{time.time() - t0:.0f} s",
+        flush=True,
+    )
+
+    results = []
+    for i, (B, Hkv, G, L, S, D, kb, vb) in enumerate(attention_configs(rng, args.quick)):
+        dtype = mx.float16 if i % 2 == 0 else mx.bfloat16
+        ok, info = check_attention(rng, B, Hkv, G, L, S, D, kb, vb, dtype)
+        results.append(
+            {
+                "B": B,
+                "Hkv": Hkv,
+                "G": G,
+                "L": L,
+                "S": S,
+                "D": D,
+                "kb": kb,
+                "vb": vb,
+                "dtype": str(dtype),
+                "ok": ok,
+                **info,
+            }
+        )
+        if not ok:
+            print("FAIL attention", results[-1], flush=True)
+    report["attention"] = results
+    if not all(r["ok"] for r in results):
+        report["failed"].append("attention")
+    print(
+        f"attention: {sum(r['ok'] for r in results)}/{len(results)} ok, max err "
+        f"{max(r['err'] for r in results):.2e}, {time.time() - t0:.0f} s",
+        flush=True,
+    )
+
+    ok, info = check_prefill(rng, S=32768, L=2048)
+    report["prefill"] = {"ok": ok, **info}
+    if not ok:
+        report["failed"].append("prefill")
+    print("prefill", report["prefill"], flush=True)
+
+    if "attention" not in report["failed"]:
+        report["decode"] = decode_timings(rng, (4096, 32768, 131072))
+        for r in report["decode"]:
+            print(json.dumps(r), flush=True)
+    if "quantize" not in report["failed"]:
+        k, v = (mx.array(rng.standard_normal((1, 8, 1, 128)).astype(np.float16)) for _ in range(2))
+        step = lambda: [quantize_rows(k, 4, 0), quantize_rows(v, 4, 1)]  # noqa: E731
+        report["quantize_step_ms"] = median_ms(step)
+        print("quantize step (K+V, 8 heads, 1 token):", report["quantize_step_ms"], "ms")
+    print(f"total {time.time() - t0:.0f} s; failed: {report['failed'] or 'none'}", flush=True)
+    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+        json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
