@@ -208,10 +208,22 @@ def quantize_rows_ops(
     return mx.concatenate([pack(idx, bits), scales.view(mx.uint32)], axis=-1)
 
 
+def _quantize_template(dtype, dim, bits):
+    """Template constants of quantize.metal: 4 rows per threadgroup share each read of rt."""
+    return [
+        ("T", dtype),
+        ("D", dim),
+        ("BITS", bits),
+        ("W", words_per_row(dim, bits) - 1),
+        ("ROWS", 4),
+    ]
+
+
 def _quantize_rows_kernel(x, bits, seed, offset):
     *lead, dim = x.shape
     n = x.size // dim
-    rows = 4
+    template = _quantize_template(x.dtype, dim, bits)
+    rows, words = dict(template)["ROWS"], dict(template)["W"]
     if offset is None:
         offset, per_offset = mx.zeros((1, dim), mx.float32), max(n, 1)
     else:
@@ -220,14 +232,13 @@ def _quantize_rows_kernel(x, bits, seed, offset):
         offset = mx.broadcast_to(offset.astype(mx.float32), shape).reshape(-1, dim)
         per_offset = x.shape[-2] if x.ndim > 1 else 1
     levels, bounds = codebook(bits, dim)
-    words = words_per_row(dim, bits) - 1
     threads = 32 * -(-dim // 32)
     kernel = kernels.kernel(
         "quantize", ("x", "rt", "levels", "bounds", "offset", "sizes"), ("out",)
     )
     (out,) = kernel(
         inputs=[x, rotation_matrix(dim, seed), levels, bounds, offset, mx.array([n, per_offset])],
-        template=[("T", x.dtype), ("D", dim), ("BITS", bits), ("W", words), ("ROWS", rows)],
+        template=template,
         grid=(threads * -(-n // rows), 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(*lead, words + 1)],
