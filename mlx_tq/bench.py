@@ -36,7 +36,7 @@ from .quant import quantize
 DEFAULT_CONFIGS = ["fp16", "affine8", "affine4", "tq4", "tq3", "k4v3"]
 DEFAULT_CONTEXTS = [1024, 4096, 16384]
 DEFAULT_DECODE_TOKENS = 32
-DEFAULT_REPEATS = 3
+DEFAULT_REPEATS = 2
 DEFAULT_PREFILL_STEP_SIZE = 2048
 DEFAULT_KEYS = [4096, 32768, 131072]
 DEFAULT_HEADS = 32
@@ -485,6 +485,8 @@ def main(argv=None):
                 )
         report = generate(args)
         print(generate_table(report["results"]))
+        if report["dtype"] != "float16":
+            print(f"fp16 = mlx-lm's default caches, here in {report['dtype']}")
         print("\n".join(report["targets"]))
     else:
         report = attention(args)
