@@ -26,7 +26,10 @@ def rotation_matrix(dim: int, seed: int = 0) -> mx.array:
     check_head_dim(dim)
     signs = np.random.default_rng(seed).choice(np.array([-1.0, 1.0], np.float32), dim)
     hadamard_t = mx.hadamard_transform(mx.eye(dim, dtype=mx.float32))  # rows H e_i
-    return mx.array(signs)[:, None] * hadamard_t
+    rt = mx.array(signs)[:, None] * hadamard_t
+    # Evaluated now: an unevaluated array cached by one thread fails in another's stream.
+    mx.eval(rt)
+    return rt
 
 
 def rotate(x: mx.array, seed: int = 0) -> mx.array:
