@@ -34,7 +34,7 @@ FILLER = (
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 )
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
-QUESTION = "\nWhat is the pass key? The pass key is"
+QUESTION = "\n\nQuestion: What is the pass key?\nAnswer: The pass key is"
 
 
 def make_prompt(tokenizer, length: int, depth: float, key: str) -> list[int]:
