@@ -189,6 +189,8 @@ def run_generate(model, prompt, name, decode_tokens, prefill_step_size) -> dict:
             prompt_time = time.perf_counter() - tic
             tic = time.perf_counter()
     decode_time = time.perf_counter() - tic
+    # generate_step has queued one more step: let it finish before the next run starts.
+    mx.synchronize()
     return {
         "prompt_tps": prompt.size / prompt_time,
         "decode_tps": (decode_tokens - 1) / decode_time,
