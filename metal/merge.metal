@@ -1,10 +1,13 @@
-// Merge the splits of one query row: rescale each split's sum to the common max.
+// Merge the splits of one query row (rescale each to the common max), rotate the
+// result back (out = z @ rt^T), add the value offset and cast: one threadgroup per row.
 // o: [B * Hkv, n_splits, GL, D] float; ml: [B * Hkv, n_splits, GL, 2] (max, sum)
-// sizes: [n_splits, GL]; out: [B * Hkv, GL, D] float, normalised, still rotated
+// rt_t: [D, D] float, the transposed rotation; offset: [B * Hkv, D] float
+// sizes: [n_splits, GL]; out: [B * Hkv, GL, D] T (= [B, Hq, L, D])
+SHARED float z[D];
 const int n_splits = sizes[0];
 const int GL = sizes[1];
-const int bh = TGID.y / GL;
-const int row = TGID.y % GL;
+const int bh = TGID.x / GL;
+const int row = TGID.x % GL;
 const int d = TID;
 float m = NEG_INF;
 for (int s = 0; s < n_splits; ++s) {
@@ -22,5 +25,13 @@ for (int s = 0; s < n_splits; ++s) {
   }
 }
 if (d < D) {
-  out[(bh * GL + row) * D + d] = num / den;
+  z[d] = num / den;
+}
+BARRIER();
+if (d < D) {
+  float acc = offset[bh * D + d];
+  for (int j = 0; j < D; ++j) {
+    acc += z[j] * rt_t[j * D + d];
+  }
+  out[(bh * GL + row) * D + d] = static_cast<T>(acc);
 }

@@ -4,12 +4,14 @@ score_j = <q, k_j> = scale_j <R q, c[idx_j]>, and sum_j p_j v_j = R^T sum_j p_j 
 the query is rotated once, the output once, and no key is dequantised to the original space.
 """
 
+from functools import cache
+
 import mlx.core as mx
 
 from . import kernels
 from .codebook import codebook
 from .quant import TurboQuantized, check_input, words_per_row
-from .rotation import rotate, unrotate
+from .rotation import rotate, rotation_matrix, unrotate
 
 # Threadgroups the split-K kernel aims for: a few waves on a large GPU.
 TARGET_GROUPS = 1024
@@ -167,8 +169,14 @@ def _decode_template(D, key_bits, value_bits, GL, causal):
     ]
 
 
+@cache
+def _unrotation(dim, seed):
+    """Rt^T, contiguous: the merge kernel rotates its output back with it."""
+    return mx.contiguous(rotation_matrix(dim, seed).T)
+
+
 def _fused_attention(queries, keys, values, scale, causal):
-    """The split-K kernel and its merge; float32 (B, Hq, L, D)."""
+    """The split-K kernel, then the merge kernel that also rotates back; (B, Hq, L, D)."""
     B, Hq, L, D = queries.shape
     Hkv, S = keys.shape[1:3]
     GL = Hq // Hkv * L
@@ -202,17 +210,24 @@ def _fused_attention(queries, keys, values, scale, causal):
         output_shapes=[(B * Hkv, splits, GL, D), (B * Hkv, splits, GL, 2)],
         output_dtypes=[mx.float32, mx.float32],
     )
-    merge = kernels.kernel("merge", ("o", "ml", "sizes"), ("out",))
+    merge = kernels.kernel("merge", ("o", "ml", "rt_t", "offset", "sizes"), ("out",))
+    offset = mx.zeros((1, D)) if values.offset is None else values.offset.astype(mx.float32)
     threads = 32 * -(-D // 32)
     (out,) = merge(
-        inputs=[o, ml, mx.array([splits, GL])],
-        template=[("D", D)],
-        grid=(threads, B * Hkv * GL, 1),
+        inputs=[
+            o,
+            ml,
+            _unrotation(D, values.seed),
+            mx.broadcast_to(offset, (B, Hkv, 1, D)).reshape(B * Hkv, D),
+            mx.array([splits, GL]),
+        ],
+        template=[("D", D), ("T", queries.dtype)],
+        grid=(threads * B * Hkv * GL, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(B, Hq, L, D)],
-        output_dtypes=[mx.float32],
+        output_dtypes=[queries.dtype],
     )
-    return _add_value_offset(unrotate(out, values.seed), values, Hq // Hkv)
+    return out
 
 
 def _use_kernel(queries, keys, values, mask) -> bool:
@@ -255,5 +270,4 @@ def scaled_dot_product_attention(
     if not _use_kernel(queries, keys, values, mask):
         return scaled_dot_product_attention_ops(queries, keys, values, scale, mask, chunk_size)
     _check_inputs(queries, keys, values)
-    out = _fused_attention(queries, keys, values, scale, causal=mask is not None)
-    return out.astype(queries.dtype)
+    return _fused_attention(queries, keys, values, scale, causal=mask is not None)

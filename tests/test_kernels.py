@@ -45,8 +45,14 @@ SIGNATURES = {
         [("o", mx.float32), ("ml", mx.float32)],
     ),
     "merge": (
-        [("o", mx.float32, 1024), ("ml", mx.float32, 1024), ("sizes", mx.int32, 2)],
-        [("out", mx.float32)],
+        [
+            ("o", mx.float32, 1024),
+            ("ml", mx.float32, 1024),
+            ("rt_t", mx.float32, 1024),
+            ("offset", mx.float32, 1024),
+            ("sizes", mx.int32, 2),
+        ],
+        [("out", None)],
     ),
 }
 
@@ -60,7 +66,8 @@ def variants():
             for value_bits in (2, 3, 4):
                 for GL, causal in ((1, False), (8, False), (32, True)):
                     yield "decode_attention", _decode_template(D, bits, value_bits, GL, causal)
-        yield "merge", [("D", D)]
+        for dtype in FLOATS:
+            yield "merge", [("D", D), ("T", dtype)]
 
 
 def metal_source(i, name, template):
@@ -75,7 +82,7 @@ def metal_source(i, name, template):
         for suffix, ctype in (("shape", "int"), ("strides", "size_t")):
             if f"{arg}_{suffix}" in body:
                 params.append(f"const constant {ctype}* {arg}_{suffix}")
-    params += [f"device {METAL_TYPES[t]}* {arg}" for arg, t in outputs]
+    params += [f"device {METAL_TYPES[t or dtype]}* {arg}" for arg, t in outputs]
     for attr, ctype in (
         ("simdgroup_index_in_threadgroup", "uint"),
         ("thread_index_in_simdgroup", "uint"),
@@ -108,7 +115,7 @@ def cuda_source(i, name, template):
         for suffix, ctype in (("shape", "Shape"), ("strides", "Strides")):
             if f"{arg}_{suffix}" in body:
                 params.append(f"const __grid_constant__ {ctype} {arg}_{suffix}")
-    params += [f"{CUDA_TYPES[t]}* {arg}" for arg, t in outputs]
+    params += [f"{CUDA_TYPES[t or dtype]}* {arg}" for arg, t in outputs]
     consts = "".join(
         f"  using {k} = {CUDA_TYPES[v]};\n"
         if isinstance(v, mx.Dtype)
