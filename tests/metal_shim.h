@@ -14,9 +14,11 @@ struct uint3 {
   uint x, y, z;
 };
 struct half {
+  half(float);
   operator float() const;
 };
 struct bfloat16_t {
+  bfloat16_t(float);
   operator float() const;
 };
 
