@@ -266,7 +266,10 @@ def test_threads_with_their_own_caches_match_sequential_runs(patched):
     results = [None] * len(prompts)
 
     def run(i):
-        results[i] = greedy(model, prompts[i], mlx_tq.make_prompt_cache(model, kv_bits=3 + i))
+        try:
+            results[i] = greedy(model, prompts[i], mlx_tq.make_prompt_cache(model, kv_bits=3 + i))
+        except Exception as e:  # re-raised below, in the test's thread
+            results[i] = e
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
     for t in threads:
@@ -274,6 +277,8 @@ def test_threads_with_their_own_caches_match_sequential_runs(patched):
     for t in threads:
         t.join()
     for i, p in enumerate(prompts):
+        if isinstance(results[i], Exception):
+            raise results[i]
         tokens, logprobs = greedy(model, p, mlx_tq.make_prompt_cache(model, kv_bits=3 + i))
         assert results[i][0] == tokens
         np.testing.assert_array_equal(results[i][1], logprobs)
