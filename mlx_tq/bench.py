@@ -169,13 +169,10 @@ def make_cache(model, name: str) -> list:
     raise ValueError(f"unknown configuration {name!r}: use fp16, affine<b>, tq<b> or k<b>v<b>")
 
 
-def run_generate(model, prompt, name, decode_tokens, prefill_step_size) -> dict:
-    """Prefills `prompt` and decodes `decode_tokens` greedily, timed as mlx-lm's
-    `stream_generate` does; decode tok/s counts the tokens after the first."""
-    cache = make_cache(model, name)
-    gc.collect()
-    mx.clear_cache()
-    mx.reset_peak_memory()
+def timed_generate(model, prompt, cache, decode_tokens, prefill_step_size):
+    """Feeds `prompt` through `cache` and decodes `decode_tokens` greedily, timed as mlx-lm's
+    `stream_generate` does. Returns prompt seconds, decode tok/s (the tokens after the
+    first) and the last token."""
     tic = time.perf_counter()
     steps = generate_step(
         prompt,
@@ -184,19 +181,16 @@ def run_generate(model, prompt, name, decode_tokens, prefill_step_size) -> dict:
         prompt_cache=cache,
         prefill_step_size=prefill_step_size,
     )
-    for n, _ in enumerate(steps):
-        if n == 0:
+    tokens = []
+    for token, _ in steps:
+        if not tokens:
             prompt_time = time.perf_counter() - tic
             tic = time.perf_counter()
-    decode_time = time.perf_counter() - tic
+        tokens.append(token)
+    decode_tps = (decode_tokens - 1) / (time.perf_counter() - tic)
     # generate_step has queued one more step: let it finish before the next run starts.
     mx.synchronize()
-    return {
-        "prompt_tps": prompt.size / prompt_time,
-        "decode_tps": (decode_tokens - 1) / decode_time,
-        "peak_memory": mx.get_peak_memory(),
-        "kv_bytes": sum(c.nbytes for c in cache),
-    }
+    return prompt_time, decode_tps, tokens[-1]
 
 
 def summarize(runs: list[dict], dtype_bytes: int) -> list[dict]:
@@ -207,7 +201,7 @@ def summarize(runs: list[dict], dtype_bytes: int) -> list[dict]:
         mine = [r for r in runs if r["context"] == context and r["config"] == config]
         row = {"context": context, "config": config, "repeats": len(mine)}
         for field in ("prompt_tps", "decode_tps", "peak_memory", "kv_bytes"):
-            row[field] = statistics.median(r[field] for r in mine)
+            row[field] = statistics.median(r[field] for r in mine if field in r)
         rows.append(row)
     for row in rows:
         base = next(r for r in rows if r["context"] == row["context"] and r["config"] == "fp16")
@@ -339,26 +333,43 @@ def generate(args):
     # Warm-up: compile every configuration's kernels before timing.
     warm = mx.random.randint(0, vocab, (min(args.contexts),))
     for name in args.configs:
-        run_generate(model, warm, name, 2, args.prefill_step_size)
-    dtype_bytes = dtype.size
-    for repeat in range(args.repeats):
-        for context in args.contexts:
+        timed_generate(model, warm, make_cache(model, name), 2, args.prefill_step_size)
+    for context in args.contexts:
+        kept = {}
+        for repeat in range(args.repeats):
             # Rotate the order each repeat so no configuration always runs first.
             k = repeat % len(args.configs)
             for name in args.configs[k:] + args.configs[:k]:
-                r = run_generate(
-                    model, prompts[context], name, args.decode_tokens, args.prefill_step_size
-                )
-                r = {"context": context, "config": name, "repeat": repeat, **r}
+                r = {"context": context, "config": name, "repeat": repeat}
+                if name in kept:
+                    # Later repeats decode on from the kept cache: no second prefill.
+                    cache, token = kept[name]
+                    _, r["decode_tps"], token = timed_generate(
+                        model, mx.array([token]), cache, args.decode_tokens, 1
+                    )
+                else:
+                    cache = make_cache(model, name)
+                    gc.collect()
+                    mx.clear_cache()
+                    held = mx.get_active_memory()
+                    mx.reset_peak_memory()
+                    seconds, r["decode_tps"], token = timed_generate(
+                        model, prompts[context], cache, args.decode_tokens, args.prefill_step_size
+                    )
+                    r["prompt_tps"] = context / seconds
+                    # As if alone: the weights, not the other configurations' kept caches.
+                    r["peak_memory"] = mx.get_peak_memory() - held + report["weights_bytes"]
+                    r["kv_bytes"] = sum(c.nbytes for c in cache)
+                kept[name] = cache, token
                 report["runs"].append(r)
                 print(
-                    f"repeat {repeat} context {context} {name}: prompt {r['prompt_tps']:.1f} "
-                    f"tok/s, decode {r['decode_tps']:.2f} tok/s, peak "
-                    f"{r['peak_memory'] / 1e9:.3f} GB, KV {r['kv_bytes'] / 1e6:.1f} MB",
+                    ", ".join(
+                        f"{f} {v:.4g}" if isinstance(v, float) else f"{f} {v}" for f, v in r.items()
+                    ),
                     file=sys.stderr,
                     flush=True,
                 )
-                report["results"] = summarize(report["runs"], dtype_bytes)
+                report["results"] = summarize(report["runs"], dtype.size)
                 write(report, args.json)
     report["targets"] = check_targets(report)
     write(report, args.json)
