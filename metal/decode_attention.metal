@@ -1,54 +1,91 @@
-// Split-K attention in the rotated space. One threadgroup of T threads takes one
+// Split-K attention in the rotated space. One threadgroup of TILE threads takes one
 // (batch, KV head), one split of the keys and R of the GL = G * L query rows that share
-// the KV head, so each packed word is read once for all of them (decode: all of them;
-// prefill: many row blocks, no L x S scores held anywhere). Per tile of T keys:
-// one key per thread for the scores, online softmax per row, then each SIMD-group
-// accumulates a quarter of the tile's values with each lane owning E dims.
-// q: [B * Hkv, GL, D] float, rotated and scaled; row = g * L + i
+// the KV head, so each packed word is read once for all of them (decode: all rows in one
+// block; prefill: many blocks, and no L x S scores held anywhere). The block first
+// rotates its queries; then per tile of TILE keys: one key per thread for the scores,
+// online softmax per row, and each SIMD-group accumulates its share of the tile's
+// values with each lane owning E dims.
+// q: [B, Hq, L, D] T (strided); row = g * L + i of KV head h holds query head h * G + g
 // k, v: [B, Hkv, S, WK + 1], [B, Hkv, S, WV + 1] uint32 views (strided along S)
-// k_levels, v_levels: [2^KB], [2^VB] float; sizes: [S, keys per split, GL, L]
+// rt: [D, D] float (rotate(x) = x @ rt); scale: [1] float
+// k_levels, v_levels: [2^KB], [2^VB] float
 // o: [B * Hkv, n_splits, GL, D] float, unnormalised; ml: [B * Hkv, n_splits, GL, 2] (max, sum)
-constexpr int NW = T / 32;
+#define TQ_FIELD(w, bit, n)                                                      \
+  ((((bit) % 32 + (n) > 32)                                                      \
+        ? ((w)[(bit) / 32] >> ((bit) % 32)) | ((w)[(bit) / 32 + 1] << (32 - (bit) % 32)) \
+        : ((w)[(bit) / 32] >> ((bit) % 32))) &                                   \
+   ((1u << (n)) - 1))
+constexpr int NW = TILE / 32;
 constexpr int E = (D + 31) / 32;
 constexpr int RK = WK + 1;
 constexpr int RV = WV + 1;
-SHARED uint32_t ks[T * RK];
-SHARED uint32_t vs[T * RV];
-SHARED float qs[R * D];
-SHARED float ps[R * T];
-SHARED float lk[1 << KB];
+constexpr int PS = R * (TILE > D ? TILE : D);
+SHARED uint32_t ks[TILE * RK];
+SHARED uint32_t vs[TILE * RV];
+SHARED float4 qs4[R * D / 4];
+SHARED float ps[PS];
+SHARED float2 lk2[1 << (2 * KB)];
 SHARED float lv[1 << VB];
 SHARED float m_s[R];
 SHARED float l_s[R];
 SHARED float a_s[R];
+SHARED_PTR(float) qs = reinterpret_cast<SHARED_PTR(float)>(qs4);
 
-const int S = sizes[0];
-const int per_split = sizes[1];
-const int GL = sizes[2];
-const int L = sizes[3];
-const int n_splits = (S + per_split - 1) / per_split;
+const int n_kv = k_shape[1];
+const int S = k_shape[2];
+const int G = q_shape[1] / n_kv;
+const int L = q_shape[2];
+const int GL = G * L;
+const int n_splits = NTG.x;
+const int tiles = (S + TILE - 1) / TILE;
+const int per_split = TILE * ((tiles + n_splits - 1) / n_splits);
 const int split = TGID.x;
 const int bh = TGID.y;
+const int b = bh / n_kv;
+const int h = bh % n_kv;
 const int row0 = TGID.z * R;
-const int n_kv = k_shape[1];
-auto kp = k + (bh / n_kv) * k_strides[0] + (bh % n_kv) * k_strides[1];
-auto vp = v + (bh / n_kv) * v_strides[0] + (bh % n_kv) * v_strides[1];
+auto kp = k + b * k_strides[0] + h * k_strides[1];
+auto vp = v + b * v_strides[0] + h * v_strides[1];
 const auto k_row = k_strides[2];
 const auto v_row = v_strides[2];
 
-for (int f = TID; f < R * D; f += T) {
+// Scaled queries in ps, then rotated into qs: each column of rt is read once per block.
+for (int f = TID; f < R * D; f += TILE) {
   const int row = row0 + f / D;
-  qs[f] = row < GL ? q[(bh * GL + row) * D + f % D] : 0.0f;
+  float x = 0.0f;
+  if (row < GL) {
+    const auto qi = b * q_strides[0] + (h * G + row / L) * q_strides[1] + (row % L) * q_strides[2];
+    x = static_cast<float>(q[qi + (f % D) * q_strides[3]]) * scale[0];
+  }
+  ps[f] = x;
 }
-for (int f = TID; f < (1 << KB); f += T) {
-  lk[f] = k_levels[f];
+for (int f = TID; f < (1 << (2 * KB)); f += TILE) {
+  // Levels of two consecutive indices at once: one lookup per two dims.
+  lk2[f].x = k_levels[f & ((1 << KB) - 1)];
+  lk2[f].y = k_levels[f >> KB];
 }
-for (int f = TID; f < (1 << VB); f += T) {
+for (int f = TID; f < (1 << VB); f += TILE) {
   lv[f] = v_levels[f];
 }
 if (TID < R) {
   m_s[TID] = NEG_INF;
   l_s[TID] = 0.0f;
+}
+BARRIER();
+for (int j = TID; j < D; j += TILE) {
+  float y[R];
+  for (int r = 0; r < R; ++r) {
+    y[r] = 0.0f;
+  }
+  for (int i = 0; i < D; ++i) {
+    const float rij = rt[i * D + j];
+    UNROLL for (int r = 0; r < R; ++r) {
+      y[r] += ps[r * D + i] * rij;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    qs[r * D + j] = y[r];
+  }
 }
 float acc[R][E];
 for (int r = 0; r < R; ++r) {
@@ -68,14 +105,14 @@ if (CAUSAL) {
   }
   end = stop < end ? stop : end;
 }
-for (int t0 = begin; t0 < end; t0 += T) {
-  const int nk = end - t0 < T ? end - t0 : T;
+for (int t0 = begin; t0 < end; t0 += TILE) {
+  const int nk = end - t0 < TILE ? end - t0 : TILE;
   // Coalesced copy of the tile: consecutive threads read consecutive words.
-  for (int f = TID; f < nk * RK; f += T) {
+  for (int f = TID; f < nk * RK; f += TILE) {
     const int t = f / RK;
     ks[f] = kp[(t0 + t) * k_row + (f - t * RK)];
   }
-  for (int f = TID; f < nk * RV; f += T) {
+  for (int f = TID; f < nk * RV; f += TILE) {
     const int t = f / RV;
     vs[f] = vp[(t0 + t) * v_row + (f - t * RV)];
   }
@@ -87,33 +124,34 @@ for (int t0 = begin; t0 < end; t0 += T) {
     for (int r = 0; r < R; ++r) {
       sc[r] = 0.0f;
     }
+    float scale_k = 0.0f;
     if (t < nk) {
-      UNROLL for (int d = 0; d < D; ++d) {
-        constexpr uint32_t mask = (1u << KB) - 1;
-        const int bit = d * KB;
-        uint32_t w = ks[t * RK + bit / 32] >> (bit % 32);
-        if (bit % 32 + KB > 32) {
-          w |= ks[t * RK + bit / 32 + 1] << (32 - bit % 32);
-        }
-        const float z = lk[w & mask];
+      uint32_t kw[RK];
+      UNROLL for (int w = 0; w < RK; ++w) {
+        kw[w] = ks[t * RK + w];
+      }
+      UNROLL for (int d = 0; d < D; d += 4) {
+        const float2 z01 = lk2[TQ_FIELD(kw, d * KB, 2 * KB)];
+        const float2 z23 = lk2[TQ_FIELD(kw, (d + 2) * KB, 2 * KB)];
         UNROLL for (int r = 0; r < R; ++r) {
-          sc[r] += qs[r * D + d] * z;
+          const float4 qv = qs4[r * (D / 4) + d / 4];
+          sc[r] += qv.x * z01.x + qv.y * z01.y + qv.z * z23.x + qv.w * z23.y;
         }
       }
+      scale_k = AS_FLOAT(kw[WK]);
     }
-    const float scale = t < nk ? AS_FLOAT(ks[t * RK + WK]) : 0.0f;
     for (int r = 0; r < R; ++r) {
       // Causal: query i of L sees keys [0, S - L + i].
       const bool seen = t < nk && (!CAUSAL || t0 + t <= S - L + (row0 + r) % L);
-      ps[r * T + t] = seen ? sc[r] * scale : NEG_INF;
+      ps[r * TILE + t] = seen ? sc[r] * scale_k : NEG_INF;
     }
   }
   BARRIER();
 
   for (int r = WARP; r < R; r += NW) {
     float mt = NEG_INF;
-    for (int t = LANE; t < T; t += 32) {
-      mt = ps[r * T + t] > mt ? ps[r * T + t] : mt;
+    for (int t = LANE; t < TILE; t += 32) {
+      mt = ps[r * TILE + t] > mt ? ps[r * TILE + t] : mt;
     }
     mt = WARP_MAX(mt);
     const float m_old = m_s[r];
@@ -121,11 +159,11 @@ for (int t0 = begin; t0 < end; t0 += T) {
     // A row that has seen no key keeps m = -inf; shift by 0 so exp gives 0, not NaN.
     const float shift = m_new == NEG_INF ? 0.0f : m_new;
     float sum = 0.0f;
-    for (int t = LANE; t < T; t += 32) {
-      const float p = EXP(ps[r * T + t] - shift);
+    for (int t = LANE; t < TILE; t += 32) {
+      const float p = EXP(ps[r * TILE + t] - shift);
       sum += p;
       // Fold the value scale into the weight; skip it past the tile's end (stale words).
-      ps[r * T + t] = t < nk ? p * AS_FLOAT(vs[t * RV + WV]) : 0.0f;
+      ps[r * TILE + t] = t < nk ? p * AS_FLOAT(vs[t * RV + WV]) : 0.0f;
     }
     sum = WARP_SUM(sum);
     if (LANE == 0) {
@@ -144,17 +182,20 @@ for (int t0 = begin; t0 < end; t0 += T) {
   }
   if (LANE * E < D) {
     constexpr uint32_t mask = (1u << VB) - 1;
+    // The lane's E * VB bits: within one word when they divide 32, else a 64-bit window.
+    constexpr bool one_word = 32 % (E * VB) == 0;
     const int bit = LANE * E * VB;
-    const int t_end = (WARP + 1) * (T / NW) < nk ? (WARP + 1) * (T / NW) : nk;
-    for (int t = WARP * (T / NW); t < t_end; ++t) {
-      // A 64-bit window holds the lane's E * VB <= 32 bits wherever they start.
-      const uint64_t lo = vs[t * RV + bit / 32];
-      const uint64_t hi = vs[t * RV + bit / 32 + 1];
-      const uint64_t win = (lo | (hi << 32)) >> (bit % 32);
+    const int t_end = (WARP + 1) * (TILE / NW) < nk ? (WARP + 1) * (TILE / NW) : nk;
+    for (int t = WARP * (TILE / NW); t < t_end; ++t) {
+      uint64_t win = vs[t * RV + bit / 32];
+      if (!one_word) {
+        win |= static_cast<uint64_t>(vs[t * RV + bit / 32 + 1]) << 32;
+      }
+      win >>= bit % 32;
       UNROLL for (int e = 0; e < E; ++e) {
         const float z = lv[(win >> (e * VB)) & mask];
         UNROLL for (int r = 0; r < R; ++r) {
-          acc[r][e] += ps[r * T + t] * z;
+          acc[r][e] += ps[r * TILE + t] * z;
         }
       }
     }
@@ -177,7 +218,7 @@ for (int w = 0; w < NW; ++w) {
   BARRIER();
 }
 const int base = (bh * n_splits + split) * GL;
-for (int f = TID; f < R * D; f += T) {
+for (int f = TID; f < R * D; f += TILE) {
   const int row = row0 + f / D;
   if (row < GL) {
     o[(base + row) * D + f % D] = qs[f];

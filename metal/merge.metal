@@ -2,10 +2,10 @@
 // result back (out = z @ rt^T), add the value offset and cast: one threadgroup per row.
 // o: [B * Hkv, n_splits, GL, D] float; ml: [B * Hkv, n_splits, GL, 2] (max, sum)
 // rt_t: [D, D] float, the transposed rotation; offset: [B * Hkv, D] float
-// sizes: [n_splits, GL]; out: [B * Hkv, GL, D] T (= [B, Hq, L, D])
+// out: [B * Hkv, GL, D] T (= [B, Hq, L, D])
 SHARED float z[D];
-const int n_splits = sizes[0];
-const int GL = sizes[1];
+const int n_splits = ml_shape[1];
+const int GL = ml_shape[2];
 const int bh = TGID.x / GL;
 const int row = TGID.x % GL;
 const int d = TID;

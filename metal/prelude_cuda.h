@@ -6,6 +6,8 @@
 #define LANE (threadIdx.x & 31u)
 #define WARP (threadIdx.x >> 5)
 #define TGID blockIdx
+#define NTG gridDim
+#define SHARED_PTR(type) type*
 #define SHARED __shared__
 #define BARRIER() __syncthreads()
 #define WARP_SUM(x) tq_warp_sum(x)

@@ -4,6 +4,8 @@
 #define LANE thread_index_in_simdgroup
 #define WARP simdgroup_index_in_threadgroup
 #define TGID threadgroup_position_in_grid
+#define NTG threadgroups_per_grid
+#define SHARED_PTR(type) threadgroup type*
 #define SHARED threadgroup
 #define BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define WARP_SUM(x) simd_sum(x)

@@ -1,14 +1,14 @@
 // TurboQuant of ROWS vectors per threadgroup, one thread per coordinate: subtract the
 // offset, normalise, rotate, take the nearest level, pack LSB-first, append the scale.
-// x: [N, D] T; rt: [D, D] float (rotate(x) = x @ rt); levels: [2^BITS]; bounds: [2^BITS - 1]
-// offset: [N / per_offset, D] float; sizes: [N, per_offset]; out: [N, W + 1] uint32
+// x: [N / P, P, D] T, P rows per offset row; rt: [D, D] float (rotate(x) = x @ rt)
+// levels: [2^BITS]; bounds: [2^BITS - 1]; offset: [N / P, D] float; out: [N, W + 1] uint32
 constexpr int NW = (D + 31) / 32;
 SHARED float us[ROWS * D];
 SHARED uint32_t idx_s[ROWS * D];
 SHARED float red[ROWS * NW];
 
-const int n_rows = sizes[0];
-const int per_offset = sizes[1];
+const int n_rows = x_shape[0] * x_shape[1];
+const int per_offset = x_shape[1];
 const int row0 = TGID.x * ROWS;
 const int j = TID;
 

@@ -10,11 +10,11 @@ import mlx.core as mx
 
 from . import kernels
 from .codebook import codebook
-from .quant import TurboQuantized, check_input, words_per_row
+from .quant import TurboQuantized, _zeros, check_input, words_per_row
 from .rotation import rotate, rotation_matrix, unrotate
 
 # Threadgroups the split-K kernel aims for: a few waves on a large GPU.
-TARGET_GROUPS = 1024
+TARGET_GROUPS = 512
 # Floats per score or accumulator block of the reference: at most 1/16 of the bytes of
 # an fp16 cache of the same keys, so prefill peaks well below that cache.
 MIN_BLOCK, MAX_BLOCK = 2**18, 2**24
@@ -77,7 +77,7 @@ def _attend(queries, keys, values, scale, mask, S, chunk_size):
     B, Hq, L, D = queries.shape
     Hkv = keys.shape[1]
     G = Hq // Hkv
-    q = rotate(queries * scale, keys.seed).reshape(B, Hkv, G * L, D)
+    q = rotate(queries.astype(mx.float32) * scale, keys.seed).reshape(B, Hkv, G * L, D)
     # Keys' offset is a per-head shift of every score of a query: softmax ignores it.
     m = mx.full((B, Hkv, G * L, 1), -mx.inf, dtype=mx.float32)
     denom = mx.zeros((B, Hkv, G * L, 1), dtype=mx.float32)
@@ -150,23 +150,29 @@ def scaled_dot_product_attention_ops(
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
 
-def _decode_template(D, key_bits, value_bits, GL, causal):
+def _decode_template(dtype, D, key_bits, value_bits, GL, causal):
     """Template constants of decode_attention.metal."""
     wk, wv = words_per_row(D, key_bits) - 1, words_per_row(D, value_bits) - 1
     # Keys per tile, one per thread: the K and V tiles stay within 20 KB of threadgroup memory.
-    T = 128 if (wk + wv + 2) * 128 * 4 <= 20480 else 64
+    tile = 128 if (wk + wv + 2) * 128 * 4 <= 20480 else 64
     # Query rows per threadgroup: a lane holds R * ceil(D / 32) accumulators.
     R = min(GL, max(1, 32 // -(-D // 32)))
     return [
+        ("T", dtype),
         ("D", D),
         ("KB", key_bits),
         ("VB", value_bits),
         ("WK", wk),
         ("WV", wv),
-        ("T", T),
+        ("TILE", tile),
         ("R", R),
         ("CAUSAL", causal),
     ]
+
+
+@cache
+def _scalar(value):
+    return mx.array([value], mx.float32)
 
 
 @cache
@@ -180,48 +186,40 @@ def _fused_attention(queries, keys, values, scale, causal):
     B, Hq, L, D = queries.shape
     Hkv, S = keys.shape[1:3]
     GL = Hq // Hkv * L
-    template = _decode_template(D, keys.bits, values.bits, GL, causal)
-    T, R = dict(template)["T"], dict(template)["R"]
+    template = _decode_template(queries.dtype, D, keys.bits, values.bits, GL, causal)
+    tile, R = dict(template)["TILE"], dict(template)["R"]
     blocks = -(-GL // R)
-    tiles = -(-S // T)
-    splits = min(tiles, max(1, TARGET_GROUPS // (B * Hkv * blocks)))
-    per_split = T * -(-tiles // splits)
-    splits = -(-S // per_split)
-
-    q = rotate(queries * scale, keys.seed).reshape(B * Hkv, GL, D)
+    splits = min(-(-S // tile), max(1, TARGET_GROUPS // (B * Hkv * blocks)))
     attend = kernels.kernel(
         "decode_attention",
-        ("q", "k", "v", "k_levels", "v_levels", "sizes"),
+        ("q", "k", "v", "rt", "scale", "k_levels", "v_levels"),
         ("o", "ml"),
         contiguous=False,
     )
     o, ml = attend(
         inputs=[
-            q,
+            queries,
             keys.data,
             values.data,
+            rotation_matrix(D, keys.seed),
+            _scalar(float(scale)),
             codebook(keys.bits, D)[0],
             codebook(values.bits, D)[0],
-            mx.array([S, per_split, GL, L]),
         ],
         template=template,
-        grid=(T * splits, B * Hkv, blocks),
-        threadgroup=(T, 1, 1),
+        grid=(tile * splits, B * Hkv, blocks),
+        threadgroup=(tile, 1, 1),
         output_shapes=[(B * Hkv, splits, GL, D), (B * Hkv, splits, GL, 2)],
         output_dtypes=[mx.float32, mx.float32],
     )
-    merge = kernels.kernel("merge", ("o", "ml", "rt_t", "offset", "sizes"), ("out",))
-    offset = mx.zeros((1, D)) if values.offset is None else values.offset.astype(mx.float32)
+    merge = kernels.kernel("merge", ("o", "ml", "rt_t", "offset"), ("out",))
+    offset = _zeros(D)
+    if values.offset is not None:
+        offset = mx.broadcast_to(values.offset.astype(mx.float32), (B, Hkv, 1, D))
     threads = 32 * -(-D // 32)
     (out,) = merge(
-        inputs=[
-            o,
-            ml,
-            _unrotation(D, values.seed),
-            mx.broadcast_to(offset, (B, Hkv, 1, D)).reshape(B * Hkv, D),
-            mx.array([splits, GL]),
-        ],
-        template=[("D", D), ("T", queries.dtype)],
+        inputs=[o, ml, _unrotation(D, values.seed), offset],
+        template=[("T", queries.dtype), ("D", D)],
         grid=(threads * B * Hkv * GL, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(B, Hq, L, D)],

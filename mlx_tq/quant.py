@@ -219,25 +219,27 @@ def _quantize_template(dtype, dim, bits):
     ]
 
 
+@cache
+def _zeros(dim):
+    return mx.zeros((1, dim), mx.float32)
+
+
 def _quantize_rows_kernel(x, bits, seed, offset):
     *lead, dim = x.shape
     n = x.size // dim
     template = _quantize_template(x.dtype, dim, bits)
     rows, words = dict(template)["ROWS"], dict(template)["W"]
     if offset is None:
-        offset, per_offset = mx.zeros((1, dim), mx.float32), max(n, 1)
+        x, offset = x.reshape(1, n, dim), _zeros(dim)
     else:
-        # One offset row per run of x.shape[-2] rows (offset is constant along the sequence).
-        shape = (*lead[:-1], 1, dim)
-        offset = mx.broadcast_to(offset.astype(mx.float32), shape).reshape(-1, dim)
-        per_offset = x.shape[-2] if x.ndim > 1 else 1
+        # One offset row per run of x.shape[-2] rows (constant along the sequence).
+        offset = mx.broadcast_to(offset.astype(mx.float32), (*lead[:-1], 1, dim))
+        x, offset = x.reshape(-1, x.shape[-2], dim), offset.reshape(-1, dim)
     levels, bounds = codebook(bits, dim)
     threads = 32 * -(-dim // 32)
-    kernel = kernels.kernel(
-        "quantize", ("x", "rt", "levels", "bounds", "offset", "sizes"), ("out",)
-    )
+    kernel = kernels.kernel("quantize", ("x", "rt", "levels", "bounds", "offset"), ("out",))
     (out,) = kernel(
-        inputs=[x, rotation_matrix(dim, seed), levels, bounds, offset, mx.array([n, per_offset])],
+        inputs=[x, rotation_matrix(dim, seed), levels, bounds, offset],
         template=template,
         grid=(threads * -(-n // rows), 1, 1),
         threadgroup=(threads, 1, 1),

@@ -29,18 +29,18 @@ SIGNATURES = {
             ("levels", mx.float32, 16),
             ("bounds", mx.float32, 15),
             ("offset", mx.float32, 128),
-            ("sizes", mx.int32, 2),
         ],
         [("out", mx.uint32)],
     ),
     "decode_attention": (
         [
-            ("q", mx.float32, 1024),
+            ("q", None, 1024),
             ("k", mx.uint32, 1024),
             ("v", mx.uint32, 1024),
+            ("rt", mx.float32, 1024),
+            ("scale", mx.float32, 1),
             ("k_levels", mx.float32, 16),
             ("v_levels", mx.float32, 16),
-            ("sizes", mx.int32, 4),
         ],
         [("o", mx.float32), ("ml", mx.float32)],
     ),
@@ -50,7 +50,6 @@ SIGNATURES = {
             ("ml", mx.float32, 1024),
             ("rt_t", mx.float32, 1024),
             ("offset", mx.float32, 1024),
-            ("sizes", mx.int32, 2),
         ],
         [("out", None)],
     ),
@@ -64,8 +63,11 @@ def variants():
             for dtype in FLOATS:
                 yield "quantize", _quantize_template(dtype, D, bits)
             for value_bits in (2, 3, 4):
-                for GL, causal in ((1, False), (8, False), (32, True)):
-                    yield "decode_attention", _decode_template(D, bits, value_bits, GL, causal)
+                for GL, causal, dtype in ((1, False, mx.float16), (32, True, mx.bfloat16)):
+                    yield (
+                        "decode_attention",
+                        _decode_template(dtype, D, bits, value_bits, GL, causal),
+                    )
         for dtype in FLOATS:
             yield "merge", [("D", D), ("T", dtype)]
 
@@ -84,6 +86,7 @@ def metal_source(i, name, template):
                 params.append(f"const constant {ctype}* {arg}_{suffix}")
     params += [f"device {METAL_TYPES[t or dtype]}* {arg}" for arg, t in outputs]
     for attr, ctype in (
+        ("threadgroups_per_grid", "uint3"),
         ("simdgroup_index_in_threadgroup", "uint"),
         ("thread_index_in_simdgroup", "uint"),
         ("thread_index_in_threadgroup", "uint"),
