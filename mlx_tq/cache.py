@@ -7,6 +7,7 @@ unchanged on them: the subclasses only encode on the way in and wrap on the way 
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -35,12 +36,13 @@ class _TurboQuantMixin:
     def merge(self):
         raise AttributeError("TurboQuant caches do not support batch merging")
 
-    def _setup(self, key_bits, value_bits, seed, center_keys):
+    def _setup(self, key_bits, value_bits, seed, center_keys, smooth_keys=0.0):
         check_bits(key_bits, "key_bits")
         check_bits(value_bits, "value_bits")
         self.key_bits, self.value_bits = key_bits, value_bits
-        self.seed, self.center_keys = seed, center_keys
+        self.seed, self.center_keys, self.smooth_keys = seed, center_keys, smooth_keys
         self.key_offset = None
+        self.key_scale = None
         self.head_dim = None
         self.dtype = None
         self._pending = False
@@ -67,6 +69,12 @@ class _TurboQuantMixin:
             # Finite, so that a NaN key spoils its own token only, as in an fp16 cache.
             mean = mx.mean(mx.where(mx.isfinite(k), k, 0), axis=2, keepdims=True)
             self.key_offset = mean if self.center_keys else mx.zeros_like(mean)
+            if self.smooth_keys:
+                # Store (k - mean) / s with s = std^smooth per channel (unit mean), and
+                # attend with q * s: the bits go less to the loudest key channels.
+                std = mx.sqrt(mx.mean(mx.where(mx.isfinite(k), k - mean, 0) ** 2, axis=2))
+                s = (std[:, :, None] + 1e-6) ** self.smooth_keys
+                self.key_scale = s / mx.mean(s, axis=-1, keepdims=True)
         elif keys.shape[:2] != self.key_offset.shape[:2] or keys.shape[-1] != self.head_dim:
             B, H = self.key_offset.shape[:2]
             raise ValueError(
@@ -79,7 +87,11 @@ class _TurboQuantMixin:
                 "mlx_lm.models.base.scaled_dot_product_attention: this model's attention "
                 "does not go through it, so it cannot use a TurboQuant cache"
             )
-        k = quantize_rows(keys, self.key_bits, self.seed, self.key_offset)
+        if self.key_scale is None:
+            k = quantize_rows(keys, self.key_bits, self.seed, self.key_offset)
+        else:
+            keys = (keys.astype(mx.float32) - self.key_offset) / self.key_scale
+            k = quantize_rows(keys, self.key_bits, self.seed)
         v = quantize_rows(values, self.value_bits, self.seed)
         return k, v
 
@@ -90,6 +102,11 @@ class _TurboQuantMixin:
         values = TurboQuantized(
             v, self.value_bits, self.head_dim, self.seed, getattr(mx, self.dtype)
         )
+        if self.key_scale is not None:
+            # Not fused yet: attention would need the queries times key_scale.
+            keys = replace(keys, offset=None, dtype=mx.float32)
+            keys = (dequantize(keys) * self.key_scale + self.key_offset).astype(values.dtype)
+            return keys, dequantize(values)
         if is_patched():
             self._pending = True
             return keys, values
@@ -106,11 +123,13 @@ class _TurboQuantMixin:
             str(int(self.center_keys)),
             str(self.head_dim),
             str(self.dtype),
+            str(self.smooth_keys),
         )
 
     def _set_meta(self, v):
-        kb, vb, seed, center, head_dim, dtype = v
-        self._setup(int(kb), int(vb), int(seed), bool(int(center)))
+        kb, vb, seed, center, head_dim, dtype, *smooth = v
+        smooth = float(smooth[0]) if smooth else 0.0
+        self._setup(int(kb), int(vb), int(seed), bool(int(center)), smooth)
         self.head_dim = None if head_dim == "None" else int(head_dim)
         self.dtype = None if dtype == "None" else dtype
 
@@ -125,7 +144,8 @@ class _TurboQuantMixin:
     def nbytes(self):
         if self.keys is None:
             return 0
-        return self.keys.nbytes + self.values.nbytes + self.key_offset.nbytes
+        extra = 0 if self.key_scale is None else self.key_scale.nbytes
+        return self.keys.nbytes + self.values.nbytes + self.key_offset.nbytes + extra
 
 
 class TurboQuantKVCache(_TurboQuantMixin, KVCache):
@@ -135,22 +155,33 @@ class TurboQuantKVCache(_TurboQuantMixin, KVCache):
         key_bits, value_bits: Bits per element of keys and values (2-8).
         seed: Seed of the rotation's random signs.
         center_keys: Store keys minus their per-head mean (free at attention time).
+        smooth_keys: If > 0, divide centred keys by std^smooth_keys per channel (from the
+            first update) before quantising; attention then goes through dequantised keys.
     """
 
-    def __init__(self, key_bits: int = 4, value_bits: int = 4, seed: int = 0, center_keys=True):
+    def __init__(
+        self,
+        key_bits: int = 4,
+        value_bits: int = 4,
+        seed: int = 0,
+        center_keys: bool = True,
+        smooth_keys: float = 0.0,
+    ):
         super().__init__()
-        self._setup(key_bits, value_bits, seed, center_keys)
+        self._setup(key_bits, value_bits, seed, center_keys, smooth_keys)
 
     @property
     def state(self):
         if self.keys is None:
             return []
         n = self.offset
-        return self.keys[..., :n, :], self.values[..., :n, :], self.key_offset
+        scale = () if self.key_scale is None else (self.key_scale,)
+        return self.keys[..., :n, :], self.values[..., :n, :], self.key_offset, *scale
 
     @state.setter
     def state(self, v):
-        self.keys, self.values, self.key_offset = v if v else (None, None, None)
+        self.keys, self.values, self.key_offset, *scale = v if v else (None, None, None)
+        self.key_scale = scale[0] if scale else None
         self.offset = 0 if self.keys is None else self.keys.shape[2]
 
     @property
@@ -169,7 +200,7 @@ class TurboQuantRotatingKVCache(_TurboQuantMixin, RotatingKVCache):
     Args:
         max_size: Tokens kept (the window).
         keep: Leading tokens never evicted.
-        key_bits, value_bits, seed, center_keys: As for `TurboQuantKVCache`.
+        key_bits, value_bits, seed, center_keys, smooth_keys: As for `TurboQuantKVCache`.
     """
 
     def __init__(
@@ -180,19 +211,22 @@ class TurboQuantRotatingKVCache(_TurboQuantMixin, RotatingKVCache):
         value_bits: int = 4,
         seed: int = 0,
         center_keys: bool = True,
+        smooth_keys: float = 0.0,
     ):
         super().__init__(max_size, keep)
-        self._setup(key_bits, value_bits, seed, center_keys)
+        self._setup(key_bits, value_bits, seed, center_keys, smooth_keys)
 
     @property
     def state(self):
         if self.keys is None:
             return []
-        return self.keys, self.values, self.key_offset
+        scale = () if self.key_scale is None else (self.key_scale,)
+        return self.keys, self.values, self.key_offset, *scale
 
     @state.setter
     def state(self, v):
-        self.keys, self.values, self.key_offset = v if v else (None, None, None)
+        self.keys, self.values, self.key_offset, *scale = v if v else (None, None, None)
+        self.key_scale = scale[0] if scale else None
 
     @property
     def meta_state(self):
@@ -213,6 +247,7 @@ def make_prompt_cache(
     quantize_sliding: bool = True,
     seed: int = 0,
     center_keys: bool = True,
+    smooth_keys: float = 0.0,
 ) -> list:
     """Builds the model's cache with TurboQuant layers, like mlx-lm's `make_prompt_cache`.
 
@@ -228,6 +263,7 @@ def make_prompt_cache(
         quantize_sliding: Compress sliding-window layers too.
         seed: Rotation seed.
         center_keys: Store keys minus their per-head mean.
+        smooth_keys: Per-channel key smoothing exponent (0: off); see `TurboQuantKVCache`.
 
     Returns:
         A list with one cache per layer.
@@ -256,7 +292,9 @@ def make_prompt_cache(
             RotatingKVCache(max_size=max_kv_size, keep=4) if type(c) is KVCache else c
             for c in caches
         ]
-    options = dict(key_bits=kb, value_bits=vb, seed=seed, center_keys=center_keys)
+    options = dict(
+        key_bits=kb, value_bits=vb, seed=seed, center_keys=center_keys, smooth_keys=smooth_keys
+    )
     out = []
     for c in caches:
         if type(c) is KVCache:

@@ -62,21 +62,23 @@ def parse_config(name: str, **options) -> Config:
     Args:
         name: ``fp16`` (mlx-lm's plain caches, in the model's dtype), ``affine<b>`` (mlx-lm's
             ``QuantizedKVCache``, group 64), ``tq<b>`` (the `PRESETS` entry for ``kv_bits=b``)
-            or ``k<kb>v<vb>`` (TurboQuant with those key and value bits).
+            or ``k<kb>v<vb>`` (TurboQuant with those key and value bits); the last two take
+            a suffix ``-s<x>`` for ``smooth_keys=x``.
         **options: Passed to `make_prompt_cache` for the TurboQuant names.
     """
     if name == REFERENCE:
         return Config(name, lm_cache.make_prompt_cache)
     if m := re.fullmatch(r"affine(\d)", name):
         return Config(name, lambda model: _affine_cache(model, int(m[1])))
-    if m := re.fullmatch(r"tq(\d)", name):
-        return Config(name, lambda model: make_prompt_cache(model, kv_bits=int(m[1]), **options))
-    if m := re.fullmatch(r"k(\d)v(\d)", name):
-        kb, vb = int(m[1]), int(m[2])
-        return Config(
-            name, lambda model: make_prompt_cache(model, key_bits=kb, value_bits=vb, **options)
-        )
-    raise ValueError(f"unknown configuration {name!r}: use fp16, affine<b>, tq<b> or k<b>v<b>")
+    if m := re.fullmatch(r"(?:tq(\d)|k(\d)v(\d))(?:-s([\d.]+))?", name):
+        bits = dict(kv_bits=int(m[1])) if m[1] else dict(key_bits=int(m[2]), value_bits=int(m[3]))
+        if m[4]:
+            options = {**options, "smooth_keys": float(m[4])}
+        return Config(name, lambda model: make_prompt_cache(model, **bits, **options))
+    raise ValueError(
+        f"unknown configuration {name!r}: use fp16, affine<b>, tq<b> or k<b>v<b>, "
+        "the last two optionally with -s<smooth_keys>"
+    )
 
 
 def load_windows(tokenizer, path, window: int, num_windows: int | None = None) -> mx.array:
@@ -236,7 +238,7 @@ def setup_arg_parser():
         "--compare",
         nargs="*",
         default=DEFAULT_COMPARE,
-        help="More configurations: fp16, affine<b> (mlx-lm, group 64), tq<b>, k<b>v<b>",
+        help="More configurations: fp16, affine<b> (mlx-lm, group 64), tq<b>, k<b>v<b>[-s<x>]",
     )
     parser.add_argument("--json", default=None, help="Also write the results to this file")
     return parser

@@ -131,3 +131,18 @@ def test_needle_prompt_and_retrieve(model):
     assert text.endswith(needle.QUESTION)
     out = needle.retrieve(model, parse_config("k4v4").make_cache(model), prompt, chunk_size=64)
     assert len(out) == needle.DECODE_TOKENS and all(0 <= t < VOCAB for t in out)
+
+
+def test_smooth_keys(model, windows, tmp_path):
+    r = evaluate(model, windows, [parse_config("k8v8-s0.5"), parse_config("k3v3-s0.5")], 16)
+    assert 0 < r["k8v8-s0.5"]["kl"] < r["k3v3-s0.5"]["kl"] / 10
+    cache = parse_config("k4v4-s0.5").make_cache(model)
+    model(windows[:1, :40], cache=cache)
+    assert cache[0].key_scale.shape == (1, 2, 1, 64)
+    path = tmp_path / "cache.safetensors"
+    mlx_tq.save_prompt_cache(str(path), cache)
+    loaded = mlx_tq.load_prompt_cache(str(path))
+    assert loaded[0].smooth_keys == 0.5
+    assert mx.array_equal(loaded[0].key_scale, cache[0].key_scale)
+    x = windows[:1, 40:41]
+    assert mx.array_equal(model(x, cache=cache), model(x, cache=loaded))
