@@ -24,7 +24,7 @@ SHARED uint32_t ks[TILE * RK];
 SHARED uint32_t vs[TILE * RV];
 SHARED float4 qs4[R * D / 4];
 SHARED float ps[PS];
-SHARED float2 lk2[1 << (2 * KB)];
+SHARED float lk[1 << KB];
 SHARED float lv[1 << VB];
 SHARED float m_s[R];
 SHARED float l_s[R];
@@ -59,10 +59,9 @@ for (int f = TID; f < R * D; f += TILE) {
   }
   ps[f] = x;
 }
-for (int f = TID; f < (1 << (2 * KB)); f += TILE) {
-  // Levels of two consecutive indices at once: one lookup per two dims.
-  lk2[f].x = k_levels[f & ((1 << KB) - 1)];
-  lk2[f].y = k_levels[f >> KB];
+// Few levels, one per bank: lanes looking up different levels never conflict.
+for (int f = TID; f < (1 << KB); f += TILE) {
+  lk[f] = k_levels[f];
 }
 for (int f = TID; f < (1 << VB); f += TILE) {
   lv[f] = v_levels[f];
@@ -131,11 +130,13 @@ for (int t0 = begin; t0 < end; t0 += TILE) {
         kw[w] = ks[t * RK + w];
       }
       UNROLL for (int d = 0; d < D; d += 4) {
-        const float2 z01 = lk2[TQ_FIELD(kw, d * KB, 2 * KB)];
-        const float2 z23 = lk2[TQ_FIELD(kw, (d + 2) * KB, 2 * KB)];
+        const float z0 = lk[TQ_FIELD(kw, d * KB, KB)];
+        const float z1 = lk[TQ_FIELD(kw, (d + 1) * KB, KB)];
+        const float z2 = lk[TQ_FIELD(kw, (d + 2) * KB, KB)];
+        const float z3 = lk[TQ_FIELD(kw, (d + 3) * KB, KB)];
         UNROLL for (int r = 0; r < R; ++r) {
           const float4 qv = qs4[r * (D / 4) + d / 4];
-          sc[r] += qv.x * z01.x + qv.y * z01.y + qv.z * z23.x + qv.w * z23.y;
+          sc[r] += qv.x * z0 + qv.y * z1 + qv.z * z2 + qv.w * z3;
         }
       }
       scale_k = AS_FLOAT(kw[WK]);

@@ -13,9 +13,6 @@ using uint = unsigned int;
 struct uint3 {
   uint x, y, z;
 };
-struct float2 {
-  float x, y;
-};
 struct float4 {
   float x, y, z, w;
 };
