@@ -76,10 +76,16 @@ for (int j = TID; j < D; j += TILE) {
   for (int r = 0; r < R; ++r) {
     y[r] = 0.0f;
   }
-  for (int i = 0; i < D; ++i) {
-    const float rij = rt[i * D + j];
-    UNROLL for (int r = 0; r < R; ++r) {
-      y[r] += ps[r * D + i] * rij;
+  for (int i = 0; i < D; i += 8) {
+    // Eight loads of rt in flight at once, not one latency per element.
+    float rij[8];
+    UNROLL for (int u = 0; u < 8; ++u) {
+      rij[u] = rt[(i + u) * D + j];
+    }
+    UNROLL for (int u = 0; u < 8; ++u) {
+      UNROLL for (int r = 0; r < R; ++r) {
+        y[r] += ps[r * D + i + u] * rij[u];
+      }
     }
   }
   for (int r = 0; r < R; ++r) {

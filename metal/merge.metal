@@ -30,8 +30,15 @@ if (d < D) {
 BARRIER();
 if (d < D) {
   float acc = offset[bh * D + d];
-  for (int j = 0; j < D; ++j) {
-    acc += z[j] * rt_t[j * D + d];
+  for (int j = 0; j < D; j += 8) {
+    // Eight loads of rt_t in flight at once, not one latency per element.
+    float rjd[8];
+    UNROLL for (int u = 0; u < 8; ++u) {
+      rjd[u] = rt_t[(j + u) * D + d];
+    }
+    UNROLL for (int u = 0; u < 8; ++u) {
+      acc += z[j + u] * rjd[u];
+    }
   }
   out[(bh * GL + row) * D + d] = static_cast<T>(acc);
 }
