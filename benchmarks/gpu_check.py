@@ -178,7 +178,7 @@ def attention_configs(rng, quick):
         (1, 2, 4, 300, 5000, 128, 4, 4),
     ]
     sizes = [1, 2, 31, 63, 64, 65, 127, 128, 129, 1000, 4095, 4097, 8193, 32767]
-    n = 8 if quick else 40
+    n = 12 if quick else 40
     rand = [
         (
             int(rng.integers(1, 3)),
@@ -225,6 +225,11 @@ def decode_timings(rng, Ns, Hkv=8, G=4, D=128, batch=10):
                 row[f"{name}_GBs"] = nbytes[name] / row[f"{name}_pipe"] / 1e6
         rows.append(row)
     return rows
+
+
+def save(report, out):
+    with open(os.path.join(out, "gpu_check.json"), "w") as f:
+        json.dump(report, f, indent=1)
 
 
 def main():
@@ -305,6 +310,7 @@ def main():
         if not ok:
             print("FAIL attention", results[-1], flush=True)
     report["attention"] = results
+    save(report, args.out)
     if not all(r["ok"] for r in results):
         report["failed"].append("attention")
     print(
@@ -318,6 +324,7 @@ def main():
     if not ok:
         report["failed"].append("prefill")
     print("prefill", report["prefill"], flush=True)
+    save(report, args.out)
 
     if "attention" not in report["failed"]:
         report["decode"] = decode_timings(rng, (4096, 32768, 131072))
@@ -335,8 +342,7 @@ def main():
             report["quantize_step_pipe"],
         )
     print(f"total {time.time() - t0:.0f} s; failed: {report['failed'] or 'none'}", flush=True)
-    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    save(report, args.out)
 
 
 if __name__ == "__main__":
