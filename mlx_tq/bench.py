@@ -500,7 +500,7 @@ def main(argv=None):
         print(generate_table(report["results"]))
         if report["dtype"] != "float16":
             print(f"fp16 = mlx-lm's default caches, here in {report['dtype']}")
-        print("\n".join(report["targets"]))
+        print("GPU targets, TQ4 against fp16:\n" + "\n".join(report["targets"]))
     else:
         report = attention(args)
         print(attention_table(report["results"]))
