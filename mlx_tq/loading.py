@@ -1,5 +1,7 @@
 """Load mlx-lm models from Hugging Face, local mlx directories or GGUF files."""
 
+from __future__ import annotations
+
 import hashlib
 import json
 import os
@@ -9,13 +11,16 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import gguf
 import mlx.core as mx
 import mlx_lm
 import numpy as np
 
 DEFAULT_MODEL = "gemma3-270m"
+if TYPE_CHECKING:  # imported on use, so machines without gguf (the GPU box) import mlx_tq
+    import gguf
+
 SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3")
 QWEN_CODER_PARTS = 22
 
@@ -116,6 +121,8 @@ def convert_weights(reader: gguf.GGUFReader, dtype=mx.float32) -> tuple[dict, di
     Returns:
         The config (as in ``config.json``) and the weights under Hugging Face names.
     """
+    import gguf
+
     arch = _architecture(reader)
     n = len(arch) + 1
     meta = {k[n:]: f.contents() for k, f in reader.fields.items() if k.startswith(arch + ".")}
@@ -248,6 +255,8 @@ def convert_gguf(path: str | Path, dtype=None) -> Path:
     out = cache_dir() / "models" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if (out / "config.json").exists():
         return out
+    import gguf
+
     reader = gguf.GGUFReader(path)
     _architecture(reader)
     out.parent.mkdir(parents=True, exist_ok=True)
