@@ -167,7 +167,6 @@ def test_cuda_sources_compile(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-@pytest.mark.slow
 def test_wheel_ships_kernel_sources(tmp_path):
     cmd = [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(tmp_path)]
     subprocess.run(cmd, check=True, capture_output=True)
