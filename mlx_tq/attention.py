@@ -15,8 +15,9 @@ from .rotation import rotate, rotation_matrix, unrotate
 
 # Threadgroups the split-K kernel aims for: about one full wave on an H100.
 TARGET_GROUPS = 640
-# Floats per score or accumulator block of the reference: at most 1/16 of the bytes of
-# an fp16 cache of the same keys, so prefill peaks well below that cache.
+# Floats per block of scores or accumulators of the reference: 1/16 of the bytes of an
+# fp16 cache of the same keys, clamped. (MLX may still hold all blocks of one lazy graph at
+# once: prefill on a GPU goes through the kernel, whose memory is O(L D).)
 MIN_BLOCK, MAX_BLOCK = 2**18, 2**24
 
 
@@ -123,8 +124,8 @@ def scaled_dot_product_attention_ops(
         scale: Multiplies the scores.
         mask: None, "causal" (the L queries are the last L positions), or a boolean
             or additive array broadcastable to (B, Hq, L, S).
-        chunk_size: Keys per chunk; by default sized so that a block of scores holds
-            at most 1/16 of the bytes of an fp16 cache of the same keys.
+        chunk_size: Keys per chunk; by default sized so that a block of scores takes
+            1/16 of the bytes of an fp16 cache of the same keys (clamped to 2^18-2^24 floats).
 
     Returns:
         (B, Hq, L, D) array in the queries' dtype.
