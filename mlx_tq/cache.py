@@ -21,8 +21,9 @@ from .quant import TurboQuantized, check_bits, check_input, dequantize, quantize
 from .rotation import check_head_dim
 
 FILE_FORMAT = "mlx_tq.prompt_cache/1"
-# kv_bits budget -> (key_bits, value_bits); keys are the sensitive half.
-PRESETS = {b: (b, b) for b in SUPPORTED_BITS}
+# kv_bits budget -> (key_bits, value_bits); keys are the sensitive half: on Gemma-3-270M
+# K5/V3 and K4/V2 beat K4/V4 and K3/V3 at the same bits (benchmarks/RESULTS.md, issue 5).
+PRESETS = {b: (b, b) for b in SUPPORTED_BITS} | {3: (4, 2), 4: (5, 3)}
 
 
 class _TurboQuantMixin:
