@@ -8,8 +8,6 @@ from pathlib import Path
 
 import mlx.core as mx
 
-KERNELS = ("quantize", "decode_attention", "merge")
-
 
 def backend() -> str | None:
     """'metal' or 'cuda' when the default device is a GPU that runs custom kernels, else None."""

@@ -234,7 +234,7 @@ def _quantize_rows_kernel(x, bits, seed, offset):
     else:
         # One offset row per run of x.shape[-2] rows (constant along the sequence).
         offset = mx.broadcast_to(offset.astype(mx.float32), (*lead[:-1], 1, dim))
-        x, offset = x.reshape(-1, x.shape[-2], dim), offset.reshape(-1, dim)
+        x, offset = x.reshape(-1, x.shape[-2] if x.ndim > 1 else 1, dim), offset.reshape(-1, dim)
     levels, bounds = codebook(bits, dim)
     threads = 32 * -(-dim // 32)
     kernel = kernels.kernel("quantize", ("x", "rt", "levels", "bounds", "offset"), ("out",))

@@ -10,7 +10,7 @@ import pytest
 
 from mlx_tq import kernels, quantize, scaled_dot_product_attention
 from mlx_tq.attention import _decode_template, scaled_dot_product_attention_ops
-from mlx_tq.codebook import SUPPORTED_DIMS
+from mlx_tq.codebook import SUPPORTED_BITS, SUPPORTED_DIMS
 from mlx_tq.quant import _quantize_template, quantize_rows, quantize_rows_ops
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,9 +59,10 @@ SIGNATURES = {
 def variants():
     """Every template the dispatchers build for the supported head dims and 2-4 bits."""
     for D in SUPPORTED_DIMS:
-        for bits in (2, 3, 4):
+        for bits in SUPPORTED_BITS:
             for dtype in FLOATS:
                 yield "quantize", _quantize_template(dtype, D, bits)
+        for bits in (2, 3, 4):
             for value_bits in (2, 3, 4):
                 for GL, causal, dtype in ((1, False, mx.float16), (32, True, mx.bfloat16)):
                     yield (
@@ -193,7 +194,7 @@ def rows(shape, dtype, seed):
 
 
 @pytest.mark.parametrize("D", [64, 80, 128, 256])
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_quantize_rows(D, bits):
     # (B, L, H, D) transposed to (B, H, L, D), as mlx-lm hands keys over.
     x = rows((2, 9, 3, D), mx.bfloat16, D + bits).swapaxes(1, 2)
