@@ -38,6 +38,7 @@ DEFAULT_CONTEXTS = [1024, 4096, 16384]
 DEFAULT_DECODE_TOKENS = 32
 DEFAULT_REPEATS = 2
 DEFAULT_PREFILL_STEP_SIZE = 2048
+WARMUP_TOKENS = 256
 DEFAULT_KEYS = [4096, 32768, 131072]
 DEFAULT_HEADS = 32
 DEFAULT_KV_HEADS = 8
@@ -331,7 +332,7 @@ def generate(args):
         for n in args.contexts
     }
     # Warm-up: compile every configuration's kernels before timing.
-    warm = mx.random.randint(0, vocab, (min(args.contexts),))
+    warm = mx.random.randint(0, vocab, (min(*args.contexts, WARMUP_TOKENS),))
     for name in args.configs:
         timed_generate(model, warm, make_cache(model, name), 2, args.prefill_step_size)
     for context in args.contexts:
