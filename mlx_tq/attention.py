@@ -33,6 +33,18 @@ def _check_inputs(queries, keys, values):
         )
     if Hq % keys.shape[1]:
         raise ValueError(f"{Hq} query heads are not a multiple of {keys.shape[1]} key/value heads")
+    if values.channel_scale is not None:
+        raise ValueError("channel_scale is supported for keys only, not for values")
+
+
+def _smooth_queries(queries, keys):
+    """<q, s * k'> = <q * s, k'>: keys stored divided by a per-channel scale s."""
+    if keys.channel_scale is None:
+        return queries
+    B, Hkv, _, D = keys.shape
+    s = mx.broadcast_to(keys.channel_scale, (B, Hkv, 1, D))
+    s = mx.repeat(s, queries.shape[1] // Hkv, axis=1)
+    return (queries * s).astype(queries.dtype)
 
 
 def _check_mask(mask, B, H, L, S):
@@ -131,6 +143,7 @@ def scaled_dot_product_attention_ops(
         (B, Hq, L, D) array in the queries' dtype.
     """
     _check_inputs(queries, keys, values)
+    queries = _smooth_queries(queries, keys)
     B, Hq, L, D = queries.shape
     Hkv, S = keys.shape[1:3]
     _check_mask(mask, B, Hq, L, S)
@@ -269,4 +282,5 @@ def scaled_dot_product_attention(
     if not _use_kernel(queries, keys, values, mask):
         return scaled_dot_product_attention_ops(queries, keys, values, scale, mask, chunk_size)
     _check_inputs(queries, keys, values)
+    queries = _smooth_queries(queries, keys)
     return _fused_attention(queries, keys, values, scale, causal=mask is not None)

@@ -7,7 +7,6 @@ unchanged on them: the subclasses only encode on the way in and wrap on the way 
 
 import json
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -97,17 +96,11 @@ class _TurboQuantMixin:
         return k, v
 
     def _wrap(self, k, v):
+        dtype = getattr(mx, self.dtype)
         keys = TurboQuantized(
-            k, self.key_bits, self.head_dim, self.seed, getattr(mx, self.dtype), self.key_offset
+            k, self.key_bits, self.head_dim, self.seed, dtype, self.key_offset, None, self.key_scale
         )
-        values = TurboQuantized(
-            v, self.value_bits, self.head_dim, self.seed, getattr(mx, self.dtype)
-        )
-        if self.key_scale is not None:
-            # Not fused yet: attention would need the queries times key_scale.
-            keys = replace(keys, offset=None, dtype=mx.float32)
-            keys = (dequantize(keys) * self.key_scale + self.key_offset).astype(values.dtype)
-            return keys, dequantize(values)
+        values = TurboQuantized(v, self.value_bits, self.head_dim, self.seed, dtype)
         if is_patched():
             self._pending = True
             return keys, values

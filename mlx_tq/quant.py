@@ -67,6 +67,8 @@ class TurboQuantized:
             along the sequence axis -2, e.g. a per-head key mean).
         qjl: optional (..., ceil(D/32) + 1) uint32: 1-bit residual sign sketch and
             the float32 residual norm (QJL, the paper's Q_prod; off by default).
+        channel_scale: optional float32 (..., 1, D) the vectors were divided by, per
+            channel, after the offset: x = s * (R^T z) + offset.
     """
 
     data: mx.array
@@ -76,6 +78,7 @@ class TurboQuantized:
     dtype: mx.Dtype = mx.float32
     offset: mx.array | None = None
     qjl: mx.array | None = None
+    channel_scale: mx.array | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -83,7 +86,8 @@ class TurboQuantized:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.data, self.offset, self.qjl) if a is not None)
+        extra = (self.offset, self.qjl, self.channel_scale)
+        return self.data.nbytes + sum(a.nbytes for a in extra if a is not None)
 
     def indices(self) -> mx.array:
         return unpack(self.data[..., :-1], self.bits, self.dim)
@@ -153,6 +157,7 @@ def quantize(
     seed: int = 0,
     *,
     offset: mx.array | None = None,
+    channel_scale: mx.array | None = None,
     norm_correction: bool = True,
     qjl: bool = False,
     check_finite: bool = True,
@@ -165,6 +170,8 @@ def quantize(
             one to the residual sign sketch.
         seed: Seed of the random signs of the rotation.
         offset: Optional (..., 1, D) vector subtracted before quantising (e.g. a key mean).
+        channel_scale: Optional positive (..., 1, D) divisor per channel, applied after
+            the offset (key smoothing: attention multiplies the queries by it instead).
         norm_correction: Store norm / ||c[idx]|| so the reconstruction keeps the exact norm.
         qjl: Add the 1-bit QJL residual sketch (unbiased inner products).
         check_finite: Raise on NaN or inf (costs a synchronisation).
@@ -186,6 +193,9 @@ def quantize(
     if offset is not None:
         offset = offset.astype(mx.float32)
         xf = xf - offset
+    if channel_scale is not None:
+        channel_scale = channel_scale.astype(mx.float32)
+        xf = xf / channel_scale
     z, norms, idx, zq, scales = _encode(xf, mse_bits, seed, norm_correction)
     data = mx.concatenate([pack(idx, mse_bits), scales.view(mx.uint32)], axis=-1)
     sketch = None
@@ -194,7 +204,7 @@ def quantize(
         signs = (residual @ _qjl_matrix(dim, seed).T) >= 0
         gamma = mx.linalg.norm(residual, axis=-1, keepdims=True)
         sketch = mx.concatenate([pack(signs, 1), gamma.view(mx.uint32)], axis=-1)
-    return TurboQuantized(data, mse_bits, dim, seed, x.dtype, offset, sketch)
+    return TurboQuantized(data, mse_bits, dim, seed, x.dtype, offset, sketch, channel_scale)
 
 
 def quantize_rows_ops(
@@ -284,6 +294,8 @@ def _qjl_rotated(q: TurboQuantized) -> mx.array:
 def dequantize(q: TurboQuantized) -> mx.array:
     """Reconstructs the vectors of `q` in their original dtype."""
     x = unrotate(q.rotated(), q.seed)
+    if q.channel_scale is not None:
+        x = x * q.channel_scale
     if q.offset is not None:
         x = x + q.offset
     if q.dtype == mx.float16:

@@ -78,12 +78,14 @@ FAMILIES = ["llama", "qwen2", "gemma3"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fused_path_adds_no_error(family, patched):
+@pytest.mark.parametrize("smooth", [0.0, 0.5])
+def test_fused_path_adds_no_error(family, smooth, patched):
     # Unpatched, the cache hands dequantised K/V to mlx-lm's own attention: same numbers.
     model = tiny_model(family)
-    fused = run(model, mlx_tq.make_prompt_cache(model, kv_bits=4), TOKENS, 7)
+    options = dict(key_bits=4, value_bits=4, smooth_keys=smooth)
+    fused = run(model, mlx_tq.make_prompt_cache(model, **options), TOKENS, 7)
     mlx_tq.unpatch()
-    plain = run(model, mlx_tq.make_prompt_cache(model, kv_bits=4), TOKENS, 7)
+    plain = run(model, mlx_tq.make_prompt_cache(model, **options), TOKENS, 7)
     assert rel_rms(fused, plain) < 1e-4
 
 
