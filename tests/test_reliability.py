@@ -113,8 +113,9 @@ def test_fp16_near_its_limit_through_the_cache(patched):
     keys, values = cache.update_and_fetch(k, v)
     out = _attention(q, keys, values, cache=cache, scale=0.125, mask="causal")
     assert mx.all(mx.isfinite(out)).item()
-    ref = attention_reference(q, k, v, 0.125, "causal")
-    np.testing.assert_allclose(np.array(out.astype(mx.float32)), ref, atol=0.02 * np.abs(ref).max())
+    # Against the same codes in float64: near 65504 only fp16 rounding may differ.
+    ref = attention_reference(q, dequantize(keys), dequantize(values), 0.125, "causal")
+    np.testing.assert_allclose(np.array(out.astype(mx.float32)), ref, atol=1e-3 * np.abs(ref).max())
 
 
 @pytest.mark.parametrize("center_keys", [True, False])
