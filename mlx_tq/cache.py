@@ -20,9 +20,10 @@ from .quant import TurboQuantized, check_bits, check_input, dequantize, quantize
 from .rotation import check_head_dim
 
 FILE_FORMAT = "mlx_tq.prompt_cache/1"
-# kv_bits budget -> (key_bits, value_bits); keys are the sensitive half: on Gemma-3-270M
-# K5/V3 and K4/V2 beat K4/V4 and K3/V3 at the same bits (benchmarks/RESULTS.md, issue 5).
-PRESETS = {b: (b, b) for b in SUPPORTED_BITS} | {3: (4, 2), 4: (5, 3)}
+# kv_bits budget -> (key_bits, value_bits, smooth_keys). On Gemma-3-270M key smoothing 0.5
+# beat every key/value split at the same bits (K4/V4-s0.5 KL 0.026 vs K5/V3 0.038; K3/V3-s0.5
+# 0.113 vs K4/V2 0.151: benchmarks/RESULTS.md, issue 5), and 2-4 bits run on the fused kernel.
+PRESETS = {b: (b, b, 0.5) for b in SUPPORTED_BITS}
 
 
 class _TurboQuantMixin:
@@ -241,7 +242,7 @@ def make_prompt_cache(
     quantize_sliding: bool = True,
     seed: int = 0,
     center_keys: bool = True,
-    smooth_keys: float = 0.0,
+    smooth_keys: float | None = None,
 ) -> list:
     """Builds the model's cache with TurboQuant layers, like mlx-lm's `make_prompt_cache`.
 
@@ -251,22 +252,23 @@ def make_prompt_cache(
 
     Args:
         model: An mlx-lm model.
-        kv_bits: The bit budget; picks the recommended (key_bits, value_bits) for it.
+        kv_bits: The bit budget; picks the recommended (key_bits, value_bits, smooth_keys).
         key_bits, value_bits: Override the preset.
         max_kv_size: Keep only this many tokens (a rotating cache), as in mlx-lm.
         quantize_sliding: Compress sliding-window layers too.
         seed: Rotation seed.
         center_keys: Store keys minus their per-head mean.
-        smooth_keys: Per-channel key smoothing exponent (0: off); see `TurboQuantKVCache`.
+        smooth_keys: Per-channel key smoothing exponent (0: off; default: the preset).
 
     Returns:
         A list with one cache per layer.
     """
     if kv_bits not in PRESETS:
         raise ValueError(f"kv_bits={kv_bits} is not supported: choose one of {tuple(PRESETS)}")
-    kb, vb = PRESETS[kv_bits]
+    kb, vb, smooth = PRESETS[kv_bits]
     kb = kb if key_bits is None else key_bits
     vb = vb if value_bits is None else value_bits
+    smooth_keys = smooth if smooth_keys is None else smooth_keys
     check_bits(kb, "key_bits")
     check_bits(vb, "value_bits")
     if not uses_base_attention(model):
