@@ -41,10 +41,12 @@ def _smooth_queries(queries, keys):
     """<q, s * k'> = <q * s, k'>: keys stored divided by a per-channel scale s."""
     if keys.channel_scale is None:
         return queries
-    B, Hkv, _, D = keys.shape
-    s = mx.broadcast_to(keys.channel_scale, (B, Hkv, 1, D))
-    s = mx.repeat(s, queries.shape[1] // Hkv, axis=1)
-    return (queries * s).astype(queries.dtype)
+    B, Hq, L, D = queries.shape
+    Hkv = keys.shape[1]
+    s = keys.channel_scale.astype(queries.dtype)[
+        :, :, None
+    ]  # one op per call: decode is launch-bound
+    return (queries.reshape(B, Hkv, Hq // Hkv, L, D) * s).reshape(B, Hq, L, D)
 
 
 def _check_mask(mask, B, H, L, S):

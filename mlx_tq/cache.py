@@ -91,8 +91,10 @@ class _TurboQuantMixin:
         if self.key_scale is None:
             k = quantize_rows(keys, self.key_bits, self.seed, self.key_offset)
         else:
-            keys = (keys.astype(mx.float32) - self.key_offset) / self.key_scale
-            k = quantize_rows(keys, self.key_bits, self.seed)
+            # (k - mu) / s as k / s - mu / s: one op before the quantise kernel.
+            k = quantize_rows(
+                keys / self.key_scale, self.key_bits, self.seed, self.key_offset / self.key_scale
+            )
         v = quantize_rows(values, self.value_bits, self.seed)
         return k, v
 
