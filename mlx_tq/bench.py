@@ -194,6 +194,46 @@ def timed_generate(model, prompt, cache, decode_tokens, prefill_step_size):
     return prompt_time, decode_tps, tokens[-1]
 
 
+def measure(model, name, prompt, kept, args) -> dict:
+    """One run of configuration `name`: prefill `prompt` and decode into a new cache, or
+    (when `kept` has one) decode on from the kept cache, with no second prefill."""
+    r = {}
+    if name in kept:
+        cache, token = kept[name]
+        _, r["decode_tps"], token = timed_generate(
+            model, mx.array([token]), cache, args.decode_tokens, 1
+        )
+    else:
+        cache = make_cache(model, name)
+        gc.collect()
+        mx.clear_cache()
+        held = mx.get_active_memory()
+        mx.reset_peak_memory()
+        seconds, r["decode_tps"], token = timed_generate(
+            model, prompt, cache, args.decode_tokens, args.prefill_step_size
+        )
+        r["prompt_tps"] = prompt.size / seconds
+        # As if alone: the weights, not the other configurations' kept caches.
+        weights = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
+        r["peak_memory"] = mx.get_peak_memory() - held + weights
+        r["kv_bytes"] = sum(c.nbytes for c in cache)
+    kept[name] = cache, token
+    return r
+
+
+def describe(cache: list) -> str:
+    """What a configuration's cache is, e.g. "TurboQuant K4/V4, key smoothing 0.5"."""
+    for c in cache:
+        if hasattr(c, "key_bits"):
+            smooth = getattr(c, "smooth_keys", 0)
+            return f"TurboQuant K{c.key_bits}/V{c.value_bits}" + (
+                f", key smoothing {smooth}" if smooth else ""
+            )
+        if hasattr(c, "bits"):
+            return f"mlx-lm QuantizedKVCache {c.bits}-bit, group {c.group_size}"
+    return "mlx-lm " + ", ".join(sorted({type(c).__name__ for c in cache}))
+
+
 def summarize(runs: list[dict], dtype_bytes: int) -> list[dict]:
     """Medians per (context, config), with fp16 KV bytes and ratios to the fp16 row."""
     keys = list(dict.fromkeys((r["context"], r["config"]) for r in runs))
@@ -331,37 +371,41 @@ def generate(args):
         n: mx.random.randint(0, vocab, (n,), key=mx.random.key(PROMPT_SEED + n))
         for n in args.contexts
     }
+    report["cache_settings"] = {name: describe(make_cache(model, name)) for name in args.configs}
+    report["errors"] = []
+
+    def failed(name, context, e):
+        # mlx-lm's QuantizedKVCache fails on some backends (quantized_matmul shapes on CUDA):
+        # report it and go on with the other configurations.
+        if name == "fp16":
+            raise e
+        report["errors"].append({"context": context, "config": name, "error": str(e)})
+        print(f"context {context}, config {name}: failed: {e}", file=sys.stderr, flush=True)
+
     # Warm-up: compile every configuration's kernels before timing.
     warm = mx.random.randint(0, vocab, (min(*args.contexts, WARMUP_TOKENS),))
+    broken = set()
     for name in args.configs:
-        timed_generate(model, warm, make_cache(model, name), 2, args.prefill_step_size)
+        try:
+            timed_generate(model, warm, make_cache(model, name), 2, args.prefill_step_size)
+        except Exception as e:
+            failed(name, warm.size, e)
+            broken.add(name)
     for context in args.contexts:
-        kept = {}
+        kept, skip = {}, set(broken)
         for repeat in range(args.repeats):
             # Rotate the order each repeat so no configuration always runs first.
             k = repeat % len(args.configs)
             for name in args.configs[k:] + args.configs[:k]:
+                if name in skip:
+                    continue
                 r = {"context": context, "config": name, "repeat": repeat}
-                if name in kept:
-                    # Later repeats decode on from the kept cache: no second prefill.
-                    cache, token = kept[name]
-                    _, r["decode_tps"], token = timed_generate(
-                        model, mx.array([token]), cache, args.decode_tokens, 1
-                    )
-                else:
-                    cache = make_cache(model, name)
-                    gc.collect()
-                    mx.clear_cache()
-                    held = mx.get_active_memory()
-                    mx.reset_peak_memory()
-                    seconds, r["decode_tps"], token = timed_generate(
-                        model, prompts[context], cache, args.decode_tokens, args.prefill_step_size
-                    )
-                    r["prompt_tps"] = context / seconds
-                    # As if alone: the weights, not the other configurations' kept caches.
-                    r["peak_memory"] = mx.get_peak_memory() - held + report["weights_bytes"]
-                    r["kv_bytes"] = sum(c.nbytes for c in cache)
-                kept[name] = cache, token
+                try:
+                    r.update(measure(model, name, prompts[context], kept, args))
+                except Exception as e:
+                    failed(name, context, e)
+                    skip.add(name)
+                    continue
                 report["runs"].append(r)
                 print(
                     ", ".join(
@@ -501,6 +545,8 @@ def main(argv=None):
         print(generate_table(report["results"]))
         if report["dtype"] != "float16":
             print(f"fp16 = mlx-lm's default caches, here in {report['dtype']}")
+        for e in report["errors"]:
+            print(f"{e['config']} failed at {e['context']} tokens: {e['error']}")
         print("GPU targets, TQ4 against fp16:\n" + "\n".join(report["targets"]))
     else:
         report = attention(args)

@@ -2,6 +2,7 @@ import importlib.util
 import json
 import sys
 
+import mlx_lm.models.cache as lm_cache
 import pytest
 
 from mlx_tq import bench, unpatch
@@ -43,6 +44,9 @@ def test_generate_writes_json_plot_and_table(tmp_path, capsys):
         assert by[n, "tq4"]["kv_bytes"] < by[n, "fp16"]["fp16_kv_bytes"]
         assert by[n, "tq3"]["kv_bytes"] < by[n, "tq4"]["kv_bytes"]
     assert len(report["targets"]) == 3
+    assert report["errors"] == []
+    assert report["cache_settings"]["k4v3"].startswith("TurboQuant K4/V3")
+    assert report["cache_settings"]["affine4"] == "mlx-lm QuantizedKVCache 4-bit, group 64"
     assert (tmp_path / "gen.png").exists() == HAS_MATPLOTLIB
 
 
@@ -52,6 +56,17 @@ def test_generate_without_matplotlib_still_writes_json(tmp_path, monkeypatch, ca
     assert report["configs"] == ["fp16", "tq4"]
     assert not (tmp_path / "gen.png").exists()
     assert "matplotlib is not installed" in capsys.readouterr().err
+
+
+def test_failing_configuration_is_reported_and_skipped(tmp_path, monkeypatch, capsys):
+    def fail(*args):
+        raise RuntimeError("[quantized_matmul] No implementation")
+
+    monkeypatch.setattr(lm_cache.QuantizedKVCache, "update_and_fetch", fail)
+    report = run_generate(tmp_path, "--configs", "affine4", "tq4")
+    assert {r["config"] for r in report["results"]} == {"fp16", "tq4"}
+    assert [e["config"] for e in report["errors"]] == ["affine4"]
+    assert "affine4 failed" in capsys.readouterr().out
 
 
 def test_attention_writes_json_and_table(tmp_path, capsys):
