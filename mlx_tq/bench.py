@@ -350,7 +350,6 @@ def generate(args):
     else:
         model_name = args.model or "gemma3-270m"
         model = load(args.model, dtype=dtype)[0]
-        dtype = model.parameters()["model"]["embed_tokens"]["weight"].dtype
     patch()
     vocab = model.args.vocab_size
     report = {
