@@ -1,4 +1,38 @@
+import mlx.core as mx
 from hypothesis import settings
+from mlx_lm.models import gemma3_text, llama, qwen2
 
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True)
 settings.load_profile("ci")
+
+FAMILIES = {"llama": llama, "qwen2": qwen2, "gemma3": gemma3_text}
+
+
+def tiny_model(family="llama", **overrides):
+    """A small random mlx-lm model (head_dim 64 unless overridden), seeded for repeatability."""
+    mx.random.seed(0)
+    args = dict(
+        model_type="gemma3_text" if family == "gemma3" else family,
+        hidden_size=128,
+        intermediate_size=256,
+        vocab_size=128,
+        rms_norm_eps=1e-5,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+    )
+    if family == "qwen2":  # no head_dim argument: hidden_size / heads
+        args.update(num_attention_heads=2, num_key_value_heads=1)
+    if family == "gemma3":
+        args.update(
+            num_hidden_layers=3,
+            num_key_value_heads=1,
+            sliding_window=16,
+            sliding_window_pattern=3,
+        )
+    args.update(overrides)
+    module = FAMILIES[family]
+    model = module.Model(module.ModelArgs.from_dict(args))
+    mx.eval(model.parameters())
+    return model

@@ -8,7 +8,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx_lm.models import gemma3_text, llama, qwen2
+from conftest import tiny_model
+from mlx_lm.models import llama
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.models.cache import make_prompt_cache as lm_make_prompt_cache
 
@@ -18,41 +19,6 @@ from mlx_tq.patch import _attention
 
 VOCAB = 128
 WINDOW = 16
-
-
-def tiny_model(family):
-    mx.random.seed(0)
-    common = dict(hidden_size=128, intermediate_size=256, vocab_size=VOCAB, rms_norm_eps=1e-5)
-    if family == "llama":
-        args = llama.ModelArgs(
-            model_type="llama",
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=64,
-            **common,
-        )
-        return llama.Model(args)
-    if family == "qwen2":
-        args = qwen2.ModelArgs(
-            model_type="qwen2",
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            **common,
-        )  # fmt: skip (head_dim 64)
-        return qwen2.Model(args)
-    args = gemma3_text.ModelArgs(
-        model_type="gemma3_text",
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=64,
-        sliding_window=WINDOW,
-        sliding_window_pattern=3,
-        **common,
-    )
-    return gemma3_text.Model(args)
 
 
 @pytest.fixture

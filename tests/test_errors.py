@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx_lm.models import llama
+from conftest import tiny_model
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.models.cache import save_prompt_cache as lm_save_prompt_cache
 
@@ -32,18 +32,7 @@ MASK = "does not broadcast to (B, H, L, S) = (1, 4, 1, 10)"
 
 
 def tiny_llama(head_dim=64):
-    args = llama.ModelArgs(
-        model_type="llama",
-        hidden_size=128,
-        num_hidden_layers=1,
-        intermediate_size=64,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=head_dim,
-        rms_norm_eps=1e-5,
-        vocab_size=32,
-    )
-    return llama.Model(args)
+    return tiny_model("llama", head_dim=head_dim, num_hidden_layers=1)
 
 
 class OwnAttention(nn.Module):

@@ -6,10 +6,10 @@ import threading
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import tiny_model
 from hypothesis import given
 from hypothesis import strategies as st
 from mlx_lm.generate import generate_step
-from mlx_lm.models import gemma3_text
 from mlx_lm.models.cache import RotatingKVCache
 from test_attention import TOLERANCE, attention_reference
 
@@ -39,23 +39,13 @@ def patched():
 
 
 def tiny_gemma(window=8):
-    mx.random.seed(0)
-    args = gemma3_text.ModelArgs(
-        model_type="gemma3_text",
-        hidden_size=128,
+    return tiny_model(
+        "gemma3",
         intermediate_size=128,
-        num_hidden_layers=3,
         num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        rms_norm_eps=1e-5,
         vocab_size=VOCAB,
         sliding_window=window,
-        sliding_window_pattern=3,
     )
-    model = gemma3_text.Model(args)
-    mx.eval(model.parameters())
-    return model
 
 
 def greedy(model, prompt, cache, n=8):
