@@ -18,7 +18,6 @@ from mlx_tq.cache import TurboQuantKVCache, TurboQuantRotatingKVCache
 from mlx_tq.patch import _attention
 
 VOCAB = 128
-WINDOW = 16
 
 
 @pytest.fixture
