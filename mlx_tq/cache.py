@@ -153,7 +153,7 @@ class TurboQuantKVCache(_TurboQuantMixin, KVCache):
         seed: Seed of the rotation's random signs.
         center_keys: Store keys minus their per-head mean (free at attention time).
         smooth_keys: If > 0, divide centred keys by std^smooth_keys per channel (from the
-            first update) before quantising; attention then goes through dequantised keys.
+            first update) before quantising; attention multiplies the queries by the same scale.
     """
 
     def __init__(
