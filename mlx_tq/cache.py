@@ -42,8 +42,7 @@ class _TurboQuantMixin:
         check_bits(value_bits, "value_bits")
         self.key_bits, self.value_bits = key_bits, value_bits
         self.seed, self.center_keys, self.smooth_keys = seed, center_keys, smooth_keys
-        self.key_offset = None
-        self.key_scale = None
+        self._set_key_stats(None)
         self.head_dim = None
         self.dtype = None
         self._pending = False
@@ -69,13 +68,14 @@ class _TurboQuantMixin:
             k = keys.astype(mx.float32)
             # Finite, so that a NaN key spoils its own token only, as in an fp16 cache.
             mean = mx.mean(mx.where(mx.isfinite(k), k, 0), axis=2, keepdims=True)
-            self.key_offset = mean if self.center_keys else mx.zeros_like(mean)
+            scale = None
             if self.smooth_keys:
                 # Store (k - mean) / s with s = std^smooth per channel (unit mean), and
                 # attend with q * s: the bits go less to the loudest key channels.
                 std = mx.sqrt(mx.mean(mx.where(mx.isfinite(k), k - mean, 0) ** 2, axis=2))
                 s = (std[:, :, None] + 1e-6) ** self.smooth_keys
-                self.key_scale = s / mx.mean(s, axis=-1, keepdims=True)
+                scale = s / mx.mean(s, axis=-1, keepdims=True)
+            self._set_key_stats(mean if self.center_keys else mx.zeros_like(mean), scale)
         elif keys.shape[:2] != self.key_offset.shape[:2] or keys.shape[-1] != self.head_dim:
             B, H = self.key_offset.shape[:2]
             raise ValueError(
@@ -92,11 +92,17 @@ class _TurboQuantMixin:
             k = quantize_rows(keys, self.key_bits, self.seed, self.key_offset)
         else:
             # (k - mu) / s as k / s - mu / s: one op before the quantise kernel.
-            k = quantize_rows(
-                keys / self.key_scale, self.key_bits, self.seed, self.key_offset / self.key_scale
-            )
+            k = quantize_rows(keys / self.key_scale, self.key_bits, self.seed, self._key_shift)
         v = quantize_rows(values, self.value_bits, self.seed)
         return k, v
+
+    def _set_key_stats(self, offset, scale=None):
+        self.key_offset, self.key_scale = offset, scale
+        # mu / s for the quantise step, derived once rather than per token (decode is launch-bound).
+        self._key_shift = None if scale is None else offset / scale
+
+    def _key_stats(self):
+        return (self.key_offset,) if self.key_scale is None else (self.key_offset, self.key_scale)
 
     def _wrap(self, k, v):
         dtype = getattr(mx, self.dtype)
@@ -172,13 +178,12 @@ class TurboQuantKVCache(_TurboQuantMixin, KVCache):
         if self.keys is None:
             return []
         n = self.offset
-        scale = () if self.key_scale is None else (self.key_scale,)
-        return self.keys[..., :n, :], self.values[..., :n, :], self.key_offset, *scale
+        return self.keys[..., :n, :], self.values[..., :n, :], *self._key_stats()
 
     @state.setter
     def state(self, v):
-        self.keys, self.values, self.key_offset, *scale = v if v else (None, None, None)
-        self.key_scale = scale[0] if scale else None
+        self.keys, self.values, *stats = v if v else (None, None, None)
+        self._set_key_stats(*stats)
         self.offset = 0 if self.keys is None else self.keys.shape[2]
 
     @property
@@ -217,13 +222,12 @@ class TurboQuantRotatingKVCache(_TurboQuantMixin, RotatingKVCache):
     def state(self):
         if self.keys is None:
             return []
-        scale = () if self.key_scale is None else (self.key_scale,)
-        return self.keys, self.values, self.key_offset, *scale
+        return self.keys, self.values, *self._key_stats()
 
     @state.setter
     def state(self, v):
-        self.keys, self.values, self.key_offset, *scale = v if v else (None, None, None)
-        self.key_scale = scale[0] if scale else None
+        self.keys, self.values, *stats = v if v else (None, None, None)
+        self._set_key_stats(*stats)
 
     @property
     def meta_state(self):
