@@ -3,8 +3,8 @@ import sys
 
 import mlx.core as mx
 import pytest
+from conftest import tiny_model
 from mlx.utils import tree_map
-from mlx_lm.models import llama
 
 import mlx_tq
 from mlx_tq import needle, perplexity
@@ -27,19 +27,7 @@ class ByteTokenizer:
 
 @pytest.fixture(scope="module")
 def model():
-    mx.random.seed(0)
-    args = llama.ModelArgs(
-        model_type="llama",
-        hidden_size=128,
-        num_hidden_layers=2,
-        intermediate_size=256,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
-        vocab_size=VOCAB,
-        head_dim=64,
-    )
-    m = llama.Model(args)
+    m = tiny_model("llama", vocab_size=VOCAB)
     # Larger weights than the default init, so the logits are far from uniform.
     m.update(tree_map(lambda w: w * 3, m.parameters()))
     mx.eval(m.parameters())
