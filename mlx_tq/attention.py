@@ -252,6 +252,9 @@ def _use_kernel(queries, keys, values, mask) -> bool:
         and values.qjl is None
         and max(keys.bits, values.bits) <= 4
         and keys.shape[2] > 0
+        # Smoothed keys with L > 1 gave wrong, run-to-run different outputs on the H100
+        # (2026-11-22, not yet understood): prefill takes the reference until it is.
+        and (keys.channel_scale is None or queries.shape[2] == 1)
     )
 
 
