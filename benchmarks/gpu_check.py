@@ -120,7 +120,8 @@ def attention_f64(queries, keys, values, scale, causal):
 def check_attention(rng, B, Hkv, G, L, S, D, kb, vb, dtype):
     causal = L > 1
     keys = packed_view(rng, B, Hkv, S, D, kb, 0, True, pad=int(rng.integers(1, 300)))
-    values = packed_view(rng, B, Hkv, S, D, vb, 1, True, pad=int(rng.integers(1, 300)))
+    # Values with and without an offset: the cache stores values without one.
+    values = packed_view(rng, B, Hkv, S, D, vb, 1, bool(rng.integers(2)), pad=int(rng.integers(1, 300)))
     queries = mx.array(rng.standard_normal((B, Hkv * G, L, D)).astype(np.float32)).astype(dtype)
     scale = D**-0.5
     # The kernels' error on float32 queries; the public call adds only the final rounding.

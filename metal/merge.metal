@@ -1,7 +1,8 @@
 // Merge the splits of one query row (rescale each to the common max), rotate the
 // result back (out = z @ rt^T), add the value offset and cast: one threadgroup per row.
 // o: [B * Hkv, n_splits, GL, D] float; ml: [B * Hkv, n_splits, GL, 2] (max, sum)
-// rt_t: [D, D] float, the transposed rotation; offset: [B * Hkv, D] float
+// rt_t: [D, D] float, the transposed rotation; offset: [B * Hkv, D] float, read only when
+// OFFSET (without one the caller passes a placeholder that must not be indexed by bh)
 // out: [B * Hkv, GL, D] T (= [B, Hq, L, D])
 SHARED float z[D];
 const int n_splits = ml_shape[1];
@@ -29,7 +30,7 @@ if (d < D) {
 }
 BARRIER();
 if (d < D) {
-  float acc = offset[bh * D + d];
+  float acc = OFFSET ? offset[bh * D + d] : 0.0f;
   for (int j = 0; j < D; j += 8) {
     // Eight loads of rt_t in flight at once, not one latency per element.
     float rjd[8];

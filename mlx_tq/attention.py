@@ -235,7 +235,7 @@ def _fused_attention(queries, keys, values, scale, causal):
     threads = 32 * -(-D // 32)
     (out,) = merge(
         inputs=[o, ml, _unrotation(D, values.seed), offset],
-        template=[("T", queries.dtype), ("D", D)],
+        template=[("T", queries.dtype), ("D", D), ("OFFSET", values.offset is not None)],
         grid=(threads * B * Hkv * GL, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(B, Hq, L, D)],
@@ -252,9 +252,6 @@ def _use_kernel(queries, keys, values, mask) -> bool:
         and values.qjl is None
         and max(keys.bits, values.bits) <= 4
         and keys.shape[2] > 0
-        # Smoothed keys with L > 1 gave wrong, run-to-run different outputs on the H100
-        # (2026-11-22, not yet understood): prefill takes the reference until it is.
-        and (keys.channel_scale is None or queries.shape[2] == 1)
     )
 
 

@@ -70,7 +70,8 @@ def variants():
                         _decode_template(dtype, D, bits, value_bits, GL, causal),
                     )
         for dtype in FLOATS:
-            yield "merge", [("D", D), ("T", dtype)]
+            for offset in (False, True):
+                yield "merge", [("D", D), ("T", dtype), ("OFFSET", offset)]
 
 
 def metal_source(i, name, template):
