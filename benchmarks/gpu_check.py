@@ -8,7 +8,9 @@ rotation go through mx.matmul, so pin full float32 as MLX's own test harness doe
 1. quantize_rows vs quantize(...).data: indices equal except at level midpoints (to float
    rounding), scales within 1e-6 of float64.
 2. Fused decode attention vs float64 NumPy on the same packed data: max |error| / max |ref|
-   <= 1e-3 over head dims, GQA, keys up to 131,072, bits, masks, fp16/bf16, cache views.
+   <= 1e-3 over head dims, GQA, keys up to 131,072, bits, masks, fp16/bf16, cache views,
+   smoothed keys, values with and without offset; the decoded (mx.fast SDPA) prefill path on
+   the same inputs within 6 roundings of the query dtype.
 3. Prefill over a long compressed cache: peak memory against the fp16 K+V bytes.
 4. Timings (median after warm-up), only for kernels that passed: TQ4/TQ3 decode vs fp16
    mx.fast.scaled_dot_product_attention vs mlx-lm's quantized SDPA; the quantise step.
@@ -28,7 +30,7 @@ import numpy as np
 from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
 from mlx_tq import kernels, quantize, scaled_dot_product_attention
-from mlx_tq.attention import _fused_attention
+from mlx_tq.attention import FUSED_MAX_ROWS, _decoded_attention, _fused_attention
 from mlx_tq.codebook import codebook
 from mlx_tq.quant import quantize_rows, unpack
 from mlx_tq.rotation import rotation_matrix
@@ -57,7 +59,12 @@ def median_ms(fn, warmup=5, runs=50, batch=1):
     return 1e3 * float(np.median(times))
 
 
-def check_quantize(rng, shape, bits, dtype, offset, strided):
+def channel_scale(rng, lead, D):
+    """A positive per-channel divisor (key smoothing), (..., 1, D) float32."""
+    return mx.array(np.exp(0.5 * rng.standard_normal((*lead, 1, D))).astype(np.float32))
+
+
+def check_quantize(rng, shape, bits, dtype, offset, strided, scaled=False):
     D = shape[-1]
     x = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
     if strided:  # mlx-lm's keys are (B, L, H, D) transposed to (B, H, L, D)
@@ -65,11 +72,12 @@ def check_quantize(rng, shape, bits, dtype, offset, strided):
     off = (
         mx.array(rng.standard_normal((*x.shape[:-2], 1, D)).astype(np.float32)) if offset else None
     )
-    ref = quantize(x, bits, offset=off, check_finite=False).data
-    got = quantize_rows(x, bits, offset=off)
+    cs = channel_scale(rng, x.shape[:-2], D) if scaled else None
+    ref = quantize(x, bits, offset=off, channel_scale=cs, check_finite=False).data
+    got = quantize_rows(x, bits, offset=off, channel_scale=cs)
     ri, gi = (np.array(unpack(a[..., :-1], bits, D)).astype(int) for a in (ref, got))
     # Coordinates in float64, to tell a tie from an error.
-    x64 = f64(x) - (f64(off) if offset else 0)
+    x64 = (f64(x) - (f64(off) if offset else 0)) / (f64(cs) if scaled else 1)
     n = np.linalg.norm(x64, axis=-1, keepdims=True)
     z = (x64 / np.where(n > 0, n, 1)) @ f64(rotation_matrix(D)) * math.sqrt(D)
     levels, bounds = (f64(a) for a in codebook(bits, D))
@@ -85,11 +93,12 @@ def check_quantize(rng, shape, bits, dtype, offset, strided):
     return ok, {"mismatches": int(diff.sum()), "ties": int(ties.sum()), "scale_err": err}
 
 
-def packed_view(rng, B, H, S, D, bits, seed, offset, pad):
+def packed_view(rng, B, H, S, D, bits, seed, offset, pad, smooth=False):
     """TurboQuantized (B, H, S, D) whose data is a view into a buffer of S + pad rows."""
     x = mx.array(rng.standard_normal((B, H, S + pad, D)).astype(np.float32))
     off = mx.array(rng.standard_normal((B, H, 1, D)).astype(np.float32)) if offset else None
-    q = quantize(x, bits, seed, offset=off, check_finite=False)
+    cs = channel_scale(rng, (B, H), D) if smooth else None
+    q = quantize(x, bits, seed, offset=off, channel_scale=cs, check_finite=False)
     mx.eval(q.data)
     return q.tokens(0, S)
 
@@ -99,8 +108,10 @@ def attention_f64(queries, keys, values, scale, causal):
     B, Hq, L, D = queries.shape
     Hkv, S = keys.shape[1:3]
     G = Hq // Hkv
-    q = f64((queries * scale).astype(mx.float32)) @ f64(rotation_matrix(D, keys.seed))
-    q = q.reshape(B, Hkv, G * L, D)
+    q = f64((queries * scale).astype(mx.float32))
+    if keys.channel_scale is not None:  # <q, s * k'> = <q * s, k'>
+        q = q * np.repeat(f64(keys.channel_scale), G, axis=1)
+    q = (q @ f64(rotation_matrix(D, keys.seed))).reshape(B, Hkv, G * L, D)
     k, v = (
         f64(levels)[np.array(t.indices())] * f64(t.scales())[..., None]
         for t, levels in ((keys, codebook(keys.bits, D)[0]), (values, codebook(values.bits, D)[0]))
@@ -119,24 +130,36 @@ def attention_f64(queries, keys, values, scale, causal):
 
 def check_attention(rng, B, Hkv, G, L, S, D, kb, vb, dtype):
     causal = L > 1
-    keys = packed_view(rng, B, Hkv, S, D, kb, 0, True, pad=int(rng.integers(1, 300)))
-    # Values with and without an offset: the cache stores values without one.
-    values = packed_view(rng, B, Hkv, S, D, vb, 1, bool(rng.integers(2)), pad=int(rng.integers(1, 300)))
+    # Keys smoothed or not; values with an offset or not (the cache stores none).
+    smooth, value_offset = bool(rng.integers(2)), bool(rng.integers(2))
+    keys = packed_view(rng, B, Hkv, S, D, kb, 0, True, int(rng.integers(1, 300)), smooth)
+    values = packed_view(rng, B, Hkv, S, D, vb, 1, value_offset, int(rng.integers(1, 300)))
     queries = mx.array(rng.standard_normal((B, Hkv * G, L, D)).astype(np.float32)).astype(dtype)
     scale = D**-0.5
+    mask = "causal" if causal else None
     # The kernels' error on float32 queries; the public call adds only the final rounding.
     q32 = queries.astype(mx.float32)
     got = np.array(_fused_attention(q32, keys, values, scale, causal))
-    public = scaled_dot_product_attention(
-        queries, keys, values, scale, "causal" if causal else None
-    )
+    public = scaled_dot_product_attention(queries, keys, values, scale, mask)
+    # The prefill path (L > 8): mx.fast SDPA on keys/values decoded in the queries' dtype.
+    decoded = _decoded_attention(queries, keys, values, scale, mask)
     ref = attention_f64(q32, keys, values, scale, causal)
     err = float(np.abs(got - ref).max() / np.abs(ref).max())
     err_public = float(np.abs(f64(public) - ref).max() / np.abs(ref).max())
+    err_decoded = float(np.abs(f64(decoded) - ref).max() / np.abs(ref).max())
     rounding = 2.0**-8 if dtype == mx.bfloat16 else 2.0**-10
-    ok = err <= TOL_ATTENTION and err_public <= TOL_ATTENTION + rounding
+    # Decoded: keys, values and queries each rounded to the queries' dtype before SDPA.
+    tol_decoded = 6 * rounding
+    tol_public = tol_decoded if L > FUSED_MAX_ROWS else TOL_ATTENTION + rounding
+    ok = err <= TOL_ATTENTION and err_decoded <= tol_decoded and err_public <= tol_public
     ok = ok and public.dtype == dtype and public.shape == queries.shape
-    return ok, {"err": err, "err_public": err_public}
+    return ok, {
+        "smooth": smooth,
+        "value_offset": value_offset,
+        "err": err,
+        "err_public": err_public,
+        "err_decoded": err_decoded,
+    }
 
 
 def check_prefill(rng, S, L, Hkv=8, G=4, D=128, bits=4):
@@ -154,6 +177,12 @@ def check_prefill(rng, S, L, Hkv=8, G=4, D=128, bits=4):
     fp16_bytes = 2 * Hkv * S * D * 2
     packed = keys.data.nbytes + values.data.nbytes
     ms = median_ms(partial(scaled_dot_product_attention, q, keys, values, D**-0.5, "causal"), 1, 5)
+    fused = partial(_fused_attention, q, keys, values, D**-0.5, True)
+    mx.synchronize()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(fused())
+    peak_fused = mx.get_peak_memory() - base
     k, v = (mx.array(rng.standard_normal((1, Hkv, S, D)).astype(np.float16)) for _ in range(2))
     fp16 = partial(mx.fast.scaled_dot_product_attention, q, k, v, scale=D**-0.5, mask="causal")
     return peak + packed < fp16_bytes, {
@@ -163,6 +192,8 @@ def check_prefill(rng, S, L, Hkv=8, G=4, D=128, bits=4):
         "packed_MB": packed / 2**20,
         "fp16_kv_MB": fp16_bytes / 2**20,
         "ms": ms,
+        "fused_kernel_ms": median_ms(fused, 1, 5),
+        "fused_kernel_peak_extra_MB": peak_fused / 2**20,
         "fp16_sdpa_ms": median_ms(fp16, 1, 5),
     }
 
@@ -263,8 +294,12 @@ def main():
                     int(rng.integers(1, 40)),
                     D,
                 )
-                for offset, strided in ((False, False), (True, True)):
-                    ok, info = check_quantize(rng, shape, bits, dtype, offset, strided)
+                for offset, strided, scaled in (
+                    (False, False, False),
+                    (True, True, False),
+                    (True, False, True),
+                ):
+                    ok, info = check_quantize(rng, shape, bits, dtype, offset, strided, scaled)
                     results.append(
                         {
                             "D": D,
@@ -273,6 +308,7 @@ def main():
                             "shape": shape,
                             "offset": offset,
                             "strided": strided,
+                            "scaled": scaled,
                             "ok": ok,
                             **info,
                         }
@@ -316,7 +352,8 @@ def main():
         report["failed"].append("attention")
     print(
         f"attention: {sum(r['ok'] for r in results)}/{len(results)} ok, max err "
-        f"{max(r['err'] for r in results):.2e}, {time.time() - t0:.0f} s",
+        f"{max(r['err'] for r in results):.2e}, decoded path max err "
+        f"{max(r['err_decoded'] for r in results):.2e}, {time.time() - t0:.0f} s",
         flush=True,
     )
 
@@ -333,7 +370,9 @@ def main():
             print(json.dumps(r), flush=True)
     if "quantize" not in report["failed"]:
         k, v = (mx.array(rng.standard_normal((1, 8, 1, 128)).astype(np.float16)) for _ in range(2))
-        step = lambda: [quantize_rows(k, 4, 0), quantize_rows(v, 4, 1)]  # noqa: E731
+        # As the cache does with smoothed keys: key offset and channel scale in the kernel.
+        off, cs = mx.zeros((1, 8, 1, 128)), mx.ones((1, 8, 1, 128))
+        step = lambda: [quantize_rows(k, 4, 0, off, cs), quantize_rows(v, 4, 0)]  # noqa: E731
         report["quantize_step_ms"] = median_ms(step)
         report["quantize_step_pipe"] = median_ms(step, runs=20, batch=10)
         print(

@@ -8,6 +8,7 @@
 // q: [B, Hq, L, D] T (strided); row = g * L + i of KV head h holds query head h * G + g
 // k, v: [B, Hkv, S, WK + 1], [B, Hkv, S, WV + 1] uint32 views (strided along S)
 // rt: [D, D] float (rotate(x) = x @ rt); scale: [1] float
+// qscale: [B, Hkv, 1, D] float (strided), read only when SMOOTH: keys stored divided by it
 // k_levels, v_levels: [2^KB], [2^VB] float
 // o: [B * Hkv, n_splits, GL, D] float, unnormalised; ml: [B * Hkv, n_splits, GL, 2] (max, sum)
 #define TQ_FIELD(w, bit, n)                                                      \
@@ -56,6 +57,10 @@ for (int f = TID; f < R * D; f += TILE) {
   if (row < GL) {
     const auto qi = b * q_strides[0] + (h * G + row / L) * q_strides[1] + (row % L) * q_strides[2];
     x = static_cast<float>(q[qi + (f % D) * q_strides[3]]) * scale[0];
+    if (SMOOTH) {
+      // <q, s * k'> = <q * s, k'>: keys were divided by the channel scale s.
+      x *= qscale[b * qscale_strides[0] + h * qscale_strides[1] + (f % D) * qscale_strides[3]];
+    }
   }
   ps[f] = x;
 }

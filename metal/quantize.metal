@@ -1,7 +1,9 @@
 // TurboQuant of ROWS vectors per threadgroup, one thread per coordinate: subtract the
-// offset, normalise, rotate, take the nearest level, pack LSB-first, append the scale.
+// offset, divide by the channel scale (when SCALE), normalise, rotate, take the nearest
+// level, pack LSB-first, append the scale.
 // x: [N / P, P, D] T, P rows per offset row; rt: [D, D] float (rotate(x) = x @ rt)
-// levels: [2^BITS]; bounds: [2^BITS - 1]; offset: [N / P, D] float; out: [N, W + 1] uint32
+// levels: [2^BITS]; bounds: [2^BITS - 1]; offset, scale: [N / P, D] float (scale read only
+// when SCALE); out: [N, W + 1] uint32
 constexpr int NW = (D + 31) / 32;
 SHARED float us[ROWS * D];
 SHARED uint32_t idx_s[ROWS * D];
@@ -17,7 +19,11 @@ for (int r = 0; r < ROWS; ++r) {
   const int row = row0 + r;
   float xj = 0.0f;
   if (j < D && row < n_rows) {
-    xj = static_cast<float>(x[row * D + j]) - offset[(row / per_offset) * D + j];
+    const int c = (row / per_offset) * D + j;
+    xj = static_cast<float>(x[row * D + j]) - offset[c];
+    if (SCALE) {
+      xj /= scale[c];
+    }
     us[r * D + j] = xj;
   }
   const float sq = WARP_SUM(xj * xj);

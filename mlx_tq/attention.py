@@ -4,6 +4,7 @@ score_j = <q, k_j> = scale_j <R q, c[idx_j]>, and sum_j p_j v_j = R^T sum_j p_j 
 the query is rotated once, the output once, and no key is dequantised to the original space.
 """
 
+import math
 from functools import cache
 
 import mlx.core as mx
@@ -15,6 +16,9 @@ from .rotation import rotate, rotation_matrix, unrotate
 
 # Threadgroups the split-K kernel aims for: about one full wave on an H100.
 TARGET_GROUPS = 640
+# Query tokens L up to which a GPU runs the fused kernel (decode, speculative decoding);
+# longer prefill chunks go through mx.fast SDPA on decoded keys and values.
+FUSED_MAX_ROWS = 8
 # Floats per block of scores or accumulators of the reference: 1/16 of the bytes of an
 # fp16 cache of the same keys, clamped. (MLX may still hold all blocks of one lazy graph at
 # once: prefill on a GPU goes through the kernel, whose memory is O(L D).)
@@ -166,7 +170,7 @@ def scaled_dot_product_attention_ops(
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
 
-def _decode_template(dtype, D, key_bits, value_bits, GL, causal):
+def _decode_template(dtype, D, key_bits, value_bits, GL, causal, smooth=False):
     """Template constants of decode_attention.metal."""
     wk, wv = words_per_row(D, key_bits) - 1, words_per_row(D, value_bits) - 1
     # Keys per tile, one per thread: the K and V tiles stay within 20 KB of threadgroup memory.
@@ -183,12 +187,18 @@ def _decode_template(dtype, D, key_bits, value_bits, GL, causal):
         ("TILE", tile),
         ("R", R),
         ("CAUSAL", causal),
+        ("SMOOTH", smooth),
     ]
 
 
 @cache
 def _scalar(value):
     return mx.array([value], mx.float32)
+
+
+@cache
+def _ones4(dim):
+    return mx.ones((1, 1, 1, dim), mx.float32)
 
 
 @cache
@@ -202,13 +212,14 @@ def _fused_attention(queries, keys, values, scale, causal):
     B, Hq, L, D = queries.shape
     Hkv, S = keys.shape[1:3]
     GL = Hq // Hkv * L
-    template = _decode_template(queries.dtype, D, keys.bits, values.bits, GL, causal)
+    smooth = keys.channel_scale is not None
+    template = _decode_template(queries.dtype, D, keys.bits, values.bits, GL, causal, smooth)
     tile, R = dict(template)["TILE"], dict(template)["R"]
     blocks = -(-GL // R)
     splits = min(-(-S // tile), max(1, TARGET_GROUPS // (B * Hkv * blocks)))
     attend = kernels.kernel(
         "decode_attention",
-        ("q", "k", "v", "rt", "scale", "k_levels", "v_levels"),
+        ("q", "k", "v", "rt", "scale", "k_levels", "v_levels", "qscale"),
         ("o", "ml"),
         contiguous=False,
     )
@@ -221,6 +232,10 @@ def _fused_attention(queries, keys, values, scale, causal):
             _scalar(float(scale)),
             codebook(keys.bits, D)[0],
             codebook(values.bits, D)[0],
+            # Smoothed keys: the kernel multiplies the queries by the channel scale.
+            _ones4(D)
+            if not smooth
+            else mx.broadcast_to(keys.channel_scale.astype(mx.float32), (B, Hkv, 1, D)),
         ],
         template=template,
         grid=(tile * splits, B * Hkv, blocks),
@@ -244,15 +259,47 @@ def _fused_attention(queries, keys, values, scale, causal):
     return out
 
 
-def _use_kernel(queries, keys, values, mask) -> bool:
-    return (
-        kernels.backend() is not None
-        and (mask is None or (isinstance(mask, str) and mask == "causal"))
+def _rotated_as(t: TurboQuantized, dtype, divisor: float) -> mx.array:
+    """t's vectors in the rotated space, divided by `divisor`, in `dtype` (no offset)."""
+    if t.qjl is not None:
+        return (t.rotated() / divisor).astype(dtype)
+    levels, _ = codebook(t.bits, t.dim)
+    return levels.astype(dtype)[t.indices()] * (t.scales() / divisor).astype(dtype)[..., None]
+
+
+def _decoded_attention(queries, keys, values, scale, mask):
+    """`mx.fast.scaled_dot_product_attention` over keys and values decoded in the rotated
+    space, in the queries' dtype: for prefill chunks, where the fused kernel (CUDA cores,
+    no tensor cores) is many times slower. Holds one layer's keys and values decoded, not
+    a whole fp16 cache."""
+    B, Hq, L, D = queries.shape
+    dtype = queries.dtype
+    # A rotated coordinate is bounded by the vector's norm, so |z_j| <= 65504 sqrt(D) for
+    # float16 vectors: decode divided by a power of two >= sqrt(D) (exact), scale back after.
+    c = float(2 ** math.ceil(math.log2(D) / 2)) if dtype == mx.float16 else 1.0
+    q = rotate(_smooth_queries(queries, keys), keys.seed).astype(dtype)
+    k, v = _rotated_as(keys, dtype, c), _rotated_as(values, dtype, c)
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale * c, mask=mask)
+    out = unrotate(out, values.seed) * c
+    return _add_value_offset(out, values, Hq // keys.shape[1]).astype(dtype)
+
+
+def _path(queries, keys, values, mask) -> str:
+    """Which implementation runs: 'fused', 'decoded' or 'reference'."""
+    if kernels.backend() is None or keys.shape[2] == 0:
+        return "reference"
+    causal_or_none = mask is None or (isinstance(mask, str) and mask == "causal")
+    if (
+        causal_or_none
+        and queries.shape[2] <= FUSED_MAX_ROWS
         and keys.qjl is None
         and values.qjl is None
         and max(keys.bits, values.bits) <= 4
-        and keys.shape[2] > 0
-    )
+    ):
+        return "fused"
+    if causal_or_none or (isinstance(mask, mx.array) and mask.ndim >= 2):
+        return "decoded"
+    return "reference"
 
 
 def scaled_dot_product_attention(
@@ -265,10 +312,13 @@ def scaled_dot_product_attention(
 ) -> mx.array:
     """Softmax attention over TurboQuant keys and values.
 
-    On a GPU (Metal or CUDA) with mask None or "causal", 2-4 bit keys and values and no
-    QJL sketch, a fused split-K kernel reads the packed data in place (views of a larger
-    buffer sliced along the sequence axis need no copy) and holds no L x S scores, for
-    decode and prefill alike; otherwise `scaled_dot_product_attention_ops`.
+    On a GPU (Metal or CUDA):
+    - up to `FUSED_MAX_ROWS` query rows (decode) with mask None or "causal", 2-4 bit keys
+      and values and no QJL sketch: a fused split-K kernel reads the packed data in place
+      (views of a larger buffer sliced along the sequence axis need no copy);
+    - longer chunks (prefill), other bits, or a mask array: `mx.fast.scaled_dot_product_attention`
+      on this layer's keys and values decoded in the rotated space (see `_decoded_attention`).
+    Elsewhere (CPU), and for 1-D masks: `scaled_dot_product_attention_ops`.
 
     Args:
         queries: (B, Hq, L, D) float array.
@@ -281,8 +331,11 @@ def scaled_dot_product_attention(
     Returns:
         (B, Hq, L, D) array in the queries' dtype.
     """
-    if not _use_kernel(queries, keys, values, mask):
+    path = _path(queries, keys, values, mask)
+    if path == "reference":
         return scaled_dot_product_attention_ops(queries, keys, values, scale, mask, chunk_size)
     _check_inputs(queries, keys, values)
-    queries = _smooth_queries(queries, keys)
+    _check_mask(mask, *queries.shape[:3], keys.shape[2])
+    if path == "decoded":
+        return _decoded_attention(queries, keys, values, scale, mask)
     return _fused_attention(queries, keys, values, scale, causal=mask is not None)

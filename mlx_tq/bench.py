@@ -186,12 +186,15 @@ def timed_generate(model, prompt, cache, decode_tokens, prefill_step_size):
     for token, _ in steps:
         if not tokens:
             prompt_time = time.perf_counter() - tic
+            # The prefill's peak (it includes the first decode step, already queued).
+            prefill_peak = mx.get_peak_memory()
+            mx.reset_peak_memory()
             tic = time.perf_counter()
         tokens.append(token)
     decode_tps = (decode_tokens - 1) / (time.perf_counter() - tic)
     # generate_step has queued one more step: let it finish before the next run starts.
     mx.synchronize()
-    return prompt_time, decode_tps, tokens[-1]
+    return prompt_time, decode_tps, tokens[-1], (prefill_peak, mx.get_peak_memory())
 
 
 def measure(model, name, prompt, kept, args) -> dict:
@@ -200,7 +203,7 @@ def measure(model, name, prompt, kept, args) -> dict:
     r = {}
     if name in kept:
         cache, token = kept[name]
-        _, r["decode_tps"], token = timed_generate(
+        _, r["decode_tps"], token, _ = timed_generate(
             model, mx.array([token]), cache, args.decode_tokens, 1
         )
     else:
@@ -209,13 +212,14 @@ def measure(model, name, prompt, kept, args) -> dict:
         mx.clear_cache()
         held = mx.get_active_memory()
         mx.reset_peak_memory()
-        seconds, r["decode_tps"], token = timed_generate(
+        seconds, r["decode_tps"], token, peaks = timed_generate(
             model, prompt, cache, args.decode_tokens, args.prefill_step_size
         )
         r["prompt_tps"] = prompt.size / seconds
         # As if alone: the weights, not the other configurations' kept caches.
         weights = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
-        r["peak_memory"] = mx.get_peak_memory() - held + weights
+        r["prefill_peak_memory"], r["decode_peak_memory"] = (p - held + weights for p in peaks)
+        r["peak_memory"] = max(r["prefill_peak_memory"], r["decode_peak_memory"])
         r["kv_bytes"] = sum(c.nbytes for c in cache)
     kept[name] = cache, token
     return r
@@ -241,7 +245,14 @@ def summarize(runs: list[dict], dtype_bytes: int) -> list[dict]:
     for context, config in keys:
         mine = [r for r in runs if r["context"] == context and r["config"] == config]
         row = {"context": context, "config": config, "repeats": len(mine)}
-        for field in ("prompt_tps", "decode_tps", "peak_memory", "kv_bytes"):
+        for field in (
+            "prompt_tps",
+            "decode_tps",
+            "peak_memory",
+            "prefill_peak_memory",
+            "decode_peak_memory",
+            "kv_bytes",
+        ):
             row[field] = statistics.median(r[field] for r in mine if field in r)
         rows.append(row)
     for row in rows:
@@ -256,14 +267,15 @@ def summarize(runs: list[dict], dtype_bytes: int) -> list[dict]:
 
 def generate_table(rows: list[dict]) -> str:
     lines = [
-        "| context | config | prompt tok/s | decode tok/s | decode / fp16 | peak GB | KV MB | "
-        "KV / fp16 bytes |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| context | config | prompt tok/s | decode tok/s | decode / fp16 | peak GB | "
+        "prefill / decode peak GB | KV MB | KV / fp16 bytes |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['context']} | {r['config']} | {r['prompt_tps']:.1f} | {r['decode_tps']:.2f} | "
             f"{r['decode_vs_fp16']:.2f} | {r['peak_memory'] / 1e9:.3f} | "
+            f"{r['prefill_peak_memory'] / 1e9:.3f} / {r['decode_peak_memory'] / 1e9:.3f} | "
             f"{r['kv_bytes'] / 1e6:.1f} | {r['kv_vs_fp16']:.3f} |"
         )
     return "\n".join(lines)

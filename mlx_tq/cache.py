@@ -88,18 +88,12 @@ class _TurboQuantMixin:
                 "mlx_lm.models.base.scaled_dot_product_attention: this model's attention "
                 "does not go through it, so it cannot use a TurboQuant cache"
             )
-        if self.key_scale is None:
-            k = quantize_rows(keys, self.key_bits, self.seed, self.key_offset)
-        else:
-            # (k - mu) / s as k / s - mu / s: one op before the quantise kernel.
-            k = quantize_rows(keys / self.key_scale, self.key_bits, self.seed, self._key_shift)
+        k = quantize_rows(keys, self.key_bits, self.seed, self.key_offset, self.key_scale)
         v = quantize_rows(values, self.value_bits, self.seed)
         return k, v
 
     def _set_key_stats(self, offset, scale=None):
         self.key_offset, self.key_scale = offset, scale
-        # mu / s for the quantise step, derived once rather than per token (decode is launch-bound).
-        self._key_shift = None if scale is None else offset / scale
 
     def _key_stats(self):
         return (self.key_offset,) if self.key_scale is None else (self.key_offset, self.key_scale)

@@ -208,17 +208,23 @@ def quantize(
 
 
 def quantize_rows_ops(
-    x: mx.array, bits: int, seed: int = 0, offset: mx.array | None = None
+    x: mx.array,
+    bits: int,
+    seed: int = 0,
+    offset: mx.array | None = None,
+    channel_scale: mx.array | None = None,
 ) -> mx.array:
     """Reference of `quantize_rows`, in plain MLX ops."""
     xf = x.astype(mx.float32)
     if offset is not None:
         xf = xf - offset.astype(mx.float32)
+    if channel_scale is not None:
+        xf = xf / channel_scale.astype(mx.float32)
     _, _, idx, _, scales = _encode(xf, bits, seed)
     return mx.concatenate([pack(idx, bits), scales.view(mx.uint32)], axis=-1)
 
 
-def _quantize_template(dtype, dim, bits):
+def _quantize_template(dtype, dim, bits, scaled=False):
     """Template constants of quantize.metal: 4 rows per threadgroup share each read of rt."""
     return [
         ("T", dtype),
@@ -226,7 +232,13 @@ def _quantize_template(dtype, dim, bits):
         ("BITS", bits),
         ("W", words_per_row(dim, bits) - 1),
         ("ROWS", 4),
+        ("SCALE", scaled),
     ]
+
+
+def _per_run(a, lead, dim):
+    """(..., 1, D) float32 -> one row per run of x.shape[-2] rows: (N / P, D)."""
+    return mx.broadcast_to(a.astype(mx.float32), (*lead[:-1], 1, dim)).reshape(-1, dim)
 
 
 @cache
@@ -234,22 +246,28 @@ def _zeros(dim):
     return mx.zeros((1, dim), mx.float32)
 
 
-def _quantize_rows_kernel(x, bits, seed, offset):
+def _quantize_rows_kernel(x, bits, seed, offset, channel_scale):
     *lead, dim = x.shape
     n = x.size // dim
-    template = _quantize_template(x.dtype, dim, bits)
+    template = _quantize_template(x.dtype, dim, bits, channel_scale is not None)
     rows, words = dict(template)["ROWS"], dict(template)["W"]
-    if offset is None:
+    scale = _zeros(dim)  # a placeholder the kernel does not read without SCALE
+    if offset is None and channel_scale is None:
         x, offset = x.reshape(1, n, dim), _zeros(dim)
     else:
-        # One offset row per run of x.shape[-2] rows (constant along the sequence).
-        offset = mx.broadcast_to(offset.astype(mx.float32), (*lead[:-1], 1, dim))
-        x, offset = x.reshape(-1, x.shape[-2] if x.ndim > 1 else 1, dim), offset.reshape(-1, dim)
+        # One offset (and scale) row per run of x.shape[-2] rows (constant along the sequence).
+        offset = _zeros(dim) if offset is None else offset
+        offset = _per_run(offset, lead, dim)
+        if channel_scale is not None:
+            scale = _per_run(channel_scale, lead, dim)
+        x = x.reshape(-1, x.shape[-2] if x.ndim > 1 else 1, dim)
     levels, bounds = codebook(bits, dim)
     threads = 32 * -(-dim // 32)
-    kernel = kernels.kernel("quantize", ("x", "rt", "levels", "bounds", "offset"), ("out",))
+    kernel = kernels.kernel(
+        "quantize", ("x", "rt", "levels", "bounds", "offset", "scale"), ("out",)
+    )
     (out,) = kernel(
-        inputs=[x, rotation_matrix(dim, seed), levels, bounds, offset],
+        inputs=[x, rotation_matrix(dim, seed), levels, bounds, offset, scale],
         template=template,
         grid=(threads * -(-n // rows), 1, 1),
         threadgroup=(threads, 1, 1),
@@ -260,19 +278,25 @@ def _quantize_rows_kernel(x, bits, seed, offset):
 
 
 def quantize_rows(
-    x: mx.array, bits: int, seed: int = 0, offset: mx.array | None = None
+    x: mx.array,
+    bits: int,
+    seed: int = 0,
+    offset: mx.array | None = None,
+    channel_scale: mx.array | None = None,
 ) -> mx.array:
     """Packed TurboQuant rows of new tokens, for a cache to store.
 
-    Equal to `quantize(x, bits, seed, offset=offset, check_finite=False).data`: a GPU kernel
-    where Metal or CUDA runs custom kernels (indices may differ only where a coordinate
-    sits on a level midpoint to float rounding), plain MLX ops elsewhere.
+    Equal to `quantize(x, bits, seed, offset=offset, channel_scale=channel_scale,
+    check_finite=False).data`: a GPU kernel where Metal or CUDA runs custom kernels (indices
+    may differ only where a coordinate sits on a level midpoint to float rounding), plain
+    MLX ops elsewhere.
 
     Args:
         x: (..., D) float16, bfloat16 or float32 vectors.
         bits: Bits per element, 2-8.
         seed: Seed of the rotation's signs.
         offset: Optional (..., 1, D) vector subtracted first (constant along axis -2).
+        channel_scale: Optional positive (..., 1, D) divisor applied after the offset.
 
     Returns:
         (..., W + 1) uint32: W = ceil(D * bits / 32) words of indices, then the scale.
@@ -280,8 +304,8 @@ def quantize_rows(
     check_input(x)
     check_bits(bits)
     if kernels.backend() is None or x.size == 0:
-        return quantize_rows_ops(x, bits, seed, offset)
-    return _quantize_rows_kernel(x, bits, seed, offset)
+        return quantize_rows_ops(x, bits, seed, offset, channel_scale)
+    return _quantize_rows_kernel(x, bits, seed, offset, channel_scale)
 
 
 def _qjl_rotated(q: TurboQuantized) -> mx.array:

@@ -121,3 +121,65 @@ def test_errors():
         with pytest.raises(ValueError):
             scaled_dot_product_attention(q, kq, vq, 1.0, mx.zeros(shape))
     assert math.isfinite(scaled_dot_product_attention(q, kq, vq, 1.0).sum().item())
+
+
+def decoded(q, kq, vq, scale, mask=None):
+    """The GPU prefill path (mx.fast SDPA on decoded keys/values), run here on the CPU."""
+    from mlx_tq.attention import _decoded_attention
+
+    return _decoded_attention(q, kq, vq, scale, mask)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("mask", [None, "causal", "LS-bool", "B1LS-additive"])
+def test_decoded_path_matches_reference(dtype, mask):
+    B, Hq, Hkv, L, S, D = 2, 8, 2, 33, 70, 128
+    q, k, v = make_inputs(B, Hq, Hkv, L, S, D, dtype, seed=L)
+    rng = np.random.default_rng(1)
+    if mask == "LS-bool":
+        m = rng.random((L, S)) < 0.5
+        m[:, 0] = True
+        mask = mx.array(m)
+    elif mask == "B1LS-additive":
+        mask = mx.array(rng.standard_normal((B, 1, L, S)).astype(np.float32)).astype(dtype)
+    offset = mx.mean(k.astype(mx.float32), axis=2, keepdims=True)
+    smooth = mx.exp(mx.random.normal((B, Hkv, 1, D), key=mx.random.key(3)) * 0.5)
+    kq = quantize(k, 4, offset=offset, channel_scale=smooth)
+    # Values with an offset, and 5-bit values (not a fused-kernel width) without one.
+    for vq in (quantize(v, 3, 1, offset=offset), quantize(v, 5, 1)):
+        out = decoded(q, kq, vq, D**-0.5, mask)
+        assert out.shape == q.shape and out.dtype == dtype
+        ref = attention_reference(q, dequantize(kq), dequantize(vq), D**-0.5, mask)
+        tol = TOLERANCE[dtype]
+        out = np.array(out.astype(mx.float32))
+        np.testing.assert_allclose(out, ref, rtol=tol, atol=tol * np.abs(ref).max())
+
+
+def test_decoded_path_float16_range():
+    # Rotated coordinates of float16 vectors may exceed 65504 (|z_j| <= ||x||): scaled down.
+    D = 128
+    k = mx.full((1, 1, 4, D), 30000.0).astype(mx.float16)
+    v = mx.concatenate([k, -k], axis=2)[:, :, :4]
+    q = mx.ones((1, 1, 2, D), mx.float16) * 1e-4
+    kq, vq = quantize(k, 4), quantize(v, 4)
+    out = decoded(q, kq, vq, D**-0.5, "causal")
+    ref = attention_reference(q, dequantize(kq), dequantize(vq), D**-0.5, "causal")
+    assert np.isfinite(np.array(out.astype(mx.float32))).all()
+    np.testing.assert_allclose(np.array(out.astype(mx.float32)), ref, rtol=3e-3, atol=30)
+
+
+def test_dispatch_paths(monkeypatch):
+    from mlx_tq import attention, kernels
+
+    q1, q9 = mx.zeros((1, 4, 1, 64)), mx.zeros((1, 4, 9, 64))
+    k4, k5 = quantize(mx.ones((1, 2, 10, 64)), 4), quantize(mx.ones((1, 2, 10, 64)), 5)
+    path = attention._path
+    assert path(q1, k4, k4, None) == "reference"  # no GPU here
+    monkeypatch.setattr(kernels, "backend", lambda: "cuda")
+    assert path(q1, k4, k4, None) == "fused"
+    assert path(mx.zeros((1, 4, 8, 64)), k4, k4, "causal") == "fused"
+    assert path(q9, k4, k4, "causal") == "decoded"
+    assert path(q1, k4, k5, None) == "decoded"
+    assert path(q1, k4, k4, mx.ones((1, 10), mx.bool_)) == "decoded"
+    assert path(q1, k4, k4, mx.ones((10,), mx.bool_)) == "reference"
+    assert path(q1, k4.tokens(0, 0), k4.tokens(0, 0), None) == "reference"
