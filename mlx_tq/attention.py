@@ -259,29 +259,73 @@ def _fused_attention(queries, keys, values, scale, causal):
     return out
 
 
-def _rotated_as(t: TurboQuantized, dtype, divisor: float) -> mx.array:
-    """t's vectors in the rotated space, divided by `divisor`, in `dtype` (no offset)."""
-    if t.qjl is not None:
-        return (t.rotated() / divisor).astype(dtype)
-    levels, _ = codebook(t.bits, t.dim)
-    return levels.astype(dtype)[t.indices()] * (t.scales() / divisor).astype(dtype)[..., None]
+def decode_rotated_ops(t: TurboQuantized, dtype, shift: int = 0, offset: bool = False):
+    """Reference of `decode_rotated`, in plain MLX ops."""
+    z = t.rotated()
+    if offset and t.offset is not None:
+        z = z + rotate(t.offset, t.seed)
+    return (z * 2.0**-shift).astype(dtype)
+
+
+def _dequantize_template(dtype, D, bits, shift, offset):
+    """Template constants of dequantize.metal."""
+    return [
+        ("T", dtype),
+        ("D", D),
+        ("BITS", bits),
+        ("W", words_per_row(D, bits) - 1),
+        ("SHIFT", shift),
+        ("OFFSET", offset),
+    ]
+
+
+def decode_rotated(t: TurboQuantized, dtype, shift: int = 0, offset: bool = False) -> mx.array:
+    """t's vectors in the rotated space (plus the rotated offset when `offset`), divided
+    by 2^shift, in `dtype`: (..., S, D). On a GPU one kernel writes `dtype` directly, so
+    the transient is the output alone (the ops hold several uint32 arrays of the same size)."""
+    if (
+        kernels.backend() is None
+        or t.qjl is not None
+        or t.data.ndim != 4
+        or t.data.shape[2] == 0
+        or t.data.size // t.data.shape[-1] * t.dim >= 2**31
+    ):
+        return decode_rotated_ops(t, dtype, shift, offset)
+    B, H, S, D = t.shape
+    with_offset = offset and t.offset is not None
+    off = _zeros(D)
+    if with_offset:
+        off = mx.broadcast_to(rotate(t.offset, t.seed), (B, H, 1, D)).reshape(B * H, D)
+    threads = 32 * -(-D // 32)
+    kernel = kernels.kernel("dequantize", ("data", "levels", "offset"), ("out",), contiguous=False)
+    (out,) = kernel(
+        inputs=[t.data, codebook(t.bits, D)[0], mx.contiguous(off)],
+        template=_dequantize_template(dtype, D, t.bits, shift, with_offset),
+        grid=(threads * B * H * S, 1, 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[(B, H, S, D)],
+        output_dtypes=[dtype],
+    )
+    return out
 
 
 def _decoded_attention(queries, keys, values, scale, mask):
     """`mx.fast.scaled_dot_product_attention` over keys and values decoded in the rotated
     space, in the queries' dtype: for prefill chunks, where the fused kernel (CUDA cores,
-    no tensor cores) is many times slower. Holds one layer's keys and values decoded, not
-    a whole fp16 cache."""
-    B, Hq, L, D = queries.shape
+    no tensor cores) is many times slower. Holds one layer's keys and values decoded (as an
+    fp16 cache would hold them), not a whole fp16 cache."""
+    D = queries.shape[-1]
     dtype = queries.dtype
     # A rotated coordinate is bounded by the vector's norm, so |z_j| <= 65504 sqrt(D) for
     # float16 vectors: decode divided by a power of two >= sqrt(D) (exact), scale back after.
-    c = float(2 ** math.ceil(math.log2(D) / 2)) if dtype == mx.float16 else 1.0
+    shift = math.ceil(math.log2(D) / 2) if dtype == mx.float16 else 0
     q = rotate(_smooth_queries(queries, keys), keys.seed).astype(dtype)
-    k, v = _rotated_as(keys, dtype, c), _rotated_as(values, dtype, c)
-    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale * c, mask=mask)
-    out = unrotate(out, values.seed) * c
-    return _add_value_offset(out, values, Hq // keys.shape[1]).astype(dtype)
+    # Keys without their offset (softmax ignores it); values with it, so that float16 holds
+    # the values themselves, not their small difference from a large mean.
+    k = decode_rotated(keys, dtype, shift)
+    v = decode_rotated(values, dtype, shift, offset=True)
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale * 2**shift, mask=mask)
+    return (unrotate(out, values.seed) * 2**shift).astype(dtype)
 
 
 def _path(queries, keys, values, mask) -> str:

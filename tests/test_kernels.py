@@ -8,8 +8,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_tq import kernels, quantize, scaled_dot_product_attention
-from mlx_tq.attention import _decode_template, scaled_dot_product_attention_ops
+from mlx_tq import dequantize, kernels, quantize, scaled_dot_product_attention
+from mlx_tq.attention import (
+    _decode_template,
+    _dequantize_template,
+    decode_rotated,
+    decode_rotated_ops,
+    scaled_dot_product_attention_ops,
+)
 from mlx_tq.codebook import SUPPORTED_BITS, SUPPORTED_DIMS
 from mlx_tq.quant import _quantize_template, quantize_rows, quantize_rows_ops
 
@@ -46,6 +52,14 @@ SIGNATURES = {
         ],
         [("o", mx.float32), ("ml", mx.float32)],
     ),
+    "dequantize": (
+        [
+            ("data", mx.uint32, 1024),
+            ("levels", mx.float32, 16),
+            ("offset", mx.float32, 1024),
+        ],
+        [("out", None)],
+    ),
     "merge": (
         [
             ("o", mx.float32, 1024),
@@ -74,6 +88,9 @@ def variants():
         for dtype in FLOATS:
             for offset in (False, True):
                 yield "merge", [("D", D), ("T", dtype), ("OFFSET", offset)]
+        for bits in SUPPORTED_BITS:
+            for dtype, shift, offset in ((mx.float16, 4, True), (mx.bfloat16, 0, False)):
+                yield "dequantize", _dequantize_template(dtype, D, bits, shift, offset)
 
 
 def metal_source(i, name, template):
@@ -243,3 +260,25 @@ def test_attention_dispatch(S, G, L):
     else:  # both rounded to float16; L > 8 goes through float16 SDPA on decoded keys/values
         out, ref = out.astype(mx.float32), ref.astype(mx.float32)
         assert (mx.abs(out - ref).max() / mx.abs(ref).max()).item() < (2e-3 if L <= 8 else 6e-3)
+
+
+@pytest.mark.parametrize("D", [64, 80, 128, 256])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_decode_rotated(D, bits):
+    # A view of a larger buffer with an offset, as the prefill path decodes values.
+    offset = rows((2, 3, 1, D), mx.float32, bits)
+    t = quantize(rows((2, 3, 40, D), mx.float16, D), bits, offset=offset).tokens(3, 37)
+    for dtype, shift, with_offset in ((mx.float16, 4, True), (mx.bfloat16, 0, False)):
+        got = decode_rotated(t, dtype, shift, with_offset)
+        ref = decode_rotated_ops(t, dtype, shift, with_offset)
+        assert got.shape == t.shape and got.dtype == dtype
+        if not GPU:
+            assert mx.array_equal(got, ref)
+        else:  # one rounding of dtype apart at most (fused multiply-add)
+            got, ref = got.astype(mx.float32), ref.astype(mx.float32)
+            assert mx.allclose(got, ref, rtol=2.0**-7, atol=0)
+    # In the original space: the dequantised vectors (the offset included).
+    from mlx_tq.rotation import unrotate
+
+    back = unrotate(decode_rotated_ops(t, mx.float32, 0, True), t.seed)
+    assert mx.allclose(back, dequantize(t).astype(mx.float32), atol=2e-3, rtol=2e-3)
