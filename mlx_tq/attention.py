@@ -170,14 +170,15 @@ def scaled_dot_product_attention_ops(
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
 
+@cache
 def _decode_template(dtype, D, key_bits, value_bits, GL, causal, smooth=False):
-    """Template constants of decode_attention.metal."""
+    """Template constants of decode_attention.metal (built once per variant)."""
     wk, wv = words_per_row(D, key_bits) - 1, words_per_row(D, value_bits) - 1
     # Keys per tile, one per thread: the K and V tiles stay within 20 KB of threadgroup memory.
     tile = 128 if (wk + wv + 2) * 128 * 4 <= 20480 else 64
     # Query rows per threadgroup: a lane holds R * ceil(D / 32) accumulators.
     R = min(GL, max(1, 32 // -(-D // 32)))
-    return [
+    return (
         ("T", dtype),
         ("D", D),
         ("KB", key_bits),
@@ -188,7 +189,7 @@ def _decode_template(dtype, D, key_bits, value_bits, GL, causal, smooth=False):
         ("R", R),
         ("CAUSAL", causal),
         ("SMOOTH", smooth),
-    ]
+    )
 
 
 @cache
@@ -214,7 +215,7 @@ def _fused_attention(queries, keys, values, scale, causal):
     GL = Hq // Hkv * L
     smooth = keys.channel_scale is not None
     template = _decode_template(queries.dtype, D, keys.bits, values.bits, GL, causal, smooth)
-    tile, R = dict(template)["TILE"], dict(template)["R"]
+    tile, R = template[6][1], template[7][1]
     blocks = -(-GL // R)
     splits = min(-(-S // tile), max(1, TARGET_GROUPS // (B * Hkv * blocks)))
     attend = kernels.kernel(
@@ -237,7 +238,7 @@ def _fused_attention(queries, keys, values, scale, causal):
             if not smooth
             else mx.broadcast_to(keys.channel_scale.astype(mx.float32), (B, Hkv, 1, D)),
         ],
-        template=template,
+        template=list(template),
         grid=(tile * splits, B * Hkv, blocks),
         threadgroup=(tile, 1, 1),
         output_shapes=[(B * Hkv, splits, GL, D), (B * Hkv, splits, GL, 2)],

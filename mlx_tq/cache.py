@@ -16,7 +16,7 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from .codebook import SUPPORTED_BITS
 from .patch import is_patched, uses_base_attention
-from .quant import TurboQuantized, check_bits, check_input, dequantize, quantize_rows
+from .quant import TurboQuantized, _quantize_rows, check_bits, check_input, dequantize
 from .rotation import check_head_dim
 
 FILE_FORMAT = "mlx_tq.prompt_cache/1"
@@ -88,8 +88,9 @@ class _TurboQuantMixin:
                 "mlx_lm.models.base.scaled_dot_product_attention: this model's attention "
                 "does not go through it, so it cannot use a TurboQuant cache"
             )
-        k = quantize_rows(keys, self.key_bits, self.seed, self.key_offset, self.key_scale)
-        v = quantize_rows(values, self.value_bits, self.seed)
+        # Inputs and bits are checked above and in _setup.
+        k = _quantize_rows(keys, self.key_bits, self.seed, self.key_offset, self.key_scale)
+        v = _quantize_rows(values, self.value_bits, self.seed)
         return k, v
 
     def _set_key_stats(self, offset, scale=None):

@@ -224,16 +224,21 @@ def quantize_rows_ops(
     return mx.concatenate([pack(idx, bits), scales.view(mx.uint32)], axis=-1)
 
 
+# Rows per threadgroup of quantize.metal: they share each read of rt.
+QUANTIZE_ROWS = 4
+
+
+@cache
 def _quantize_template(dtype, dim, bits, scaled=False):
-    """Template constants of quantize.metal: 4 rows per threadgroup share each read of rt."""
-    return [
+    """Template constants of quantize.metal (built once per variant: decode is launch-bound)."""
+    return (
         ("T", dtype),
         ("D", dim),
         ("BITS", bits),
         ("W", words_per_row(dim, bits) - 1),
-        ("ROWS", 4),
+        ("ROWS", QUANTIZE_ROWS),
         ("SCALE", scaled),
-    ]
+    )
 
 
 def _per_run(a, lead, dim):
@@ -250,7 +255,7 @@ def _quantize_rows_kernel(x, bits, seed, offset, channel_scale):
     *lead, dim = x.shape
     n = x.size // dim
     template = _quantize_template(x.dtype, dim, bits, channel_scale is not None)
-    rows, words = dict(template)["ROWS"], dict(template)["W"]
+    words = template[3][1]
     scale = _zeros(dim)  # a placeholder the kernel does not read without SCALE
     if offset is None and channel_scale is None:
         x, offset = x.reshape(1, n, dim), _zeros(dim)
@@ -268,8 +273,8 @@ def _quantize_rows_kernel(x, bits, seed, offset, channel_scale):
     )
     (out,) = kernel(
         inputs=[x, rotation_matrix(dim, seed), levels, bounds, offset, scale],
-        template=template,
-        grid=(threads * -(-n // rows), 1, 1),
+        template=list(template),
+        grid=(threads * -(-n // QUANTIZE_ROWS), 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(*lead, words + 1)],
         output_dtypes=[mx.uint32],
@@ -303,6 +308,11 @@ def quantize_rows(
     """
     check_input(x)
     check_bits(bits)
+    return _quantize_rows(x, bits, seed, offset, channel_scale)
+
+
+def _quantize_rows(x, bits, seed=0, offset=None, channel_scale=None):
+    """`quantize_rows` without the input checks (for callers that made them)."""
     if kernels.backend() is None or x.size == 0:
         return quantize_rows_ops(x, bits, seed, offset, channel_scale)
     return _quantize_rows_kernel(x, bits, seed, offset, channel_scale)

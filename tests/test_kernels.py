@@ -17,7 +17,7 @@ from mlx_tq.attention import (
     scaled_dot_product_attention_ops,
 )
 from mlx_tq.codebook import SUPPORTED_BITS, SUPPORTED_DIMS
-from mlx_tq.quant import _quantize_template, quantize_rows, quantize_rows_ops
+from mlx_tq.quant import _quantize_template, quantize_rows, quantize_rows_ops, words_per_row
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU = kernels.backend() is not None
@@ -282,3 +282,55 @@ def test_decode_rotated(D, bits):
 
     back = unrotate(decode_rotated_ops(t, mx.float32, 0, True), t.seed)
     assert mx.allclose(back, dequantize(t).astype(mx.float32), atol=2e-3, rtol=2e-3)
+
+
+class RecordingKernel:
+    """Stands in for a built kernel on the CPU: records each call, returns zeros."""
+
+    calls = []
+
+    def __init__(self, name):
+        self.name = name
+
+    def __call__(self, inputs, template, grid, threadgroup, output_shapes, output_dtypes, **_):
+        RecordingKernel.calls.append((self.name, inputs, dict(template), grid, threadgroup))
+        return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes, strict=True)]
+
+
+def test_gpu_dispatch_arguments(monkeypatch):
+    """What the GPU path hands the kernels, checked here with a recording stub: the decode
+    step of a smoothed-key cache (values without offset, as the cache stores them)."""
+    from mlx_tq import patch, unpatch
+    from mlx_tq.cache import TurboQuantKVCache
+
+    B, Hq, Hkv, D, S = 2, 8, 2, 128, 300
+    cache = TurboQuantKVCache(4, 3, smooth_keys=0.5)
+    patch()
+    try:
+        cache.update_and_fetch(
+            rows((B, Hkv, S, D), mx.float16, 0), rows((B, Hkv, S, D), mx.float16, 1)
+        )
+        cache._pending = False
+        monkeypatch.setattr(kernels, "backend", lambda: "cuda")
+        monkeypatch.setattr(kernels, "kernel", lambda name, *a, **k: RecordingKernel(name))
+        RecordingKernel.calls.clear()
+        new = rows((B, Hkv, 1, D), mx.float16, 2)
+        keys, values = cache.update_and_fetch(new, new)
+        out = scaled_dot_product_attention(rows((B, Hq, 1, D), mx.float16, 3), keys, values, 0.1)
+        cache._pending = False
+    finally:
+        unpatch()
+    assert out.shape == (B, Hq, 1, D) and out.dtype == mx.float16
+    names = [c[0] for c in RecordingKernel.calls]
+    assert names == ["quantize", "quantize", "decode_attention", "merge"]
+    (_, k_in, k_t, _, _), (_, v_in, v_t, _, _) = RecordingKernel.calls[:2]
+    assert k_t["SCALE"] and not v_t["SCALE"] and k_t["BITS"] == 4 and v_t["BITS"] == 3
+    assert mx.array_equal(k_in[4], cache.key_offset.reshape(-1, D))  # offset rows
+    assert mx.array_equal(k_in[5], cache.key_scale.reshape(-1, D))  # scale rows
+    assert k_t["W"] == words_per_row(D, 4) - 1 and k_t["ROWS"] == 4
+    _, a_in, a_t, a_grid, a_tg = RecordingKernel.calls[2]
+    assert a_t["SMOOTH"] and not a_t["CAUSAL"] and (a_t["KB"], a_t["VB"]) == (4, 3)
+    assert a_in[1].shape[2] == S + 1 and a_grid[1] == B * Hkv and a_tg == (a_t["TILE"], 1, 1)
+    assert mx.array_equal(a_in[7], mx.broadcast_to(cache.key_scale, (B, Hkv, 1, D)))
+    _, m_in, m_t, _, _ = RecordingKernel.calls[3]
+    assert not m_t["OFFSET"]  # values carry no offset: the placeholder must not be read
