@@ -17,6 +17,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from functools import partial
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -498,9 +499,15 @@ def setup_arg_parser():
     att = sub.add_parser("attention", help="decode attention kernels over N keys")
     chk = sub.add_parser("check", help="print the GPU target checks of a generate JSON")
     chk.add_argument("report", help="JSON written by `mlx_tq.bench generate --json`")
-    for p in (gen, att):
-        p.add_argument("--json", default=None, help="Write the results to this JSON file")
-        p.add_argument("--plot", default=None, help="Write a plot to this PNG (needs matplotlib)")
+    for p, mode in ((gen, "generate"), (att, "attention")):
+        p.add_argument(
+            "--json", default=f"bench_{mode}.json", help="Write the results to this JSON file"
+        )
+        p.add_argument(
+            "--plot",
+            default=None,
+            help="Write a plot to this PNG (needs matplotlib; default: the JSON's name, .png)",
+        )
         p.add_argument(
             "--dtype",
             choices=["float16", "bfloat16", "float32"],
@@ -562,8 +569,7 @@ def main(argv=None):
     else:
         report = attention(args)
         print(attention_table(report["results"]))
-    if args.plot:
-        plot(args.plot, report)
+    plot(args.plot or str(Path(args.json).with_suffix(".png")), report)
 
 
 if __name__ == "__main__":

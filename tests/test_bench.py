@@ -116,3 +116,9 @@ def test_check_targets():
 def test_unknown_config_is_refused():
     with pytest.raises(SystemExit, match="unknown configuration 'tq'"):
         bench.main(["generate", "--random-model", "tiny", "--configs", "tq"])
+
+
+def test_plot_defaults_to_the_json_name(tmp_path):
+    run_generate(tmp_path, "--configs", "tq4")
+    assert (tmp_path / "gen.json").exists()
+    assert (tmp_path / "gen.png").exists() == HAS_MATPLOTLIB
