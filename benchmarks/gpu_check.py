@@ -287,6 +287,15 @@ def decode_timings(rng, Ns, Hkv=8, G=4, D=128, batch=10):
     return rows
 
 
+def record(report, name, results, detail):
+    """Stores one check's results, marks the check failed if any case failed, and prints
+    "<name>: <passed>/<cases> ok, <detail>"."""
+    report[name] = results
+    if not all(r["ok"] for r in results):
+        report["failed"].append(name)
+    print(f"{name}: {sum(r['ok'] for r in results)}/{len(results)} ok, {detail}", flush=True)
+
+
 def save(report, out):
     with open(os.path.join(out, "gpu_check.json"), "w") as f:
         json.dump(report, f, indent=1)
@@ -343,14 +352,12 @@ def main():
                     )
                     if not ok:
                         print("FAIL quantize", results[-1], flush=True)
-    report["quantize"] = results
-    if not all(r["ok"] for r in results):
-        report["failed"].append("quantize")
-    print(
-        f"quantize: {sum(r['ok'] for r in results)}/{len(results)} ok, max scale err "
-        f"{max(r['scale_err'] for r in results):.2e}, ties {sum(r['ties'] for r in results)}, "
-        f"{time.time() - t0:.0f} s",
-        flush=True,
+    record(
+        report,
+        "quantize",
+        results,
+        f"max scale err {max(r['scale_err'] for r in results):.2e}, "
+        f"ties {sum(r['ties'] for r in results)}, {time.time() - t0:.0f} s",
     )
 
     results = []
@@ -361,14 +368,7 @@ def main():
                 results.append({"D": D, "bits": bits, "dtype": str(dtype), "ok": ok, **info})
                 if not ok:
                     print("FAIL dequantize", results[-1], flush=True)
-    report["dequantize"] = results
-    if not all(r["ok"] for r in results):
-        report["failed"].append("dequantize")
-    print(
-        f"dequantize: {sum(r['ok'] for r in results)}/{len(results)} ok, max rel err "
-        f"{max(r['err'] for r in results):.2e}",
-        flush=True,
-    )
+    record(report, "dequantize", results, f"max rel err {max(r['err'] for r in results):.2e}")
 
     results = []
     for i, (B, Hkv, G, L, S, D, kb, vb) in enumerate(attention_configs(rng, args.quick)):
@@ -391,16 +391,14 @@ def main():
         )
         if not ok:
             print("FAIL attention", results[-1], flush=True)
-    report["attention"] = results
-    save(report, args.out)
-    if not all(r["ok"] for r in results):
-        report["failed"].append("attention")
-    print(
-        f"attention: {sum(r['ok'] for r in results)}/{len(results)} ok, max err "
-        f"{max(r['err'] for r in results):.2e}, decoded path max err "
+    record(
+        report,
+        "attention",
+        results,
+        f"max err {max(r['err'] for r in results):.2e}, decoded path max err "
         f"{max(r['err_decoded'] for r in results):.2e}, {time.time() - t0:.0f} s",
-        flush=True,
     )
+    save(report, args.out)
 
     ok, info = check_prefill(rng, S=32768, L=2048)
     report["prefill"] = {"ok": ok, **info}

@@ -21,7 +21,7 @@ TARGET_GROUPS = 640
 FUSED_MAX_ROWS = 8
 # Floats per block of scores or accumulators of the reference: 1/16 of the bytes of an
 # fp16 cache of the same keys, clamped. (MLX may still hold all blocks of one lazy graph at
-# once: prefill on a GPU goes through the kernel, whose memory is O(L D).)
+# once; on a GPU the reference runs only for 1-D masks and empty caches.)
 MIN_BLOCK, MAX_BLOCK = 2**18, 2**24
 
 
@@ -47,9 +47,8 @@ def _smooth_queries(queries, keys):
         return queries
     B, Hq, L, D = queries.shape
     Hkv = keys.shape[1]
-    s = keys.channel_scale.astype(queries.dtype)[
-        :, :, None
-    ]  # one op per call: decode is launch-bound
+    # (B, Hkv, 1, D) -> (B, Hkv, 1, 1, D): one multiply over the G query heads of each KV head.
+    s = keys.channel_scale.astype(queries.dtype)[:, :, None]
     return (queries.reshape(B, Hkv, Hq // Hkv, L, D) * s).reshape(B, Hq, L, D)
 
 
