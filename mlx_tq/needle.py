@@ -12,8 +12,10 @@ import re
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 from tqdm import tqdm
 
+from .bench import header
 from .loading import load
 from .patch import patch
 from .perplexity import REFERENCE, parse_config
@@ -125,6 +127,12 @@ def setup_arg_parser():
         help="More configurations: affine<b>, tq<b>, k<b>v<b>",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the pass keys")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="Weights and activations (default: a GGUF's float16 on GPU, float32 on CPU)",
+    )
     parser.add_argument("--json", default=None, help="Also write the results to this file")
     return parser
 
@@ -136,7 +144,7 @@ def main():
         configs = [parse_config(n) for n in dict.fromkeys(names)]
     except ValueError as e:
         raise SystemExit(f"error: {e}") from e
-    model, tokenizer = load(args.model)
+    model, tokenizer = load(args.model, dtype=getattr(mx, args.dtype) if args.dtype else None)
     patch()
     results = run(
         model,
@@ -150,7 +158,9 @@ def main():
     )
     print(format_table(results))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        meta = header("needle", tree_flatten(model.parameters())[0][1].dtype)
+        meta |= {"lengths": args.lengths, "depths": args.depths, "trials": args.trials}
+        Path(args.json).write_text(json.dumps({**meta, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

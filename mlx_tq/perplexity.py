@@ -20,6 +20,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
+from .bench import header
 from .cache import PRESETS, make_prompt_cache
 from .loading import load
 from .patch import patch
@@ -240,6 +241,12 @@ def setup_arg_parser():
         default=DEFAULT_COMPARE,
         help="More configurations: fp16, affine<b> (mlx-lm, group 64), tq<b>, k<b>v<b>[-s<x>]",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="Weights and activations (default: a GGUF's float16 on GPU, float32 on CPU)",
+    )
     parser.add_argument("--json", default=None, help="Also write the results to this file")
     return parser
 
@@ -258,7 +265,7 @@ def main():
     data = Path(args.data) if args.data else default_data_path()
     if not data.is_file():
         raise SystemExit(f"error: no text file at {data}: give one with --data")
-    model, tokenizer = load(args.model)
+    model, tokenizer = load(args.model, dtype=getattr(mx, args.dtype) if args.dtype else None)
     patch()
     num_windows = args.num_windows or None
     if args.max_tokens:
@@ -272,7 +279,9 @@ def main():
     )
     print(format_table(results))
     if args.json:
+        dtype = tree_flatten(model.parameters())[0][1].dtype
         meta = {
+            **header("perplexity", dtype),
             "model": args.model or "gemma3-270m",
             "data": str(data),
             "window": args.window,

@@ -88,10 +88,13 @@ def test_parse_config_errors():
 def test_cli_json(model, tmp_path, monkeypatch, capsys):
     data, out = tmp_path / "text.txt", tmp_path / "out.json"
     data.write_text("The quick brown fox jumps over the lazy dog. " * 20)
-    monkeypatch.setattr(perplexity, "load", lambda path: (model, ByteTokenizer()))
+    asked = []
+    monkeypatch.setattr(
+        perplexity, "load", lambda path, dtype=None: asked.append(dtype) or (model, ByteTokenizer())
+    )
     argv = ["mlx_tq.perplexity", "--data", str(data), "--window", "32", "--num-windows", "2"]
     argv += ["--chunk-size", "8", "--kv-bits", "4", "--kv-key-bits", "5", "--kv-value-bits", "3"]
-    argv += ["--compare", "affine4", "--json", str(out)]
+    argv += ["--compare", "affine4", "--dtype", "float32", "--json", str(out)]
     monkeypatch.setattr(sys, "argv", argv)
     was_patched = is_patched()
     try:
@@ -101,6 +104,8 @@ def test_cli_json(model, tmp_path, monkeypatch, capsys):
             mlx_tq.unpatch()
     r = json.loads(out.read_text())
     assert r["window"] == 32 and r["num_windows"] == 2 and r["chunk_size"] == 8
+    assert asked == [mx.float32] and r["dtype"] == "float32" and r["mode"] == "perplexity"
+    assert {"date", "device", "mlx", "mlx_lm"} <= set(r)
     assert list(r["results"]) == ["fp16", "tq4", "k5v3", "affine4"]
     fields = {"ppl", "ppl_se", "delta_ppl", "delta_ppl_se", "kl", "kl_se", "top1"}
     for v in r["results"].values():
