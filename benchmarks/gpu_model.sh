@@ -4,12 +4,15 @@
 # the two MLX-CUDA uploads (../shared/gpu/README.md) and four calls of their own.
 #   here:     bash benchmarks/gpu_model.sh prepare     -> .gpu/m0 ... .gpu/m5 (git-ignored)
 #   there:    bash benchmarks/gpu_model.sh stash .gpu/mK   (each call, carrying .gpu/mK)
-#   there:    bash benchmarks/gpu_model.sh join        -> prints the GGUF's path, sha256 checked
-# Then, e.g.: python3 -m mlx_tq.perplexity --model "$(bash benchmarks/gpu_model.sh join)" \
+#   there:    bash benchmarks/gpu_model.sh model       -> prints an mlx-lm folder (float32)
+# Then, e.g.: python3 -m mlx_tq.perplexity --model "$(bash benchmarks/gpu_model.sh model)" \
 #               --data /opt/mlx-stash/gemma/wiki.test.raw --dtype float32 ...
+# The tokenizer is converted here and travels (xz, 3.5 MB): the GPU machine's transformers
+# (5.17) has no GGUF tokenizer converter for gemma3.
 set -euo pipefail
 stash=${GPU_MODEL_STASH:-/opt/mlx-stash/gemma}
 gguf=${GPU_MODEL_GGUF:-/tmp/gemma-3-270m-q4_k_m.gguf}
+folder=${GPU_MODEL_FOLDER:-/tmp/gemma-3-270m-mlx}
 case "${1:-}" in
   prepare)
     root=$(git rev-parse --show-toplevel)
@@ -24,6 +27,8 @@ case "${1:-}" in
     for i in 0 1 2 3; do piece ".gpu/m$((i + 2))/gguf.part$((i + 2))" $((38500000 + i * rest)) "$rest"; done
     (cd "$(dirname "$src")" && sha256sum "$(basename "$src")") > .gpu/m0/gguf.sha256
     cp "$data" .gpu/m0/wiki.test.raw
+    converted=$(python -c "from mlx_tq.loading import convert_gguf; print(convert_gguf('$src'))")
+    tar -C "$converted" -cJf .gpu/m2/tokenizer.tar.xz tokenizer.json tokenizer_config.json
     # mlx_tq converts the GGUF there: the gguf reader is the one package the machine lacks.
     python -m pip download -q --no-deps -d .gpu/m1 gguf
     du -b .gpu/m[0-5] ;;
@@ -35,6 +40,21 @@ case "${1:-}" in
       fi
     done
     ls "$stash" ;;
+  model)
+    if [ ! -f "$folder/config.json" ]; then
+      src=$(bash "$0" join)
+      mkdir -p "$folder.tmp" && tar -C "$folder.tmp" -xJf "$stash"/tokenizer.tar.xz
+      python3 - "$src" "$folder.tmp" >&2 <<'PY'
+import json, sys
+import gguf, mlx.core as mx
+from mlx_tq.loading import convert_weights
+config, weights = convert_weights(gguf.GGUFReader(sys.argv[1]), mx.float32)
+mx.save_safetensors(f"{sys.argv[2]}/model.safetensors", weights, {"format": "mlx"})
+open(f"{sys.argv[2]}/config.json", "w").write(json.dumps(config, indent=2))
+PY
+      mv "$folder.tmp" "$folder"
+    fi
+    echo "$folder" ;;
   join)
     if [ ! -f "$gguf" ]; then
       cat "$stash"/gguf.part0 "$stash"/gguf.part1 "$stash"/gguf.part2 "$stash"/gguf.part3 \
@@ -43,5 +63,5 @@ case "${1:-}" in
       mv "$gguf.tmp" "$gguf"
     fi
     echo "$gguf" ;;
-  *) echo "usage: gpu_model.sh prepare | stash DIR | join"; exit 2 ;;
+  *) echo "usage: gpu_model.sh prepare | stash DIR | join | model"; exit 2 ;;
 esac
