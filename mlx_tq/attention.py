@@ -326,11 +326,12 @@ def _decoded_attention(queries, keys, values, scale, mask):
     v = decode_rotated(values, dtype, shift, offset=True)
     out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale * 2**shift, mask=mask)
     out = (unrotate(out, values.seed) * 2**shift).astype(dtype)
-    # mlx-lm evaluates a prefill chunk's graph of all layers at once, and MLX may then hold
-    # many layers' temporaries together: 12-16 GB above the cache at 8-32K tokens of
-    # Llama-3.1-8B's shape on an H100, 0.6-1.3 GB when each layer's attention is scheduled
-    # as it is built (benchmarks/prefill_memory.py; fp16 caches show the same, 7-11 GB).
-    mx.async_eval(out)
+    # mlx-lm evaluates a prefill chunk's graph of all layers at once; MLX encodes it ahead of
+    # the GPU and frees buffers as command buffers complete, so every layer's temporaries can
+    # be held together: 9-16 GB above the cache at 8-32K tokens of Llama-3.1-8B's shape on an
+    # H100 (fp16 caches: 3-11 GB), 0.6-1.3 GB when each layer's attention is waited for, at
+    # ~8% of prefill time (benchmarks/prefill_memory.py; mx.async_eval alone did not help).
+    mx.eval(out)
     return out
 
 
