@@ -329,8 +329,8 @@ def _decoded_attention(queries, keys, values, scale, mask):
     # mlx-lm evaluates a prefill chunk's graph of all layers at once; MLX encodes it ahead of
     # the GPU and frees buffers as command buffers complete, so every layer's temporaries can
     # be held together: 9-16 GB above the cache at 8-32K tokens of Llama-3.1-8B's shape on an
-    # H100 (fp16 caches: 3-11 GB), 0.6-1.3 GB when each layer's attention is waited for, at
-    # ~8% of prefill time (benchmarks/prefill_memory.py; mx.async_eval alone did not help).
+    # H100 (fp16 caches: 3-11 GB), 0.6-0.7 GB when each layer's attention is waited for; prefill
+    # time moved within run-to-run spread (benchmarks/prefill_memory.py; mx.async_eval: 9-12 GB).
     mx.eval(out)
     return out
 
