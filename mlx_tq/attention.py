@@ -39,6 +39,8 @@ def _check_inputs(queries, keys, values):
         raise ValueError(f"{Hq} query heads are not a multiple of {keys.shape[1]} key/value heads")
     if values.channel_scale is not None:
         raise ValueError("channel_scale is supported for keys only, not for values")
+    if (keys.sink is None) != (values.sink is None):
+        raise ValueError("keys and values must both have an exact sink row or neither")
 
 
 def _smooth_queries(queries, keys):
@@ -207,10 +209,20 @@ def _unrotation(dim, seed):
     return mx.contiguous(rotation_matrix(dim, seed).T)
 
 
+def _sink_rows(t, B, Hkv, D):
+    return mx.contiguous(mx.broadcast_to(t.sink.astype(mx.float32), (B, Hkv, 1, D))).reshape(-1, D)
+
+
 def _fused_attention(queries, keys, values, scale, causal):
     """The split-K kernel, then the merge kernel that also rotates back; (B, Hq, L, D)."""
     B, Hq, L, D = queries.shape
     Hkv, S = keys.shape[1:3]
+    sink = keys.sink is not None
+    kdata, vdata = keys.data, values.data
+    if sink:
+        # Row 0 is exact: the split kernel reads rows 1.. in place and the merge adds row 0
+        # (causal stays right: query i sees stored rows <= S - L + i, the sink always).
+        kdata, vdata, S = kdata[:, :, 1:], vdata[:, :, 1:], S - 1
     GL = Hq // Hkv * L
     smooth = keys.channel_scale is not None
     template = _decode_template(queries.dtype, D, keys.bits, values.bits, GL, causal, smooth)
@@ -223,19 +235,22 @@ def _fused_attention(queries, keys, values, scale, causal):
         ("o", "ml"),
         contiguous=False,
     )
+    # Smoothed keys: the kernels multiply the queries by the channel scale.
+    qscale = (
+        _ones4(D)
+        if not smooth
+        else mx.broadcast_to(keys.channel_scale.astype(mx.float32), (B, Hkv, 1, D))
+    )
     o, ml = attend(
         inputs=[
             queries,
-            keys.data,
-            values.data,
+            kdata,
+            vdata,
             rotation_matrix(D, keys.seed),
             _scalar(float(scale)),
             codebook(keys.bits, D)[0],
             codebook(values.bits, D)[0],
-            # Smoothed keys: the kernel multiplies the queries by the channel scale.
-            _ones4(D)
-            if not smooth
-            else mx.broadcast_to(keys.channel_scale.astype(mx.float32), (B, Hkv, 1, D)),
+            qscale,
         ],
         template=list(template),
         grid=(tile * splits, B * Hkv, blocks),
@@ -243,14 +258,33 @@ def _fused_attention(queries, keys, values, scale, causal):
         output_shapes=[(B * Hkv, splits, GL, D), (B * Hkv, splits, GL, 2)],
         output_dtypes=[mx.float32, mx.float32],
     )
-    merge = kernels.kernel("merge", ("o", "ml", "rt_t", "offset"), ("out",))
+    merge = kernels.kernel(
+        "merge", ("o", "ml", "rt_t", "offset", "q", "sk", "sv", "qscale", "scale"), ("out",)
+    )
     offset = _zeros(D)
     if values.offset is not None:
         offset = mx.broadcast_to(values.offset.astype(mx.float32), (B, Hkv, 1, D))
+    # Placeholders, not read without SINK (and qscale without SMOOTH).
+    sink_inputs = [_zeros(D)] * 4
+    if sink:
+        sink_inputs = [
+            queries,
+            _sink_rows(keys, B, Hkv, D),
+            _sink_rows(values, B, Hkv, D),
+            _zeros(D),
+        ]
+        if smooth:
+            sink_inputs[3] = mx.contiguous(qscale).reshape(-1, D)
     threads = 32 * -(-D // 32)
     (out,) = merge(
-        inputs=[o, ml, _unrotation(D, values.seed), offset],
-        template=[("T", queries.dtype), ("D", D), ("OFFSET", values.offset is not None)],
+        inputs=[o, ml, _unrotation(D, values.seed), offset, *sink_inputs, _scalar(float(scale))],
+        template=[
+            ("T", queries.dtype),
+            ("D", D),
+            ("OFFSET", values.offset is not None),
+            ("SINK", sink),
+            ("SMOOTH", sink and smooth),
+        ],
         grid=(threads * B * Hkv * GL, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(B, Hq, L, D)],
@@ -306,6 +340,12 @@ def decode_rotated(t: TurboQuantized, dtype, shift: int = 0, offset: bool = Fals
         output_shapes=[(B, H, S, D)],
         output_dtypes=[dtype],
     )
+    if t.sink is not None:
+        z = rotate(t.sink, t.seed)
+        if with_offset:
+            z = z + rotate(t.offset, t.seed)
+        z = mx.broadcast_to(z * 2.0**-shift, (B, H, 1, D)).astype(dtype)
+        out = mx.concatenate([z, out[:, :, 1:]], axis=2)
     return out
 
 
@@ -337,7 +377,7 @@ def _decoded_attention(queries, keys, values, scale, mask):
 
 def _path(queries, keys, values, mask) -> str:
     """Which implementation runs: 'fused', 'decoded' or 'reference'."""
-    if kernels.backend() is None or keys.shape[2] == 0:
+    if kernels.backend() is None or keys.shape[2] <= (0 if keys.sink is None else 1):
         return "reference"
     causal_or_none = mask is None or (isinstance(mask, str) and mask == "causal")
     if (

@@ -20,10 +20,11 @@ from .quant import TurboQuantized, _quantize_rows, check_bits, check_input, dequ
 from .rotation import check_head_dim
 
 FILE_FORMAT = "mlx_tq.prompt_cache/1"
-# kv_bits budget -> (key_bits, value_bits, smooth_keys). On Gemma-3-270M key smoothing 0.5
-# beat every key/value split at the same bits (K4/V4-s0.5 KL 0.026 vs K5/V3 0.038; K3/V3-s0.5
-# 0.113 vs K4/V2 0.151: benchmarks/RESULTS.md, issue 5), and 2-4 bits run on the fused kernel.
-PRESETS = {b: (b, b, 0.5) for b in SUPPORTED_BITS}
+# kv_bits budget -> (key_bits, value_bits, smooth_keys, exact_sink). On Gemma-3-270M key
+# smoothing 0.5 beat every key/value split at the same bits (K4/V4-s0.5 KL 0.026 vs K5/V3
+# 0.038; K3/V3-s0.5 0.113 vs K4/V2 0.151: benchmarks/RESULTS.md, issue 5), and 2-4 bits run
+# on the fused kernel.
+PRESETS = {b: (b, b, 0.5, False) for b in SUPPORTED_BITS}
 
 
 class _TurboQuantMixin:
@@ -37,11 +38,13 @@ class _TurboQuantMixin:
     def merge(self):
         raise AttributeError("TurboQuant caches do not support batch merging")
 
-    def _setup(self, key_bits, value_bits, seed, center_keys, smooth_keys=0.0):
+    def _setup(self, key_bits, value_bits, seed, center_keys, smooth_keys=0.0, exact_sink=False):
         check_bits(key_bits, "key_bits")
         check_bits(value_bits, "value_bits")
         self.key_bits, self.value_bits = key_bits, value_bits
         self.seed, self.center_keys, self.smooth_keys = seed, center_keys, smooth_keys
+        self.exact_sink = exact_sink
+        self.sink_keys = self.sink_values = None
         self._set_key_stats(None)
         self.head_dim = None
         self.dtype = None
@@ -102,16 +105,52 @@ class _TurboQuantMixin:
     def _wrap(self, k, v):
         dtype = getattr(mx, self.dtype)
         keys = TurboQuantized(
-            k, self.key_bits, self.head_dim, self.seed, dtype, self.key_offset, None, self.key_scale
+            k,
+            self.key_bits,
+            self.head_dim,
+            self.seed,
+            dtype,
+            self.key_offset,
+            None,
+            self.key_scale,
+            self.sink_keys,
         )
-        values = TurboQuantized(v, self.value_bits, self.head_dim, self.seed, dtype)
+        values = TurboQuantized(
+            v, self.value_bits, self.head_dim, self.seed, dtype, sink=self.sink_values
+        )
         if is_patched():
             self._pending = True
             return keys, values
         return dequantize(keys), dequantize(values)
 
+    def _capture_sink(self, keys, values):
+        """Keeps the first token's key and value exact, in the stored space (the key
+        centred and smoothed as the packed rows are): attention reads them for row 0."""
+        k = keys[:, :, :1].astype(mx.float32) - self.key_offset
+        self.sink_keys = k if self.key_scale is None else k / self.key_scale
+        self.sink_values = values[:, :, :1].astype(mx.float32)
+
+    def _sink_held(self, prev_offset: int) -> bool:
+        """Whether the first token is still row 0 after an update that started at prev_offset."""
+        return True
+
     def update_and_fetch(self, keys, values):
-        return self._wrap(*super().update_and_fetch(*self._encode(keys, values)))
+        prev = self.offset
+        k, v = self._encode(keys, values)
+        if self.exact_sink and prev == 0:
+            self._capture_sink(keys, values)
+        k, v = super().update_and_fetch(k, v)
+        if self.sink_keys is not None and not self._sink_held(prev):
+            self.sink_keys = self.sink_values = None  # the first token left the window
+        return self._wrap(k, v)
+
+    def _sinks(self):
+        return () if self.sink_keys is None else (self.sink_keys, self.sink_values)
+
+    def _set_stats_and_sinks(self, rest):
+        n = 2 if self.smooth_keys else 1  # key offset, and the channel scale when smoothing
+        self._set_key_stats(*rest[:n])
+        self.sink_keys, self.sink_values = rest[n:] if len(rest) > n else (None, None)
 
     def _meta(self):
         return (
@@ -122,12 +161,14 @@ class _TurboQuantMixin:
             str(self.head_dim),
             str(self.dtype),
             str(self.smooth_keys),
+            str(int(self.exact_sink)),
         )
 
     def _set_meta(self, v):
-        kb, vb, seed, center, head_dim, dtype, *smooth = v
-        smooth = float(smooth[0]) if smooth else 0.0
-        self._setup(int(kb), int(vb), int(seed), bool(int(center)), smooth)
+        kb, vb, seed, center, head_dim, dtype, *more = v
+        smooth = float(more[0]) if more else 0.0
+        sink = bool(int(more[1])) if len(more) > 1 else False
+        self._setup(int(kb), int(vb), int(seed), bool(int(center)), smooth, sink)
         self.head_dim = None if head_dim == "None" else int(head_dim)
         self.dtype = None if dtype == "None" else dtype
 
@@ -142,7 +183,7 @@ class _TurboQuantMixin:
     def nbytes(self):
         if self.keys is None:
             return 0
-        extra = 0 if self.key_scale is None else self.key_scale.nbytes
+        extra = sum(a.nbytes for a in (self.key_scale, *self._sinks()) if a is not None)
         return self.keys.nbytes + self.values.nbytes + self.key_offset.nbytes + extra
 
 
@@ -155,6 +196,8 @@ class TurboQuantKVCache(_TurboQuantMixin, KVCache):
         center_keys: Store keys minus their per-head mean (free at attention time).
         smooth_keys: If > 0, divide centred keys by std^smooth_keys per channel (from the
             first update) before quantising; attention multiplies the queries by the same scale.
+        exact_sink: Keep the first token's key and value exact (float32, 2 x D floats per
+            head): the attention sink (BOS) most heads attend to is never quantised.
     """
 
     def __init__(
@@ -164,21 +207,22 @@ class TurboQuantKVCache(_TurboQuantMixin, KVCache):
         seed: int = 0,
         center_keys: bool = True,
         smooth_keys: float = 0.0,
+        exact_sink: bool = False,
     ):
         super().__init__()
-        self._setup(key_bits, value_bits, seed, center_keys, smooth_keys)
+        self._setup(key_bits, value_bits, seed, center_keys, smooth_keys, exact_sink)
 
     @property
     def state(self):
         if self.keys is None:
             return []
         n = self.offset
-        return self.keys[..., :n, :], self.values[..., :n, :], *self._key_stats()
+        return self.keys[..., :n, :], self.values[..., :n, :], *self._key_stats(), *self._sinks()
 
     @state.setter
     def state(self, v):
-        self.keys, self.values, *stats = v if v else (None, None, None)
-        self._set_key_stats(*stats)
+        self.keys, self.values, *rest = v if v else (None, None, None)
+        self._set_stats_and_sinks(rest)
         self.offset = 0 if self.keys is None else self.keys.shape[2]
 
     @property
@@ -197,7 +241,9 @@ class TurboQuantRotatingKVCache(_TurboQuantMixin, RotatingKVCache):
     Args:
         max_size: Tokens kept (the window).
         keep: Leading tokens never evicted.
-        key_bits, value_bits, seed, center_keys, smooth_keys: As for `TurboQuantKVCache`.
+        key_bits, value_bits, seed, center_keys, smooth_keys, exact_sink: As for
+            `TurboQuantKVCache`; the exact sink is dropped once the first token leaves the
+            window (unless `keep` holds it).
     """
 
     def __init__(
@@ -209,20 +255,26 @@ class TurboQuantRotatingKVCache(_TurboQuantMixin, RotatingKVCache):
         seed: int = 0,
         center_keys: bool = True,
         smooth_keys: float = 0.0,
+        exact_sink: bool = False,
     ):
         super().__init__(max_size, keep)
-        self._setup(key_bits, value_bits, seed, center_keys, smooth_keys)
+        self._setup(key_bits, value_bits, seed, center_keys, smooth_keys, exact_sink)
+
+    def _sink_held(self, prev_offset: int) -> bool:
+        # mlx-lm keeps the first `keep` tokens; otherwise token 0 is row 0 (slot 0, or the
+        # oldest row after a multi-token trim) until an update starts at offset max_size.
+        return self.keep >= 1 or prev_offset < self.max_size
 
     @property
     def state(self):
         if self.keys is None:
             return []
-        return self.keys, self.values, *self._key_stats()
+        return self.keys, self.values, *self._key_stats(), *self._sinks()
 
     @state.setter
     def state(self, v):
-        self.keys, self.values, *stats = v if v else (None, None, None)
-        self._set_key_stats(*stats)
+        self.keys, self.values, *rest = v if v else (None, None, None)
+        self._set_stats_and_sinks(rest)
 
     @property
     def meta_state(self):
@@ -244,6 +296,7 @@ def make_prompt_cache(
     seed: int = 0,
     center_keys: bool = True,
     smooth_keys: float | None = None,
+    exact_sink: bool | None = None,
 ) -> list:
     """Builds the model's cache with TurboQuant layers, like mlx-lm's `make_prompt_cache`.
 
@@ -260,16 +313,19 @@ def make_prompt_cache(
         seed: Rotation seed.
         center_keys: Store keys minus their per-head mean.
         smooth_keys: Per-channel key smoothing exponent (0: off; default: the preset).
+        exact_sink: Keep each layer's first token (the attention sink) exact (default: the
+            preset).
 
     Returns:
         A list with one cache per layer.
     """
     if kv_bits not in PRESETS:
         raise ValueError(f"kv_bits={kv_bits} is not supported: choose one of {tuple(PRESETS)}")
-    kb, vb, smooth = PRESETS[kv_bits]
+    kb, vb, smooth, sink = PRESETS[kv_bits]
     kb = kb if key_bits is None else key_bits
     vb = vb if value_bits is None else value_bits
     smooth_keys = smooth if smooth_keys is None else smooth_keys
+    exact_sink = sink if exact_sink is None else exact_sink
     check_bits(kb, "key_bits")
     check_bits(vb, "value_bits")
     if not uses_base_attention(model):
@@ -290,7 +346,12 @@ def make_prompt_cache(
             for c in caches
         ]
     options = dict(
-        key_bits=kb, value_bits=vb, seed=seed, center_keys=center_keys, smooth_keys=smooth_keys
+        key_bits=kb,
+        value_bits=vb,
+        seed=seed,
+        center_keys=center_keys,
+        smooth_keys=smooth_keys,
+        exact_sink=exact_sink,
     )
     out = []
     for c in caches:

@@ -64,21 +64,24 @@ def parse_config(name: str, **options) -> Config:
         name: ``fp16`` (mlx-lm's plain caches, in the model's dtype), ``affine<b>`` (mlx-lm's
             ``QuantizedKVCache``, group 64), ``tq<b>`` (the `PRESETS` entry for ``kv_bits=b``)
             or ``k<kb>v<vb>`` (TurboQuant with those key and value bits, no smoothing); the
-            last two take a suffix ``-s<x>`` for ``smooth_keys=x``.
+            last two take a suffix ``-s<x>`` for ``smooth_keys=x``, then ``-sink`` or
+            ``-nosink`` for ``exact_sink`` (``k<kb>v<vb>``: no sink unless it says so).
         **options: Passed to `make_prompt_cache` for the TurboQuant names.
     """
     if name == REFERENCE:
         return Config(name, lm_cache.make_prompt_cache)
     if m := re.fullmatch(r"affine(\d)", name):
         return Config(name, lambda model: _affine_cache(model, int(m[1])))
-    if m := re.fullmatch(r"(?:tq(\d)|k(\d)v(\d))(?:-s([\d.]+))?", name):
+    if m := re.fullmatch(r"(?:tq(\d)|k(\d)v(\d))(?:-s([\d.]+))?(?:-(sink|nosink))?", name):
         bits = dict(kv_bits=int(m[1])) if m[1] else dict(key_bits=int(m[2]), value_bits=int(m[3]))
         if m[4] or m[2]:  # k<kb>v<vb> names the plain split unless it says -s<x>
             options = {**options, "smooth_keys": float(m[4] or 0)}
+        if m[5] or m[2]:
+            options = {**options, "exact_sink": m[5] == "sink"}
         return Config(name, lambda model: make_prompt_cache(model, **bits, **options))
     raise ValueError(
         f"unknown configuration {name!r}: use fp16, affine<b>, tq<b> or k<b>v<b>, "
-        "the last two optionally with -s<smooth_keys>"
+        "the last two optionally with -s<smooth_keys> and -sink / -nosink"
     )
 
 

@@ -69,6 +69,10 @@ class TurboQuantized:
             the float32 residual norm (QJL, the paper's Q_prod; off by default).
         channel_scale: optional float32 (..., 1, D) the vectors were divided by, per
             channel, after the offset: x = s * (R^T z) + offset.
+        sink: optional float32 (..., 1, D): the first vector along the sequence axis, kept
+            exact in the stored space ((x_0 - offset) / s, before the rotation); row 0 of
+            `data` is read as this vector (an attention sink such as BOS keeps its key and
+            value exactly). Carried by views that start at row 0.
     """
 
     data: mx.array
@@ -79,6 +83,7 @@ class TurboQuantized:
     offset: mx.array | None = None
     qjl: mx.array | None = None
     channel_scale: mx.array | None = None
+    sink: mx.array | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -86,7 +91,7 @@ class TurboQuantized:
 
     @property
     def nbytes(self) -> int:
-        extra = (self.offset, self.qjl, self.channel_scale)
+        extra = (self.offset, self.qjl, self.channel_scale, self.sink)
         return self.data.nbytes + sum(a.nbytes for a in extra if a is not None)
 
     def indices(self) -> mx.array:
@@ -99,12 +104,16 @@ class TurboQuantized:
         """(..., D) float32 reconstruction in the rotated space, without the offset."""
         levels, _ = codebook(self.bits, self.dim)
         z = levels[self.indices()] * self.scales()[..., None]
-        return z if self.qjl is None else z + _qjl_rotated(self)
+        z = z if self.qjl is None else z + _qjl_rotated(self)
+        if self.sink is not None and z.shape[-2] > 0:
+            z = mx.concatenate([rotate(self.sink, self.seed), z[..., 1:, :]], axis=-2)
+        return z
 
     def tokens(self, start: int, stop: int) -> "TurboQuantized":
         """The vectors [start, stop) along the sequence axis -2."""
         qjl = None if self.qjl is None else self.qjl[..., start:stop, :]
-        return replace(self, data=self.data[..., start:stop, :], qjl=qjl)
+        sink = self.sink if start == 0 else None
+        return replace(self, data=self.data[..., start:stop, :], qjl=qjl, sink=sink)
 
 
 def check_bits(bits: int, name: str = "bits"):

@@ -66,6 +66,11 @@ SIGNATURES = {
             ("ml", mx.float32, 1024),
             ("rt_t", mx.float32, 1024),
             ("offset", mx.float32, 1024),
+            ("q", None, 1024),
+            ("sk", mx.float32, 1024),
+            ("sv", mx.float32, 1024),
+            ("qscale", mx.float32, 1024),
+            ("scale", mx.float32, 1),
         ],
         [("out", None)],
     ),
@@ -86,8 +91,13 @@ def variants():
                         _decode_template(dtype, D, bits, value_bits, GL, causal, causal),
                     )
         for dtype in FLOATS:
-            for offset in (False, True):
-                yield "merge", [("D", D), ("T", dtype), ("OFFSET", offset)]
+            for offset, sink, smooth in (
+                (False, False, False),
+                (True, True, False),
+                (False, True, True),
+            ):
+                template = [("OFFSET", offset), ("SINK", sink), ("SMOOTH", smooth)]
+                yield "merge", [("D", D), ("T", dtype), *template]
         for bits in SUPPORTED_BITS:
             for dtype, shift, offset in ((mx.float16, 4, True), (mx.bfloat16, 0, False)):
                 yield "dequantize", _dequantize_template(dtype, D, bits, shift, offset)
