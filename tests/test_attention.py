@@ -183,3 +183,43 @@ def test_dispatch_paths(monkeypatch):
     assert path(q1, k4, k4, mx.ones((1, 10), mx.bool_)) == "decoded"
     assert path(q1, k4, k4, mx.ones((10,), mx.bool_)) == "reference"
     assert path(q1, k4.tokens(0, 0), k4.tokens(0, 0), None) == "reference"
+
+
+def with_sink(t, x):
+    """t with row 0 exact: x's first vector in t's stored space (as the cache keeps it)."""
+    from dataclasses import replace
+
+    u = x[..., :1, :].astype(mx.float32)
+    if t.offset is not None:
+        u = u - t.offset
+    if t.channel_scale is not None:
+        u = u / t.channel_scale
+    return replace(t, sink=u)
+
+
+@pytest.mark.parametrize("S, L", [(1, 1), (2, 2), (33, 1), (33, 5), (300, 8)])
+def test_exact_sink(S, L):
+    B, Hq, Hkv, D = 2, 8, 2, 128
+    q, k, v = make_inputs(B, Hq, Hkv, L, S, D, seed=S + L)
+    offset = mx.mean(k, axis=2, keepdims=True)
+    smooth = mx.exp(mx.random.normal((B, Hkv, 1, D), key=mx.random.key(5)) * 0.5)
+    kq = quantize(k, 3, offset=offset, channel_scale=smooth)
+    vq = quantize(v, 2, 1)
+    ks, vs = with_sink(kq, k), with_sink(vq, v)
+    # Row 0 as given, the others as quantised: built without the sink code.
+    kd, vd = np.array(dequantize(kq)), np.array(dequantize(vq))
+    kd[:, :, 0], vd[:, :, 0] = np.array(k[:, :, 0]), np.array(v[:, :, 0])
+    np.testing.assert_allclose(np.array(dequantize(ks)), kd, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.array(dequantize(vs)), vd, rtol=1e-5, atol=1e-5)
+    mask = "causal" if L > 1 else None
+    ref = attention_reference(q, mx.array(kd), mx.array(vd), D**-0.5, mask)
+    for out in (
+        scaled_dot_product_attention(q, ks, vs, D**-0.5, mask),
+        scaled_dot_product_attention(q, ks, vs, D**-0.5, mask, chunk_size=7),
+        decoded(q, ks, vs, D**-0.5, mask),
+    ):
+        np.testing.assert_allclose(np.array(out), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    assert ks.tokens(0, S).sink is ks.sink and ks.tokens(1, S).sink is None
+    assert ks.nbytes == kq.nbytes + 4 * B * Hkv * D
+    with pytest.raises(ValueError, match="both have an exact sink row or neither"):
+        scaled_dot_product_attention(q, ks, vq, D**-0.5, mask)

@@ -43,11 +43,11 @@ FAMILIES = ["llama", "qwen2", "gemma3"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("smooth", [0.0, 0.5])
-def test_fused_path_adds_no_error(family, smooth, patched):
+@pytest.mark.parametrize("smooth, sink", [(0.0, False), (0.5, False), (0.5, True)])
+def test_fused_path_adds_no_error(family, smooth, sink, patched):
     # Unpatched, the cache hands dequantised K/V to mlx-lm's own attention: same numbers.
     model = tiny_model(family)
-    options = dict(key_bits=4, value_bits=4, smooth_keys=smooth)
+    options = dict(key_bits=4, value_bits=4, smooth_keys=smooth, exact_sink=sink)
     fused = run(model, mlx_tq.make_prompt_cache(model, **options), TOKENS, 7)
     mlx_tq.unpatch()
     plain = run(model, mlx_tq.make_prompt_cache(model, **options), TOKENS, 7)
@@ -81,13 +81,48 @@ def test_chunked_prefill_equals_one_chunk(family, patched):
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_trim_then_refeed(family, patched):
     model = tiny_model(family)
-    cache = mlx_tq.make_prompt_cache(model)
+    cache = mlx_tq.make_prompt_cache(model, exact_sink=True)
     first = run(model, cache, TOKENS[:, :40], 8)
+    sink = cache[0].sink_keys
     assert all(c.is_trimmable() for c in cache)
     assert mlx_tq.cache.lm_cache.trim_prompt_cache(cache, 10) == 10
-    assert cache[0].offset == 30
+    assert cache[0].offset == 30 and cache[0].sink_keys is sink
     again = model(TOKENS[:, 30:40], cache=cache)
     assert rel_rms(again, first[:, 30:40]) < 1e-5
+    # Trimmed to nothing, the next first token becomes the sink (stored with the key stats
+    # frozen at the first update, so compare it in the original space).
+    mlx_tq.cache.lm_cache.trim_prompt_cache(cache, 40)
+    fresh = mlx_tq.make_prompt_cache(model, exact_sink=True)
+    model(TOKENS[:, 5:12], cache=cache), model(TOKENS[:, 5:12], cache=fresh)
+    a, b = (c[0].sink_keys * c[0].key_scale + c[0].key_offset for c in (cache, fresh))
+    assert mx.allclose(a, b, atol=1e-5) and not mx.allclose(a, sink * cache[0].key_scale)
+
+
+@pytest.mark.parametrize("keep", [0, 1])
+@pytest.mark.parametrize("chunks", [[1] * 14, [3, 1, 1, 1, 1, 1, 1, 1, 3, 2], [5, 4, 6]])
+def test_exact_sink_follows_the_window(keep, chunks, patched):
+    """The sink is offered exactly while mlx-lm's RotatingKVCache still returns token 0,
+    as row 0; through its in-place (one token) and concatenating (several) updates."""
+    B, H, D, window = 1, 2, 64, 8
+    ours = TurboQuantRotatingKVCache(window, keep, key_bits=4, value_bits=4, exact_sink=True)
+    ref = RotatingKVCache(window, keep)
+    toks = mx.random.normal((B, H, sum(chunks), D), key=mx.random.key(7))
+    start = 0
+    for n in chunks:
+        k = toks[:, :, start : start + n]
+        keys, _ = ours.update_and_fetch(k, k)
+        ours._pending = False
+        ref_k, _ = ref.update_and_fetch(k, k)
+        start += n
+        held = bool(mx.any(mx.all(ref_k == toks[:, :, :1], axis=-1)).item())
+        assert (keys.sink is not None) == held, (start, n)
+        if held:
+            assert mx.array_equal(ref_k[:, :, :1], toks[:, :, :1])
+            x = mlx_tq.dequantize(keys)
+            assert mx.allclose(x[:, :, :1], toks[:, :, :1], atol=1e-5)
+            if x.shape[2] > 1:  # row 1 is token 1, quantised
+                assert not mx.allclose(x[:, :, 1:2], toks[:, :, 1:2], atol=1e-5)
+    assert start > window
 
 
 def test_rotating_window_semantics(patched):
@@ -198,9 +233,11 @@ def test_unconsumed_fetch_is_detected(patched):
         cache.update_and_fetch(k, k)
 
 
-def test_save_load_round_trip_and_continue(tmp_path, patched):
+@pytest.mark.parametrize("sink", [False, True])
+def test_save_load_round_trip_and_continue(tmp_path, patched, sink):
     model = tiny_model("gemma3")
-    cache = mlx_tq.make_prompt_cache(model, quantize_sliding=False)  # a mixed list
+    # A mixed list; with the sink, global layers hold one (sliding ones dropped it: 40 > window).
+    cache = mlx_tq.make_prompt_cache(model, quantize_sliding=False, exact_sink=sink)
     run(model, cache, TOKENS[:, :40], 8)
     path = tmp_path / "prompt.safetensors"
     mlx_tq.save_prompt_cache(path, cache, {"model": "tiny"})
@@ -216,6 +253,9 @@ def test_save_load_round_trip_and_continue(tmp_path, patched):
     a = model(TOKENS[:, 40:50], cache=cache)
     b = model(TOKENS[:, 40:50], cache=loaded)
     assert np.array_equal(np.array(a), np.array(b))
+    assert [getattr(c, "sink_keys", None) is not None for c in loaded] == [
+        sink and isinstance(c, TurboQuantKVCache) for c in cache
+    ]
 
 
 def test_load_errors(tmp_path):

@@ -344,3 +344,58 @@ def test_gpu_dispatch_arguments(monkeypatch):
     assert mx.array_equal(a_in[7], mx.broadcast_to(cache.key_scale, (B, Hkv, 1, D)))
     _, m_in, m_t, _, _ = RecordingKernel.calls[3]
     assert not m_t["OFFSET"]  # values carry no offset: the placeholder must not be read
+
+
+def test_gpu_dispatch_exact_sink(monkeypatch):
+    """With the first token exact, the split kernel reads rows 1.. in place and the merge
+    kernel gets the sink's key and value rows, the queries and the key scale; the
+    dequantise kernel's output gets row 0 replaced."""
+    from dataclasses import replace
+
+    from mlx_tq import patch, unpatch
+    from mlx_tq.attention import decode_rotated
+    from mlx_tq.cache import TurboQuantKVCache
+    from mlx_tq.rotation import rotate
+
+    B, Hq, Hkv, D, S = 2, 8, 2, 128, 300
+    cache = TurboQuantKVCache(4, 4, smooth_keys=0.5, exact_sink=True)
+    patch()
+    try:
+        k0, v0 = rows((B, Hkv, S, D), mx.float16, 0), rows((B, Hkv, S, D), mx.float16, 1)
+        cache.update_and_fetch(k0, v0)
+        cache._pending = False
+        monkeypatch.setattr(kernels, "backend", lambda: "cuda")
+        monkeypatch.setattr(kernels, "kernel", lambda name, *a, **k: RecordingKernel(name))
+        RecordingKernel.calls.clear()
+        new = rows((B, Hkv, 1, D), mx.float16, 2)
+        keys, values = cache.update_and_fetch(new, new)
+        q = rows((B, Hq, 1, D), mx.float16, 3)
+        scaled_dot_product_attention(q, keys, values, 0.1)
+        cache._pending = False
+    finally:
+        unpatch()
+    sink_k = (k0[:, :, :1].astype(mx.float32) - cache.key_offset) / cache.key_scale
+    assert mx.allclose(cache.sink_keys, sink_k) and mx.array_equal(
+        cache.sink_values, v0[:, :, :1].astype(mx.float32)
+    )
+    names = [c[0] for c in RecordingKernel.calls]
+    assert names == ["quantize", "quantize", "decode_attention", "merge"]
+    _, a_in, _, _, _ = RecordingKernel.calls[2]
+    assert a_in[1].shape[2] == S and mx.array_equal(a_in[1], keys.data[:, :, 1:])
+    assert mx.array_equal(a_in[2], values.data[:, :, 1:])
+    _, m_in, m_t, _, _ = RecordingKernel.calls[3]
+    assert m_t["SINK"] and m_t["SMOOTH"] and not m_t["OFFSET"]
+    assert mx.array_equal(m_in[4], q)
+    assert mx.array_equal(m_in[5], cache.sink_keys.reshape(-1, D))
+    assert mx.array_equal(m_in[6], cache.sink_values.reshape(-1, D))
+    assert mx.array_equal(m_in[7], cache.key_scale.reshape(-1, D))
+    assert m_in[8].item() == pytest.approx(0.1)
+
+    # Prefill: the dequantise kernel's row 0 is replaced by the rotated sink (+ offset).
+    with_offset = replace(values, offset=cache.key_offset)
+    out_k = decode_rotated(keys, mx.float16, 4)
+    out_v = decode_rotated(with_offset, mx.float16, 4, offset=True)
+    want_k = (rotate(cache.sink_keys, 0) / 16).astype(mx.float16)
+    want_v = ((rotate(cache.sink_values, 0) + rotate(cache.key_offset, 0)) / 16).astype(mx.float16)
+    assert mx.array_equal(out_k[:, :, :1], want_k) and mx.array_equal(out_v[:, :, :1], want_v)
+    assert not mx.any(out_k[:, :, 1:]).item()  # the stub kernel's zeros
