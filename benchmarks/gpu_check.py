@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from functools import partial
 
@@ -124,6 +125,9 @@ def attention_f64(queries, keys, values, scale, causal):
         f64(levels)[np.array(t.indices())] * f64(t.scales())[..., None]
         for t, levels in ((keys, codebook(keys.bits, D)[0]), (values, codebook(values.bits, D)[0]))
     )
+    if keys.sink is not None:  # row 0 exact: the stored-space vector, rotated
+        k[:, :, 0] = f64(keys.sink)[:, :, 0] @ f64(rotation_matrix(D, keys.seed))
+        v[:, :, 0] = f64(values.sink)[:, :, 0] @ f64(rotation_matrix(D, values.seed))
     s = q @ k.swapaxes(-1, -2)
     if causal:
         seen = np.arange(S)[None] <= (S - L + np.arange(G * L) % L)[:, None]
@@ -140,8 +144,15 @@ def check_attention(rng, B, Hkv, G, L, S, D, kb, vb, dtype):
     causal = L > 1
     # Keys smoothed or not; values with an offset or not (the cache stores none).
     smooth, value_offset = bool(rng.integers(2)), bool(rng.integers(2))
+    # Row 0 exact (the cache's exact_sink): the merge kernel adds it (needs S > 1).
+    sink = bool(rng.integers(2)) and S > 1
     keys = packed_view(rng, B, Hkv, S, D, kb, 0, True, int(rng.integers(1, 300)), smooth)
     values = packed_view(rng, B, Hkv, S, D, vb, 1, value_offset, int(rng.integers(1, 300)))
+    if sink:
+        keys, values = (
+            replace(t, sink=mx.array(rng.standard_normal((B, Hkv, 1, D)).astype(np.float32)))
+            for t in (keys, values)
+        )
     queries = mx.array(rng.standard_normal((B, Hkv * G, L, D)).astype(np.float32)).astype(dtype)
     scale = D**-0.5
     mask = "causal" if causal else None
@@ -164,6 +175,7 @@ def check_attention(rng, B, Hkv, G, L, S, D, kb, vb, dtype):
     return ok, {
         "smooth": smooth,
         "value_offset": value_offset,
+        "sink": sink,
         "err": err,
         "err_public": err_public,
         "err_decoded": err_decoded,
