@@ -289,6 +289,12 @@ def decode_timings(rng, Ns, Hkv=8, G=4, D=128, batch=10):
             tv = packed_view(rng, 1, Hkv, N, D, bits, 1, False, pad=256)
             calls[f"tq{bits}"] = partial(scaled_dot_product_attention, q, tk, tv, D**-0.5)
             nbytes[f"tq{bits}"] = 2 * Hkv * N * tk.data.shape[-1] * 4
+            if bits == 4:  # with an exact sink row: the merge kernel adds it
+                sk, sv = (
+                    replace(t, sink=mx.array(rng.standard_normal((1, Hkv, 1, D)), mx.float32))
+                    for t in (tk, tv)
+                )
+                calls["tq4sink"] = partial(scaled_dot_product_attention, q, sk, sv, D**-0.5)
         row = {"N": N}
         for name, fn in calls.items():
             row[f"{name}_ms"] = median_ms(fn)
