@@ -154,7 +154,8 @@ def make_cache(model, name: str) -> list:
     """The cache of a configuration: ``fp16`` (mlx-lm's default caches, in the model's dtype),
     ``affine<b>`` (mlx-lm's ``QuantizedKVCache``, group 64, in place of each plain ``KVCache``,
     as ``to_quantized`` does; sliding-window layers stay, mlx-lm cannot quantise them),
-    ``tq<b>`` or ``k<kb>v<vb>`` (`make_prompt_cache`)."""
+    ``tq<b>`` or ``k<kb>v<vb>`` (`make_prompt_cache`), optionally ``-sink`` (``exact_sink``;
+    ``tq<b>-nosink`` turns a preset's off)."""
     if name == "fp16":
         return lm_cache.make_prompt_cache(model)
     if m := re.fullmatch(r"affine(\d)", name):
@@ -164,11 +165,17 @@ def make_cache(model, name: str) -> list:
             else c
             for c in lm_cache.make_prompt_cache(model)
         ]
-    if m := re.fullmatch(r"tq(\d)", name):
-        return make_prompt_cache(model, kv_bits=int(m[1]))
-    if m := re.fullmatch(r"k(\d)v(\d)", name):
-        return make_prompt_cache(model, key_bits=int(m[1]), value_bits=int(m[2]))
-    raise ValueError(f"unknown configuration {name!r}: use fp16, affine<b>, tq<b> or k<b>v<b>")
+    if m := re.fullmatch(r"tq(\d)(-sink|-nosink)?", name):
+        sink = None if m[2] is None else m[2] == "-sink"
+        return make_prompt_cache(model, kv_bits=int(m[1]), exact_sink=sink)
+    if m := re.fullmatch(r"k(\d)v(\d)(-sink)?", name):
+        return make_prompt_cache(
+            model, key_bits=int(m[1]), value_bits=int(m[2]), exact_sink=bool(m[3])
+        )
+    raise ValueError(
+        f"unknown configuration {name!r}: use fp16, affine<b>, tq<b> or k<b>v<b> "
+        "(the last two optionally with -sink)"
+    )
 
 
 def timed_generate(model, prompt, cache, decode_tokens, prefill_step_size):
@@ -231,8 +238,10 @@ def describe(cache: list) -> str:
     for c in cache:
         if hasattr(c, "key_bits"):
             smooth = getattr(c, "smooth_keys", 0)
-            return f"TurboQuant K{c.key_bits}/V{c.value_bits}" + (
-                f", key smoothing {smooth}" if smooth else ""
+            return (
+                f"TurboQuant K{c.key_bits}/V{c.value_bits}"
+                + (f", key smoothing {smooth}" if smooth else "")
+                + (", exact sink" if getattr(c, "exact_sink", False) else "")
             )
         if hasattr(c, "bits"):
             return f"mlx-lm QuantizedKVCache {c.bits}-bit, group {c.group_size}"
