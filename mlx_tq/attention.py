@@ -209,8 +209,14 @@ def _unrotation(dim, seed):
     return mx.contiguous(rotation_matrix(dim, seed).T)
 
 
-def _sink_rows(t, B, Hkv, D):
-    return mx.contiguous(mx.broadcast_to(t.sink.astype(mx.float32), (B, Hkv, 1, D))).reshape(-1, D)
+def _rows(a, B, Hkv, D):
+    """A per-head (B, Hkv, 1, D) float32 vector as the merge kernel's (B * Hkv, D) rows; the
+    cache's arrays have that shape and dtype already (one reshape, no copy)."""
+    if a.dtype != mx.float32:
+        a = a.astype(mx.float32)
+    if a.shape != (B, Hkv, 1, D):
+        a = mx.broadcast_to(a, (B, Hkv, 1, D))
+    return a.reshape(B * Hkv, D)
 
 
 def _fused_attention(queries, keys, values, scale, causal):
@@ -267,14 +273,8 @@ def _fused_attention(queries, keys, values, scale, causal):
     # Placeholders, not read without SINK (and qscale without SMOOTH).
     sink_inputs = [_zeros(D)] * 4
     if sink:
-        sink_inputs = [
-            queries,
-            _sink_rows(keys, B, Hkv, D),
-            _sink_rows(values, B, Hkv, D),
-            _zeros(D),
-        ]
-        if smooth:
-            sink_inputs[3] = mx.contiguous(qscale).reshape(-1, D)
+        sink_inputs = [queries, _rows(keys.sink, B, Hkv, D), _rows(values.sink, B, Hkv, D)]
+        sink_inputs.append(_rows(keys.channel_scale, B, Hkv, D) if smooth else _zeros(D))
     threads = 32 * -(-D // 32)
     (out,) = merge(
         inputs=[o, ml, _unrotation(D, values.seed), offset, *sink_inputs, _scalar(float(scale))],
