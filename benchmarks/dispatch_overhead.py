@@ -4,7 +4,8 @@ Batch-1 decode on a GPU is bound by what the host does per layer (building the g
 launching kernels). This times the Python + graph-building part alone, on any machine: the
 GPU kernels are replaced by a stub that returns arrays of the right shapes and nothing is
 evaluated, so what is timed is `update_and_fetch` + attention dispatch per layer, TurboQuant
-(K4/V4, smoothed keys, fused decode path) against mlx-lm's `KVCache` + mx.fast SDPA.
+(K4/V4, smoothed keys, fused decode path; with and without an exact sink) against mlx-lm's
+`KVCache` + mx.fast SDPA.
 The C++ side of a real kernel call (MLX builds the kernel's source string per call) is not
 included, nor are the launches themselves.
 
@@ -40,35 +41,40 @@ def main():
     B, Hq, Hkv, D, S = 1, 32, 8, 128, args.context  # Llama-3.1-8B's attention shape
     k = mx.random.normal((B, Hkv, S, D)).astype(mx.float16)
     tq, fp = TurboQuantKVCache(4, 4, smooth_keys=0.5), KVCache()
-    tq.update_and_fetch(k, k)  # on the CPU path: real packed rows
-    tq._pending = False
+    tqs = TurboQuantKVCache(4, 4, smooth_keys=0.5, exact_sink=True)
+    for c in (tq, tqs):
+        c.update_and_fetch(k, k)  # on the CPU path: real packed rows
+        c._pending = False
+        mx.eval(c.keys, c.values, c.key_offset, c.key_scale, *c._sinks())
     fp.update_and_fetch(k, k)
-    mx.eval(tq.keys, tq.values, fp.keys, fp.values, tq.key_offset, tq.key_scale)
+    mx.eval(fp.keys, fp.values)
     kernels.backend = lambda: "cuda"
     kernels.kernel = lambda *a, **kw: StubKernel()
     q = mx.random.normal((B, Hq, 1, D)).astype(mx.float16)
     new = mx.random.normal((B, Hkv, 1, D)).astype(mx.float16)
 
-    def step_tq():
-        keys, values = tq.update_and_fetch(new, new)
+    def step(cache):
+        keys, values = cache.update_and_fetch(new, new)
         out = attention.scaled_dot_product_attention(q, keys, values, D**-0.5, None)
-        tq._pending = False
+        cache._pending = False
         return out
 
     def step_fp16():
         keys, values = fp.update_and_fetch(new, new)
         return mx.fast.scaled_dot_product_attention(q, keys, values, scale=D**-0.5)
 
-    times = {"turboquant": [], "fp16": []}
-    for _ in range(args.repeats):  # interleaved, so drift hits both
-        for name, fn in (("turboquant", step_tq), ("fp16", step_fp16)):
+    steps = {"turboquant": lambda: step(tq), "sink": lambda: step(tqs), "fp16": step_fp16}
+    times = {name: [] for name in steps}
+    for _ in range(args.repeats):  # interleaved, so drift hits all
+        for name, fn in steps.items():
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 fn()
             times[name].append((time.perf_counter() - t0) / args.steps * 1e6)
-    tq_us, fp_us = (statistics.median(times[n]) for n in ("turboquant", "fp16"))
+    tq_us, sink_us, fp_us = (statistics.median(times[n]) for n in steps)
     print(f"host time per layer step, median of {args.repeats} x {args.steps} steps:")
     print(f"  TurboQuant K4/V4 (smoothed, fused path): {tq_us:.1f} us")
+    print(f"  the same with an exact sink:             {sink_us:.1f} us")
     print(f"  fp16 KVCache + mx.fast SDPA:              {fp_us:.1f} us")
     print(f"  difference x 32 layers: {(tq_us - fp_us) * 32 / 1e3:.2f} ms per token")
 
