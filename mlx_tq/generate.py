@@ -60,6 +60,11 @@ def setup_arg_parser():
         choices=SUPPORTED_BITS,
         help="Override value bits",
     )
+    parser.add_argument(
+        "--kv-exact-sink",
+        action="store_true",
+        help="Keep each layer's first token (the attention sink, e.g. BOS) exact",
+    )
     return parser
 
 
@@ -89,6 +94,7 @@ def main():
             key_bits=args.kv_key_bits,
             value_bits=args.kv_value_bits,
             max_kv_size=args.max_kv_size,
+            exact_sink=args.kv_exact_sink or None,
         )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from e

@@ -139,3 +139,24 @@ def test_smooth_keys(model, windows, tmp_path):
     assert mx.array_equal(loaded[0].key_scale, cache[0].key_scale)
     x = windows[:1, 40:41]
     assert mx.array_equal(model(x, cache=cache), model(x, cache=loaded))
+
+
+def test_generate_cli_passes_cache_options(model, monkeypatch):
+    from mlx_tq import generate
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(model, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(generate, "load", lambda path: (model, ByteTokenizer()))
+    monkeypatch.setattr(generate, "make_prompt_cache", record)
+    for argv, sink in ((["--kv-exact-sink"], True), ([], None)):
+        monkeypatch.setattr(sys, "argv", ["mlx_tq.generate", "--kv-bits", "3", *argv])
+        with pytest.raises(Stop):
+            generate.main()
+        assert seen["exact_sink"] is sink and seen["kv_bits"] == 3
