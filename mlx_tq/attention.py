@@ -210,8 +210,9 @@ def _unrotation(dim, seed):
 
 
 def _rows(a, B, Hkv, D):
-    """A per-head (B, Hkv, 1, D) float32 vector as the merge kernel's (B * Hkv, D) rows; the
-    cache's arrays have that shape and dtype already (one reshape, no copy)."""
+    """A per-head (B, Hkv, 1, D) vector (offset, key scale, sink) as the merge kernel's
+    float32 (B * Hkv, D) rows; the cache's arrays have that shape and dtype already (one
+    reshape, no copy)."""
     if a.dtype != mx.float32:
         a = a.astype(mx.float32)
     if a.shape != (B, Hkv, 1, D):
@@ -267,14 +268,12 @@ def _fused_attention(queries, keys, values, scale, causal):
     merge = kernels.kernel(
         "merge", ("o", "ml", "rt_t", "offset", "q", "sk", "sv", "qscale", "scale"), ("out",)
     )
-    offset = _zeros(D)
-    if values.offset is not None:
-        offset = mx.broadcast_to(values.offset.astype(mx.float32), (B, Hkv, 1, D))
+    offset = _zeros(D) if values.offset is None else _rows(values.offset, B, Hkv, D)
     # Placeholders, not read without SINK (and qscale without SMOOTH).
     sink_inputs = [_zeros(D)] * 4
     if sink:
         sink_inputs = [queries, _rows(keys.sink, B, Hkv, D), _rows(values.sink, B, Hkv, D)]
-        sink_inputs.append(_rows(keys.channel_scale, B, Hkv, D) if smooth else _zeros(D))
+        sink_inputs.append(_rows(qscale, B, Hkv, D) if smooth else _zeros(D))
     threads = 32 * -(-D // 32)
     (out,) = merge(
         inputs=[o, ml, _unrotation(D, values.seed), offset, *sink_inputs, _scalar(float(scale))],
@@ -340,12 +339,11 @@ def decode_rotated(t: TurboQuantized, dtype, shift: int = 0, offset: bool = Fals
         output_shapes=[(B, H, S, D)],
         output_dtypes=[dtype],
     )
-    if t.sink is not None:
+    if t.sink is not None:  # row 0 written over, not a copy of the layer
         z = rotate(t.sink, t.seed)
         if with_offset:
             z = z + rotate(t.offset, t.seed)
-        z = mx.broadcast_to(z * 2.0**-shift, (B, H, 1, D)).astype(dtype)
-        out = mx.concatenate([z, out[:, :, 1:]], axis=2)
+        out[:, :, :1] = (z * 2.0**-shift).astype(dtype)
     return out
 
 

@@ -106,7 +106,7 @@ class TurboQuantized:
         z = levels[self.indices()] * self.scales()[..., None]
         z = z if self.qjl is None else z + _qjl_rotated(self)
         if self.sink is not None and z.shape[-2] > 0:
-            z = mx.concatenate([rotate(self.sink, self.seed), z[..., 1:, :]], axis=-2)
+            z[..., :1, :] = rotate(self.sink, self.seed)
         return z
 
     def tokens(self, start: int, stop: int) -> "TurboQuantized":
