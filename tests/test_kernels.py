@@ -307,29 +307,42 @@ class RecordingKernel:
         return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes, strict=True)]
 
 
-def test_gpu_dispatch_arguments(monkeypatch):
-    """What the GPU path hands the kernels, checked here with a recording stub: the decode
-    step of a smoothed-key cache (values without offset, as the cache stores them)."""
-    from mlx_tq import patch, unpatch
-    from mlx_tq.cache import TurboQuantKVCache
+DISPATCH_SHAPE = dict(B=2, Hq=8, Hkv=2, D=128, S=300)
 
-    B, Hq, Hkv, D, S = 2, 8, 2, 128, 300
-    cache = TurboQuantKVCache(4, 3, smooth_keys=0.5)
+
+def stub_decode_step(monkeypatch, cache):
+    """Fills `cache` with S tokens on the CPU path, then runs one decode step (quantise the
+    new token, attend) with every kernel replaced by a `RecordingKernel`. Returns the
+    prefilled keys and values, the query, the fetched keys and values and the output."""
+    from mlx_tq import patch, unpatch
+
+    B, Hq, Hkv, D, S = DISPATCH_SHAPE.values()
+    k0, v0 = rows((B, Hkv, S, D), mx.float16, 0), rows((B, Hkv, S, D), mx.float16, 1)
     patch()
     try:
-        cache.update_and_fetch(
-            rows((B, Hkv, S, D), mx.float16, 0), rows((B, Hkv, S, D), mx.float16, 1)
-        )
+        cache.update_and_fetch(k0, v0)
         cache._pending = False
         monkeypatch.setattr(kernels, "backend", lambda: "cuda")
         monkeypatch.setattr(kernels, "kernel", lambda name, *a, **k: RecordingKernel(name))
         RecordingKernel.calls.clear()
         new = rows((B, Hkv, 1, D), mx.float16, 2)
         keys, values = cache.update_and_fetch(new, new)
-        out = scaled_dot_product_attention(rows((B, Hq, 1, D), mx.float16, 3), keys, values, 0.1)
+        q = rows((B, Hq, 1, D), mx.float16, 3)
+        out = scaled_dot_product_attention(q, keys, values, 0.1)
         cache._pending = False
     finally:
         unpatch()
+    return k0, v0, q, keys, values, out
+
+
+def test_gpu_dispatch_arguments(monkeypatch):
+    """What the GPU path hands the kernels, checked here with a recording stub: the decode
+    step of a smoothed-key cache (values without offset, as the cache stores them)."""
+    from mlx_tq.cache import TurboQuantKVCache
+
+    B, Hq, Hkv, D, S = DISPATCH_SHAPE.values()
+    cache = TurboQuantKVCache(4, 3, smooth_keys=0.5)
+    *_, out = stub_decode_step(monkeypatch, cache)
     assert out.shape == (B, Hq, 1, D) and out.dtype == mx.float16
     names = [c[0] for c in RecordingKernel.calls]
     assert names == ["quantize", "quantize", "decode_attention", "merge"]
@@ -352,28 +365,13 @@ def test_gpu_dispatch_exact_sink(monkeypatch):
     dequantise kernel's output gets row 0 replaced."""
     from dataclasses import replace
 
-    from mlx_tq import patch, unpatch
     from mlx_tq.attention import decode_rotated
     from mlx_tq.cache import TurboQuantKVCache
     from mlx_tq.rotation import rotate
 
-    B, Hq, Hkv, D, S = 2, 8, 2, 128, 300
+    B, Hq, Hkv, D, S = DISPATCH_SHAPE.values()
     cache = TurboQuantKVCache(4, 4, smooth_keys=0.5, exact_sink=True)
-    patch()
-    try:
-        k0, v0 = rows((B, Hkv, S, D), mx.float16, 0), rows((B, Hkv, S, D), mx.float16, 1)
-        cache.update_and_fetch(k0, v0)
-        cache._pending = False
-        monkeypatch.setattr(kernels, "backend", lambda: "cuda")
-        monkeypatch.setattr(kernels, "kernel", lambda name, *a, **k: RecordingKernel(name))
-        RecordingKernel.calls.clear()
-        new = rows((B, Hkv, 1, D), mx.float16, 2)
-        keys, values = cache.update_and_fetch(new, new)
-        q = rows((B, Hq, 1, D), mx.float16, 3)
-        scaled_dot_product_attention(q, keys, values, 0.1)
-        cache._pending = False
-    finally:
-        unpatch()
+    k0, v0, q, keys, values, _ = stub_decode_step(monkeypatch, cache)
     sink_k = (k0[:, :, :1].astype(mx.float32) - cache.key_offset) / cache.key_scale
     assert mx.allclose(cache.sink_keys, sink_k) and mx.array_equal(
         cache.sink_values, v0[:, :, :1].astype(mx.float32)
