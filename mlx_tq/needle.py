@@ -12,13 +12,11 @@ import re
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from .bench import header
-from .loading import load
 from .patch import patch
-from .perplexity import REFERENCE, parse_config
+from .perplexity import REFERENCE, add_dtype_argument, load_model, model_dtype, parse_config
 
 DEFAULT_LENGTHS = [1024, 2048]
 DEFAULT_DEPTHS = [0.1, 0.3, 0.5, 0.7, 0.9]
@@ -127,12 +125,7 @@ def setup_arg_parser():
         help="More configurations: affine<b>, tq<b>, k<b>v<b>",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the pass keys")
-    parser.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16", "float16"),
-        default=None,
-        help="Weights and activations (default: a GGUF's float16 on GPU, float32 on CPU)",
-    )
+    add_dtype_argument(parser)
     parser.add_argument("--json", default=None, help="Also write the results to this file")
     return parser
 
@@ -144,7 +137,7 @@ def main():
         configs = [parse_config(n) for n in dict.fromkeys(names)]
     except ValueError as e:
         raise SystemExit(f"error: {e}") from e
-    model, tokenizer = load(args.model, dtype=getattr(mx, args.dtype) if args.dtype else None)
+    model, tokenizer = load_model(args)
     patch()
     results = run(
         model,
@@ -158,7 +151,7 @@ def main():
     )
     print(format_table(results))
     if args.json:
-        meta = header("needle", tree_flatten(model.parameters())[0][1].dtype)
+        meta = header("needle", model_dtype(model))
         meta |= {"lengths": args.lengths, "depths": args.depths, "trials": args.trials}
         Path(args.json).write_text(json.dumps({**meta, "results": results}, indent=2))
 

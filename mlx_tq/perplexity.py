@@ -244,14 +244,28 @@ def setup_arg_parser():
         default=DEFAULT_COMPARE,
         help="More configurations: fp16, affine<b> (mlx-lm, group 64), tq<b>, k<b>v<b>[-s<x>]",
     )
+    add_dtype_argument(parser)
+    parser.add_argument("--json", default=None, help="Also write the results to this file")
+    return parser
+
+
+def add_dtype_argument(parser):
+    """`--dtype` of the quality tools (perplexity, needle); see `load_model`."""
     parser.add_argument(
         "--dtype",
         choices=("float32", "bfloat16", "float16"),
         default=None,
         help="Weights and activations (default: a GGUF's float16 on GPU, float32 on CPU)",
     )
-    parser.add_argument("--json", default=None, help="Also write the results to this file")
-    return parser
+
+
+def load_model(args):
+    """The model and tokenizer named by `--model`, in `--dtype`."""
+    return load(args.model, dtype=getattr(mx, args.dtype) if args.dtype else None)
+
+
+def model_dtype(model):
+    return tree_flatten(model.parameters())[0][1].dtype
 
 
 def main():
@@ -268,7 +282,7 @@ def main():
     data = Path(args.data) if args.data else default_data_path()
     if not data.is_file():
         raise SystemExit(f"error: no text file at {data}: give one with --data")
-    model, tokenizer = load(args.model, dtype=getattr(mx, args.dtype) if args.dtype else None)
+    model, tokenizer = load_model(args)
     patch()
     num_windows = args.num_windows or None
     if args.max_tokens:
@@ -278,13 +292,12 @@ def main():
     print(
         f"{windows.shape[0]} windows x {args.window} tokens of {data.name}, "
         f"chunks of {args.chunk_size}; fp16 = mlx-lm's plain cache in the model's dtype "
-        f"({tree_flatten(model.parameters())[0][1].dtype})"
+        f"({model_dtype(model)})"
     )
     print(format_table(results))
     if args.json:
-        dtype = tree_flatten(model.parameters())[0][1].dtype
         meta = {
-            **header("perplexity", dtype),
+            **header("perplexity", model_dtype(model)),
             "model": args.model or "gemma3-270m",
             "data": str(data),
             "window": args.window,
