@@ -1,7 +1,7 @@
 """Checks every GPU kernel against its reference, then times them (issue 4).
 
 Run on a CUDA or Metal machine:
-    MLX_ENABLE_TF32=0 python benchmarks/gpu_check.py [--quick] [--out DIR]
+    MLX_ENABLE_TF32=0 python benchmarks/gpu_check.py [--quick] [--out DIR] [--parts ...]
 (MLX runs float32 matmuls as TF32 on CUDA and M5 by default; the references and the query
 rotation go through mx.matmul, so pin full float32 as MLX's own test harness does.)
 
@@ -323,6 +323,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer random shapes")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON")
+    parts = ("quantize", "dequantize", "attention", "prefill", "timings")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=parts,
+        default=list(parts),
+        help="what to run (default: all); a device call is limited to 10 minutes",
+    )
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     report = {
@@ -332,6 +340,7 @@ def main():
         "machine": platform.node(),
         "device": str(mx.device_info() if hasattr(mx, "device_info") else mx.default_device()),
         "MLX_ENABLE_TF32": os.environ.get("MLX_ENABLE_TF32"),
+        "parts": args.parts,
         "failed": [],
     }
     print(
@@ -339,109 +348,117 @@ def main():
     )
     t0 = time.time()
 
-    results = []
-    for D in (64, 128, 256):
-        for bits in (2, 3, 4):
-            for dtype in (mx.float16, mx.bfloat16):
-                shape = (
-                    int(rng.integers(1, 3)),
-                    int(rng.integers(1, 9)),
-                    int(rng.integers(1, 40)),
-                    D,
-                )
-                for offset, strided, scaled in (
-                    (False, False, False),
-                    (True, True, False),
-                    (True, False, True),
-                ):
-                    ok, info = check_quantize(rng, shape, bits, dtype, offset, strided, scaled)
-                    results.append(
-                        {
-                            "D": D,
-                            "bits": bits,
-                            "dtype": str(dtype),
-                            "shape": shape,
-                            "offset": offset,
-                            "strided": strided,
-                            "scaled": scaled,
-                            "ok": ok,
-                            **info,
-                        }
+    if "quantize" in args.parts:
+        results = []
+        for D in (64, 128, 256):
+            for bits in (2, 3, 4):
+                for dtype in (mx.float16, mx.bfloat16):
+                    shape = (
+                        int(rng.integers(1, 3)),
+                        int(rng.integers(1, 9)),
+                        int(rng.integers(1, 40)),
+                        D,
                     )
+                    for offset, strided, scaled in (
+                        (False, False, False),
+                        (True, True, False),
+                        (True, False, True),
+                    ):
+                        ok, info = check_quantize(rng, shape, bits, dtype, offset, strided, scaled)
+                        results.append(
+                            {
+                                "D": D,
+                                "bits": bits,
+                                "dtype": str(dtype),
+                                "shape": shape,
+                                "offset": offset,
+                                "strided": strided,
+                                "scaled": scaled,
+                                "ok": ok,
+                                **info,
+                            }
+                        )
+                        if not ok:
+                            print("FAIL quantize", results[-1], flush=True)
+        record(
+            report,
+            "quantize",
+            results,
+            f"max scale err {max(r['scale_err'] for r in results):.2e}, "
+            f"ties {sum(r['ties'] for r in results)}, {time.time() - t0:.0f} s",
+        )
+
+    if "dequantize" in args.parts:
+        results = []
+        for D in (64, 128, 256):
+            for bits in (2, 3, 4, 8):
+                for dtype, shift, offset in ((mx.float16, 4, True), (mx.bfloat16, 0, False)):
+                    ok, info = check_decode_rotated(rng, D, bits, dtype, shift, offset)
+                    results.append({"D": D, "bits": bits, "dtype": str(dtype), "ok": ok, **info})
                     if not ok:
-                        print("FAIL quantize", results[-1], flush=True)
-    record(
-        report,
-        "quantize",
-        results,
-        f"max scale err {max(r['scale_err'] for r in results):.2e}, "
-        f"ties {sum(r['ties'] for r in results)}, {time.time() - t0:.0f} s",
-    )
+                        print("FAIL dequantize", results[-1], flush=True)
+        record(report, "dequantize", results, f"max rel err {max(r['err'] for r in results):.2e}")
 
-    results = []
-    for D in (64, 128, 256):
-        for bits in (2, 3, 4, 8):
-            for dtype, shift, offset in ((mx.float16, 4, True), (mx.bfloat16, 0, False)):
-                ok, info = check_decode_rotated(rng, D, bits, dtype, shift, offset)
-                results.append({"D": D, "bits": bits, "dtype": str(dtype), "ok": ok, **info})
-                if not ok:
-                    print("FAIL dequantize", results[-1], flush=True)
-    record(report, "dequantize", results, f"max rel err {max(r['err'] for r in results):.2e}")
-
-    results = []
-    for i, (B, Hkv, G, L, S, D, kb, vb) in enumerate(attention_configs(rng, args.quick)):
-        dtype = mx.float16 if i % 2 == 0 else mx.bfloat16
-        ok, info = check_attention(rng, B, Hkv, G, L, S, D, kb, vb, dtype)
-        results.append(
-            {
-                "B": B,
-                "Hkv": Hkv,
-                "G": G,
-                "L": L,
-                "S": S,
-                "D": D,
-                "kb": kb,
-                "vb": vb,
-                "dtype": str(dtype),
-                "ok": ok,
-                **info,
-            }
+    if "attention" in args.parts:
+        results = []
+        for i, (B, Hkv, G, L, S, D, kb, vb) in enumerate(attention_configs(rng, args.quick)):
+            dtype = mx.float16 if i % 2 == 0 else mx.bfloat16
+            ok, info = check_attention(rng, B, Hkv, G, L, S, D, kb, vb, dtype)
+            results.append(
+                {
+                    "B": B,
+                    "Hkv": Hkv,
+                    "G": G,
+                    "L": L,
+                    "S": S,
+                    "D": D,
+                    "kb": kb,
+                    "vb": vb,
+                    "dtype": str(dtype),
+                    "ok": ok,
+                    **info,
+                }
+            )
+            if not ok:
+                print("FAIL attention", results[-1], flush=True)
+        record(
+            report,
+            "attention",
+            results,
+            f"max err {max(r['err'] for r in results):.2e}, decoded path max err "
+            f"{max(r['err_decoded'] for r in results):.2e}, {time.time() - t0:.0f} s",
         )
+        save(report, args.out)
+
+    if "prefill" in args.parts:
+        ok, info = check_prefill(rng, S=32768, L=2048)
+        report["prefill"] = {"ok": ok, **info}
         if not ok:
-            print("FAIL attention", results[-1], flush=True)
-    record(
-        report,
-        "attention",
-        results,
-        f"max err {max(r['err'] for r in results):.2e}, decoded path max err "
-        f"{max(r['err_decoded'] for r in results):.2e}, {time.time() - t0:.0f} s",
-    )
-    save(report, args.out)
+            report["failed"].append("prefill")
+        print("prefill", report["prefill"], flush=True)
+        save(report, args.out)
 
-    ok, info = check_prefill(rng, S=32768, L=2048)
-    report["prefill"] = {"ok": ok, **info}
-    if not ok:
-        report["failed"].append("prefill")
-    print("prefill", report["prefill"], flush=True)
-    save(report, args.out)
+    if "timings" in args.parts:
+        if "attention" not in report["failed"]:
+            report["decode"] = decode_timings(rng, (4096, 32768, 131072))
+            for r in report["decode"]:
+                print(json.dumps(r), flush=True)
+        if "quantize" not in report["failed"]:
+            k, v = (
+                mx.array(rng.standard_normal((1, 8, 1, 128)).astype(np.float16)) for _ in range(2)
+            )
+            # As the cache does with smoothed keys: key offset and channel scale in the kernel.
+            off, cs = mx.zeros((1, 8, 1, 128)), mx.ones((1, 8, 1, 128))
+            step = lambda: [quantize_rows(k, 4, 0, off, cs), quantize_rows(v, 4, 0)]  # noqa: E731
+            report["quantize_step_ms"] = median_ms(step)
+            report["quantize_step_pipe"] = median_ms(step, runs=20, batch=10)
+            print(
+                "quantize step (K+V, 8 heads, 1 token) ms:",
+                report["quantize_step_ms"],
+                "pipelined:",
+                report["quantize_step_pipe"],
+            )
 
-    if "attention" not in report["failed"]:
-        report["decode"] = decode_timings(rng, (4096, 32768, 131072))
-        for r in report["decode"]:
-            print(json.dumps(r), flush=True)
-    if "quantize" not in report["failed"]:
-        k, v = (mx.array(rng.standard_normal((1, 8, 1, 128)).astype(np.float16)) for _ in range(2))
-        # As the cache does with smoothed keys: key offset and channel scale in the kernel.
-        off, cs = mx.zeros((1, 8, 1, 128)), mx.ones((1, 8, 1, 128))
-        step = lambda: [quantize_rows(k, 4, 0, off, cs), quantize_rows(v, 4, 0)]  # noqa: E731
-        report["quantize_step_ms"] = median_ms(step)
-        report["quantize_step_pipe"] = median_ms(step, runs=20, batch=10)
-        print(
-            "quantize step (K+V, 8 heads, 1 token) ms:",
-            report["quantize_step_ms"],
-            "pipelined:",
-            report["quantize_step_pipe"],
-        )
     print(f"total {time.time() - t0:.0f} s; failed: {report['failed'] or 'none'}", flush=True)
     save(report, args.out)
 
