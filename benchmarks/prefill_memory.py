@@ -24,18 +24,27 @@ from mlx_tq.patch import patch
 GB = 1e9
 
 
+def peak_above_held(compute) -> float:
+    """GB that `compute()` (which evaluates its own work) peaks above what was held before."""
+    mx.synchronize()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    compute()
+    return round((mx.get_peak_memory() - base) / GB, 3)
+
+
 def prefill(model, cache, tokens, step):
     """Per-chunk peaks (GB above what was held before the chunk) and seconds."""
     peaks = []
     tic = time.perf_counter()
     for s in range(0, tokens.size, step):
         gc.collect()
-        mx.synchronize()
-        base = mx.get_active_memory()
-        mx.reset_peak_memory()
-        model(tokens[None, s : s + step], cache=cache)
-        mx.eval([c.state for c in cache])
-        peaks.append(round((mx.get_peak_memory() - base) / GB, 3))
+
+        def chunk(s=s):
+            model(tokens[None, s : s + step], cache=cache)
+            mx.eval([c.state for c in cache])
+
+        peaks.append(peak_above_held(chunk))
     return peaks, time.perf_counter() - tic
 
 
@@ -49,11 +58,11 @@ def sdpa_alone(dtype, L, S, Hq=32, Hkv=8, D=128, pad=256):
         "view": [x[:, :, :S] for x in kv],
     }.items():
         mx.eval(q, k, v)
-        mx.synchronize()
-        base = mx.get_active_memory()
-        mx.reset_peak_memory()
-        mx.eval(mx.fast.scaled_dot_product_attention(q, k, v, scale=D**-0.5, mask="causal"))
-        out[name] = round((mx.get_peak_memory() - base) / GB, 3)
+        out[name] = peak_above_held(
+            lambda k=k, v=v: mx.eval(
+                mx.fast.scaled_dot_product_attention(q, k, v, scale=D**-0.5, mask="causal")
+            )
+        )
     out["scores_fp32_GB"] = Hq * L * S * 4 / GB
     return out
 
