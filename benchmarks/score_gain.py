@@ -4,7 +4,7 @@ multiplies the stored scale by gamma = 1/E[cos] (keys, values or both; with or w
 sink) and measures (issue 5, RESULTS.md: it lost, not built).
 
     python benchmarks/score_gain.py "" 512 8 4,3 tq,gk,gkv,sink,sink-gk,sink-gkv,gv
-    (model or "" for Gemma-3-270M, window, windows, bits, variants)
+    (model or "" for Gemma-3-270M, window, windows (0: all), bits, variants)
 """
 
 import json
@@ -91,7 +91,7 @@ for b in bits_list:
             else ["tq", "gk", "gkv", "sink-gk", "sink-gkv"]
         )
     ]
-windows = load_windows(tok, default_data_path(), window, nwin)
+windows = load_windows(tok, default_data_path(), window, nwin or None)  # 0: all
 res = evaluate(model, windows, [parse_config("fp16")] + configs)
 print(format_table(res))
 variants = sys.argv[5] if len(sys.argv) > 5 else "all"

@@ -106,7 +106,7 @@ patch()
 configs = []
 for name in sys.argv[4].split(","):
     configs.append(cfg(name.removesuffix("-nc"), name, name.endswith("-nc")))
-windows = load_windows(tok, default_data_path(), window, nwin)
+windows = load_windows(tok, default_data_path(), window, nwin or None)  # 0: all
 res = evaluate(model, windows, [parse_config("fp16")] + configs)
 print(format_table(res))
 json.dump(res, open(f"score_noise_{window}x{nwin}_{sys.argv[4]}_{LAM}.json", "w"), indent=1)
