@@ -12,11 +12,10 @@ import json
 import sys
 
 import mlx.core as mx
-import numpy as np
 
 import mlx_tq.attention as att
 import mlx_tq.cache as C
-from mlx_tq.codebook import _law, codebook
+from mlx_tq.codebook import lloyd_max
 from mlx_tq.loading import load
 from mlx_tq.patch import patch
 from mlx_tq.perplexity import (
@@ -28,17 +27,6 @@ from mlx_tq.perplexity import (
     parse_config,
 )
 from mlx_tq.quant import dequantize
-
-
-def mse(b, D):
-    levels = np.array(codebook(b, D)[0], dtype=np.float64)
-    cdf, m1f, m2f = _law(D)
-    root = np.sqrt(D)
-    e = np.concatenate([[-root], (levels[1:] + levels[:-1]) / 2, [root]])
-    return float(
-        np.sum(np.diff(m2f(e)) - 2 * levels * np.diff(m1f(e)) + levels**2 * np.diff(cdf(e)))
-    )
-
 
 LAM = float(sys.argv[5]) if len(sys.argv) > 5 else 1.0
 orig = att.scaled_dot_product_attention
@@ -61,7 +49,7 @@ def corrected(queries, keys, values, scale, mask=None, **kw):
     q = queries.astype(mx.float32)
     qs = q if keys.channel_scale is None else q * mx.repeat(keys.channel_scale, G, 1)
     q2 = mx.sum(qs * qs, -1, keepdims=True)  # (B, Hq, L, 1)
-    var = scale**2 * q2 * mx.repeat(n2, G, 1)[:, :, None, :] * mse(keys.bits, D) / D
+    var = scale**2 * q2 * mx.repeat(n2, G, 1)[:, :, None, :] * lloyd_max(keys.bits, D)[2] / D
     s = (q * scale) @ mx.repeat(K, G, 1).swapaxes(-1, -2) - LAM * 0.5 * var
     if isinstance(mask, str):
         rows = mx.arange(S - L, S)[:, None]
