@@ -109,25 +109,16 @@ def rel_err(got, ref):
 # (key bits, value bits): every width as keys and as values, one launch for both.
 KV_BITS = [(2, 4), (3, 2), (4, 3), (8, 5)]
 DIMS = [64, 80, 128, 256]  # 80: a partial SIMD group
-VARIANTS = ["plain", "offset-strided", "offset-scale"]
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("key_bits, value_bits", KV_BITS)
-@pytest.mark.parametrize("D", DIMS)
-def test_quantize_kv_matches_float64(D, key_bits, value_bits, variant):
-    """Indices are float64's nearest levels except at a midpoint (to float32 rounding);
-    scales norm / |c[idx]| within 1e-6 of float64."""
-    case = [D, key_bits, VARIANTS.index(variant)]
-    rng = np.random.default_rng(case)
-    dtype = mx.float16 if sum(case) % 2 == 0 else mx.bfloat16
+def check_quantize_kv(rng, D, key_bits, value_bits, dtype, offset, scale, strided):
     B, H, L = int(rng.integers(1, 3)), int(rng.integers(1, 9)), int(rng.integers(1, 40))
-    if variant == "offset-strided":  # mlx-lm's keys are (B, L, H, D) transposed
+    if strided:  # mlx-lm's keys are (B, L, H, D) transposed
         keys, values = (normal(rng, (B, L, H, D), dtype).swapaxes(1, 2) for _ in range(2))
     else:
         keys, values = (normal(rng, (B, H, L, D), dtype) for _ in range(2))
-    offset = None if variant == "plain" else normal(rng, (B, H, 1, D))
-    scale = mx.exp(0.5 * normal(rng, (B, H, 1, D))) if variant == "offset-scale" else None
+    offset = normal(rng, (B, H, 1, D)) if offset else None
+    scale = mx.exp(0.5 * normal(rng, (B, H, 1, D))) if scale else None
     got = quantize_kv(keys, values, key_bits, value_bits, 3, offset, scale)
     k64 = f64(keys) - (0 if offset is None else f64(offset))
     k64 = k64 / (1 if scale is None else f64(scale))
@@ -148,13 +139,32 @@ def test_quantize_kv_matches_float64(D, key_bits, value_bits, variant):
         assert err.max() <= TOL_SCALE, f"scale error {err.max():.2e}"
 
 
-@pytest.mark.parametrize("dtype, shift", [(mx.float16, 4), (mx.bfloat16, 0)], ids=["fp16", "bf16"])
+# Each case builds one kernel variant (on CUDA each costs a compile): the dtype and the key
+# scale alternate across cases, so every D and every width meets both.
+@pytest.mark.parametrize("key_bits, value_bits", KV_BITS)
+@pytest.mark.parametrize("D", DIMS)
+def test_quantize_kv_matches_float64(D, key_bits, value_bits):
+    """Indices are float64's nearest levels except at a midpoint (to float32 rounding);
+    scales norm / |c[idx]| within 1e-6 of float64; keys with and without their offset and
+    key scale, contiguous and transposed."""
+    i, j = DIMS.index(D), KV_BITS.index((key_bits, value_bits))
+    dtype = mx.float16 if j % 2 == 0 else mx.bfloat16
+    scaled = (i + j) % 2 == 1
+    rng = np.random.default_rng([D, key_bits])
+    for offset, strided in ((scaled, False), (True, True)):
+        check_quantize_kv(rng, D, key_bits, value_bits, dtype, offset, scaled, strided)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("D", DIMS)
-def test_decode_rotated_matches_float64(D, bits, dtype, shift):
+def test_decode_rotated_matches_float64(D, bits):
     """The dequantise kernel (prefill's decoded keys and values): c[idx] * scale / 2^shift,
-    within one rounding of `dtype` of float64 (a view of a larger buffer, read in place)."""
-    rng = np.random.default_rng([D, bits, shift])
+    within one rounding of the dtype of float64 (a view of a larger buffer, read in place);
+    float16 with the decoded path's shift, or bfloat16, alternating."""
+    fp16 = (DIMS.index(D) + [2, 3, 4, 8].index(bits)) % 2 == 0
+    dtype = mx.float16 if fp16 else mx.bfloat16
+    shift = math.ceil(math.log2(D) / 2) if fp16 else 0
+    rng = np.random.default_rng([D, bits])
     t = packed_view(rng, 2, 3, int(rng.integers(1, 3000)), D, bits, 0, pad=17)
     got = decode_rotated(t, dtype, shift)
     assert got.shape == t.shape and got.dtype == dtype
