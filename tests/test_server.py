@@ -1,0 +1,229 @@
+"""`mlx_tq.server` on 127.0.0.1, spoken to with the `openai` client, on a tiny saved llama."""
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import mlx.core as mx
+import numpy as np
+import openai
+import pytest
+from conftest import tiny_model
+from mlx.utils import tree_flatten
+from mlx_lm import load, stream_generate
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+import mlx_tq
+
+SPECIAL = ["<bos>", "<eos>", "<|user|>", "<|assistant|>"]
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+# Small prefill steps, so that prompts span several chunks and the first chunk (which sets
+# the cache's key statistics) is the same with and without the prompt cache.
+SERVER_ARGS = ["--kv-bits", "4", "--prefill-step-size", "16", "--max-tokens", "12"]
+STARTUP_S = 120
+REQUEST_S = 60
+
+
+def save_model(path, family="llama"):
+    """Writes a tiny random mlx-lm model with a byte-level tokenizer and a chat template."""
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(SPECIAL)}, []))
+    tok.add_tokens(sorted(pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens(SPECIAL)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", chat_template=TEMPLATE
+    ).save_pretrained(path)
+    model = tiny_model(family, vocab_size=tok.get_vocab_size())
+    # Larger than mlx-lm's initialisation, so that greedy text does not repeat one token.
+    params = tree_flatten(model.parameters())
+    weights = {
+        k: 0.1 * mx.random.normal(v.shape, key=mx.random.key(i)) for i, (k, v) in enumerate(params)
+    }
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+    config = {k: v for k, v in vars(model.args).items() if v is not None}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m mlx_tq.server` on a free loopback port; stopped on exit."""
+
+    def __init__(self, model, tmp, *args):
+        self.port = free_port()
+        env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp / "hf"))
+        cmd = [sys.executable, "-m", "mlx_tq.server", "--model", str(model)]
+        cmd += ["--host", "127.0.0.1", "--port", str(self.port), *SERVER_ARGS, *args]
+        self.log = open(tmp / f"server-{self.port}.log", "w")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + STARTUP_S
+        while not self.healthy():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the server did not start: {(tmp / self.log.name).read_text()}")
+            time.sleep(0.5)
+        self.client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{self.port}/v1",
+            api_key="none",
+            timeout=REQUEST_S,
+            max_retries=0,
+        )
+
+    def healthy(self):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def post(self, path, body: bytes):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=REQUEST_S)
+        conn.request("POST", path, body, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        return r.status, r.read()
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_model(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    s = Server(model_dir, tmp_path_factory.mktemp("server"))
+    yield s
+    s.stop()
+
+
+def chat(client, messages, **kw):
+    r = client.chat.completions.create(
+        model="default_model", messages=messages, temperature=0, logprobs=True, **kw
+    )
+    return r.choices[0].message.content, r.to_dict()["choices"][0]["logprobs"]["content"], r
+
+
+def test_models_lists_the_served_model(server, model_dir):
+    ids = [m.id for m in server.client.models.list().data]
+    assert str(model_dir.resolve()) in ids
+
+
+def test_tokens_and_logprobs_are_turboquant(server, model_dir):
+    # The server's greedy tokens and logprobs are those of an in-process run with mlx_tq's
+    # cache, and not those of an fp16 cache: the served model attends over TurboQuant rows.
+    prompt = "The quick brown fox jumps over the lazy dog"
+    r = server.client.completions.create(
+        model="default_model", prompt=prompt, temperature=0, logprobs=True
+    )
+    served = r.to_dict()["choices"][0]["logprobs"]["content"]
+    model, tokenizer = load(str(model_dir))
+
+    def run(cache):
+        out = stream_generate(
+            model, tokenizer, prompt, max_tokens=12, prompt_cache=cache, prefill_step_size=16
+        )
+        return [(g.token, g.logprobs[g.token].item()) for g in out]
+
+    mlx_tq.patch()
+    try:
+        tq = run(mlx_tq.make_prompt_cache(model, kv_bits=4))
+    finally:
+        mlx_tq.unpatch()
+    fp16 = run(None)
+    assert [t["id"] for t in served] == [t for t, _ in tq]
+    got, want, plain = (np.array(x) for x in ([t["logprob"] for t in served], tq, fp16))
+    np.testing.assert_allclose(got, want[:, 1], atol=1e-4)
+    assert np.abs(got - plain[: len(got), 1]).max() > 1e-3
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_stream_equals_non_stream(server, endpoint):
+    if endpoint == "chat":
+        create = server.client.chat.completions.create
+        kw = dict(messages=[{"role": "user", "content": "Stream this, please."}])
+    else:
+        create = server.client.completions.create
+        kw = dict(prompt="Once upon a time there was")
+    whole = create(model="default_model", temperature=0, **kw).choices[0]
+    parts = []
+    for chunk in create(model="default_model", temperature=0, stream=True, **kw):
+        if chunk.choices:
+            c = chunk.choices[0]
+            parts.append((c.delta.content if endpoint == "chat" else c.text) or "")
+    text = whole.message.content if endpoint == "chat" else whole.text
+    assert len(parts) > 1
+    assert "".join(parts) == text
+
+
+def test_three_turns_reuse_the_prompt_cache(server, model_dir, tmp_path):
+    # Each turn resends the conversation; the server reuses (and trims) the cache of the turn
+    # before. Equal, token by token, to a server that keeps no prompt cache.
+    uncached = Server(model_dir, tmp_path, "--prompt-cache-size", "0")
+    try:
+        histories = {"cached": [], "uncached": []}
+        for i, turn in enumerate(["Hello there, who are you?", "Tell me more.", "And then what?"]):
+            results = {}
+            for name, s in (("cached", server), ("uncached", uncached)):
+                history = histories[name]
+                history.append({"role": "user", "content": turn})
+                text, logprobs, r = chat(s.client, history)
+                history.append({"role": "assistant", "content": text})
+                results[name] = logprobs, r.usage.prompt_tokens_details.cached_tokens
+                if i == 0:
+                    first = r.usage.prompt_tokens
+            (got, reused), (want, none) = results["cached"], results["uncached"]
+            assert [t["id"] for t in got] == [t["id"] for t in want]
+            lp = [[t["logprob"] for t in x] for x in (got, want)]
+            np.testing.assert_allclose(*lp, atol=1e-3)
+            assert none == 0 and (reused >= first) == (i > 0)
+    finally:
+        uncached.stop()
+
+
+def test_bad_requests_get_4xx_and_the_server_lives(server):
+    status, body = server.post("/v1/chat/completions", b'{"messages": [')
+    assert status == 400 and b"Invalid JSON" in body
+    with pytest.raises(openai.NotFoundError):
+        server.client.chat.completions.create(
+            model="/no/such/model", messages=[{"role": "user", "content": "hi"}]
+        )
+    with pytest.raises(openai.BadRequestError):
+        server.client.completions.create(model="default_model", prompt="hi", max_tokens=-1)
+    assert server.healthy()
+    assert server.client.completions.create(model="default_model", prompt="still there?").choices
+
+
+def test_four_concurrent_requests(server):
+    prompts = [f"Request number {i} asks for {'more ' * i}text" for i in range(4)]
+
+    def complete(p):
+        return server.client.completions.create(model="default_model", prompt=p, temperature=0)
+
+    alone = [complete(p).choices[0].text for p in prompts]
+    with ThreadPoolExecutor(4) as pool:
+        together = [r.choices[0].text for r in pool.map(complete, prompts)]
+    assert together == alone
