@@ -29,15 +29,11 @@ PRESETS = {b: (b, b, 0.5, False) for b in SUPPORTED_BITS}
 
 
 class _TurboQuantMixin:
-    # mlx-lm re-quantises caches that have `to_quantized` and batches those with `merge`;
-    # neither applies to packed rows, so hide both from hasattr().
+    # mlx-lm re-quantises caches that have `to_quantized`, which does not apply to packed
+    # rows, so hide it from hasattr().
     @property
     def to_quantized(self):
         raise AttributeError("TurboQuant caches are already quantised")
-
-    @property
-    def merge(self):
-        raise AttributeError("TurboQuant caches do not support batch merging")
 
     def _setup(self, key_bits, value_bits, seed, center_keys, smooth_keys=0.0, exact_sink=False):
         check_bits(key_bits, "key_bits")
@@ -50,6 +46,9 @@ class _TurboQuantMixin:
         self.head_dim = None
         self.dtype = None
         self._pending = False
+        # Tokens the key statistics came from (0: none yet, or unknown after loading): a
+        # prompt cache trimmed below them no longer equals a fresh cache of its tokens.
+        self.stats_tokens = 0
 
     def _encode(self, keys, values):
         check_input(keys, "keys")
@@ -65,21 +64,7 @@ class _TurboQuantMixin:
                 "with the same B, H and L"
             )
         if self.key_offset is None:
-            # A dtype name, not an mx.Dtype, so that copy.deepcopy works.
-            self.head_dim, self.dtype = keys.shape[-1], str(keys.dtype).removeprefix("mlx.core.")
-            # Softmax ignores a per-head shift of the keys, so store k - mean(k) (frozen
-            # after the first update) and spend the bits on what differs between keys.
-            k = keys.astype(mx.float32)
-            # Finite, so that a NaN key spoils its own token only, as in an fp16 cache.
-            mean = mx.mean(mx.where(mx.isfinite(k), k, 0), axis=2, keepdims=True)
-            scale = None
-            if self.smooth_keys:
-                # Store (k - mean) / s with s = std^smooth per channel (unit mean), and
-                # attend with q * s: the bits go less to the loudest key channels.
-                std = mx.sqrt(mx.mean(mx.where(mx.isfinite(k), k - mean, 0) ** 2, axis=2))
-                s = (std[:, :, None] + 1e-6) ** self.smooth_keys
-                scale = s / mx.mean(s, axis=-1, keepdims=True)
-            self._set_key_stats(mean if self.center_keys else mx.zeros_like(mean), scale)
+            self._init_key_stats(keys)
         elif keys.shape[:2] != self.key_offset.shape[:2] or keys.shape[-1] != self.head_dim:
             B, H = self.key_offset.shape[:2]
             raise ValueError(
@@ -96,6 +81,24 @@ class _TurboQuantMixin:
         k = _quantize_rows(keys, self.key_bits, self.seed, self.key_offset, self.key_scale)
         v = _quantize_rows(values, self.value_bits, self.seed)
         return k, v
+
+    def _init_key_stats(self, keys):
+        # A dtype name, not an mx.Dtype, so that copy.deepcopy works.
+        self.head_dim, self.dtype = keys.shape[-1], str(keys.dtype).removeprefix("mlx.core.")
+        self.stats_tokens = keys.shape[2]
+        # Softmax ignores a per-head shift of the keys, so store k - mean(k) (frozen
+        # after the first update) and spend the bits on what differs between keys.
+        k = keys.astype(mx.float32)
+        # Finite, so that a NaN key spoils its own token only, as in an fp16 cache.
+        mean = mx.mean(mx.where(mx.isfinite(k), k, 0), axis=2, keepdims=True)
+        scale = None
+        if self.smooth_keys:
+            # Store (k - mean) / s with s = std^smooth per channel (unit mean), and
+            # attend with q * s: the bits go less to the loudest key channels.
+            std = mx.sqrt(mx.mean(mx.where(mx.isfinite(k), k - mean, 0) ** 2, axis=2))
+            s = (std[:, :, None] + 1e-6) ** self.smooth_keys
+            scale = s / mx.mean(s, axis=-1, keepdims=True)
+        self._set_key_stats(mean if self.center_keys else mx.zeros_like(mean), scale)
 
     def _set_key_stats(self, offset, scale=None):
         self.key_offset, self.key_scale = offset, scale
@@ -235,6 +238,12 @@ class TurboQuantKVCache(_TurboQuantMixin, KVCache):
         self._set_meta(v[1:])
         self.offset = int(v[0])
 
+    @classmethod
+    def merge(cls, caches):
+        from .batch import TurboQuantBatchKVCache
+
+        return TurboQuantBatchKVCache.merge(caches)
+
 
 class TurboQuantRotatingKVCache(_TurboQuantMixin, RotatingKVCache):
     """A `RotatingKVCache` (sliding window) holding TurboQuant-packed keys and values.
@@ -285,6 +294,12 @@ class TurboQuantRotatingKVCache(_TurboQuantMixin, RotatingKVCache):
     def meta_state(self, v):
         self._set_meta(v[4:])
         self.keep, self.max_size, self.offset, self._idx = map(int, v[:4])
+
+    @classmethod
+    def merge(cls, caches):
+        from .batch import TurboQuantBatchRotatingKVCache
+
+        return TurboQuantBatchRotatingKVCache.merge(caches)
 
 
 def make_prompt_cache(
