@@ -78,6 +78,18 @@ class ModelProvider(lm_server.ModelProvider):
         self.is_batchable = self.is_batchable and all(hasattr(c, "merge") for c in caches)
 
 
+class LRUPromptCache(lm_server.LRUPromptCache):
+    """mlx-lm's prompt cache, reusing a TurboQuant cache only down to the tokens its key
+    statistics came from: trimmed below them it differs from a fresh cache of its tokens."""
+
+    def fetch_nearest_cache(self, model, tokens):
+        cache, rest = super().fetch_nearest_cache(model, tokens)
+        kept = len(tokens) - len(rest)
+        if cache is not None and any(getattr(c, "stats_tokens", 0) > kept for c in cache):
+            return None, tokens
+        return cache, rest
+
+
 def main():
     args, rest = setup_arg_parser().parse_known_args()
     options = dict(kv_bits=args.kv_bits, key_bits=args.kv_key_bits, value_bits=args.kv_value_bits)
@@ -95,8 +107,9 @@ def main():
     # mlx-lm's /v1/models fails while the Hugging Face cache does not exist (a fresh install).
     Path(HF_HUB_CACHE).mkdir(parents=True, exist_ok=True)
     patch()
-    # mlx-lm's main parses its flags and builds its ModelProvider by this name.
+    # mlx-lm's main parses its flags and builds these by name.
     lm_server.ModelProvider = partial(ModelProvider, **options)
+    lm_server.LRUPromptCache = LRUPromptCache
     sys.argv = ["mlx_tq.server", *rest]
     lm_server.main()
 

@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 import openai
 import pytest
-from conftest import tiny_model
+from conftest import lively, tiny_model
 from mlx.utils import tree_flatten
 from mlx_lm import load, stream_generate
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -44,13 +44,8 @@ def save_model(path, family="llama"):
     PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", chat_template=TEMPLATE
     ).save_pretrained(path)
-    model = tiny_model(family, vocab_size=tok.get_vocab_size())
-    # Larger than mlx-lm's initialisation, so that greedy text does not repeat one token.
-    params = tree_flatten(model.parameters())
-    weights = {
-        k: 0.1 * mx.random.normal(v.shape, key=mx.random.key(i)) for i, (k, v) in enumerate(params)
-    }
-    mx.save_safetensors(str(path / "model.safetensors"), weights)
+    model = lively(tiny_model(family, vocab_size=tok.get_vocab_size()))
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
     config = {k: v for k, v in vars(model.args).items() if v is not None}
     (path / "config.json").write_text(json.dumps(config))
     return path
