@@ -1,0 +1,25 @@
+"""Tensor parallelism over 2 processes (MLX's ring backend on 127.0.0.1) with TurboQuant caches."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).parent
+LAUNCH = Path(sys.executable).parent / "mlx.launch"  # installed with mlx, next to python
+
+
+def test_tensor_parallel_tokens_equal_one_process(tmp_path):
+    out = tmp_path / "result.json"
+    cmd = [str(LAUNCH), "--backend", "ring", "-n", "2", "--python", sys.executable]
+    subprocess.run(
+        [*cmd, str(HERE / "sharded_run.py"), str(out)], cwd=HERE, check=True, timeout=300
+    )
+    r = json.loads(out.read_text())
+    assert r["size"] == 2 and r["kv_heads"] == 1  # each rank holds one of the two KV heads
+    for want, got in zip(r["single"]["alone"], r["sharded"]["alone"], strict=True):
+        assert [t for t, _ in got] == [t for t, _ in want]
+        np.testing.assert_allclose([lp for _, lp in got], [lp for _, lp in want], atol=1e-4)
+    assert r["sharded"]["batched"] == [[t for t, _ in a] for a in r["single"]["alone"]]
