@@ -1,110 +1,18 @@
 """`mlx_tq.server` on 127.0.0.1, spoken to with the `openai` client, on a tiny saved llama."""
 
 import argparse
-import http.client
-import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-import mlx.core as mx
 import numpy as np
 import openai
 import pytest
-from conftest import lively, tiny_model
-from mlx.utils import tree_flatten
 from mlx_lm import load, stream_generate
 from mlx_lm.models.cache import make_prompt_cache as lm_make_prompt_cache
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from serving import Server, save_model
 
 import mlx_tq
 from mlx_tq.cache import TurboQuantKVCache
 from mlx_tq.server import ModelProvider
-
-SPECIAL = ["<bos>", "<eos>", "<|user|>", "<|assistant|>"]
-TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-# Small prefill steps, so that prompts span several chunks and the first chunk (which sets
-# the cache's key statistics) is the same with and without the prompt cache.
-SERVER_ARGS = ["--kv-bits", "4", "--prefill-step-size", "16", "--max-tokens", "12"]
-STARTUP_S = 120
-REQUEST_S = 60
-
-
-def save_model(path, family="llama"):
-    """Writes a tiny random mlx-lm model with a byte-level tokenizer and a chat template."""
-    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(SPECIAL)}, []))
-    tok.add_tokens(sorted(pre_tokenizers.ByteLevel.alphabet()))
-    tok.add_special_tokens(SPECIAL)
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", chat_template=TEMPLATE
-    ).save_pretrained(path)
-    model = lively(tiny_model(family, vocab_size=tok.get_vocab_size()))
-    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    config = {k: v for k, v in vars(model.args).items() if v is not None}
-    (path / "config.json").write_text(json.dumps(config))
-    return path
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`python -m mlx_tq.server` on a free loopback port (model None: the default)."""
-
-    def __init__(self, model, tmp, *args):
-        self.port = free_port()
-        env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp / "hf"))
-        cmd = [sys.executable, "-m", "mlx_tq.server"] + (["--model", str(model)] if model else [])
-        cmd += ["--host", "127.0.0.1", "--port", str(self.port), *SERVER_ARGS, *args]
-        self.log = open(tmp / f"server-{self.port}.log", "w")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + STARTUP_S
-        while not self.healthy():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the server did not start: {(tmp / self.log.name).read_text()}")
-            time.sleep(0.5)
-        self.client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{self.port}/v1",
-            api_key="none",
-            timeout=REQUEST_S,
-            max_retries=0,
-        )
-
-    def healthy(self):
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    def post(self, path, body: bytes):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=REQUEST_S)
-        conn.request("POST", path, body, {"Content-Type": "application/json"})
-        r = conn.getresponse()
-        return r.status, r.read()
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
