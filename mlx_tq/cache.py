@@ -133,7 +133,8 @@ class _TurboQuantMixin:
                 return super().update_and_fetch(keys, values)
             self._freeze(keys, values)
         elif (
-            keys.shape[:2] != self.keys.shape[:2]
+            self.keys is None  # statistics set before any row (a batch, see batch.py)
+            or keys.shape[:2] != self.keys.shape[:2]
             or keys.shape[3] != self.head_dim
             or values.shape != keys.shape
             or keys.dtype not in FLOAT_DTYPES
