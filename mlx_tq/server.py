@@ -15,7 +15,7 @@ import mlx_lm
 import mlx_lm.server as lm_server
 from huggingface_hub.constants import HF_HUB_CACHE
 
-from .cache import PRESETS, make_prompt_cache
+from .cache import PRESETS, WARMUP_TOKENS, make_prompt_cache
 from .codebook import SUPPORTED_BITS
 from .loading import resolve
 from .patch import patch
@@ -27,8 +27,7 @@ def setup_arg_parser():
     parser = argparse.ArgumentParser(
         prog="mlx_tq.server",
         description="mlx_lm.server with TurboQuant KV caches. These flags take precedence; "
-        "all others are mlx_lm.server's (listed next), whose --kv-group-size and "
-        "--quantized-kv-start have no effect here.",
+        "all others are mlx_lm.server's (listed next), whose --kv-group-size has no effect here.",
         add_help=False,
     )
     parser.add_argument(
@@ -50,6 +49,13 @@ def setup_arg_parser():
         default=None,
         choices=SUPPORTED_BITS,
         help="Override value bits",
+    )
+    parser.add_argument(
+        "--quantized-kv-start",
+        type=int,
+        default=WARMUP_TOKENS,
+        help="Tokens each layer holds exactly before it freezes its key statistics on them "
+        f"and quantises (default: {WARMUP_TOKENS})",
     )
     return parser
 
@@ -93,6 +99,7 @@ class LRUPromptCache(lm_server.LRUPromptCache):
 def main():
     args, rest = setup_arg_parser().parse_known_args()
     options = dict(kv_bits=args.kv_bits, key_bits=args.kv_key_bits, value_bits=args.kv_value_bits)
+    options.update(warmup_tokens=args.quantized_kv_start)
     if {"-h", "--help"} & set(rest):
         setup_arg_parser().print_help()
         print()

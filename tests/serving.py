@@ -22,9 +22,11 @@ TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-# Small prefill steps, so that prompts span several chunks and the first chunk (which sets
-# the cache's key statistics) is the same with and without the prompt cache.
+# Small prefill steps, so that prompts span several chunks; a warm-up of one chunk, so that
+# caches quantise and freeze their statistics on the same tokens with and without reuse.
+WARMUP = 16
 SERVER_ARGS = ["--kv-bits", "4", "--prefill-step-size", "16", "--max-tokens", "12"]
+SERVER_ARGS += ["--quantized-kv-start", str(WARMUP)]
 STARTUP_S = 120
 REQUEST_S = 60
 

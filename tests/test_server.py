@@ -8,7 +8,7 @@ import openai
 import pytest
 from mlx_lm import load, stream_generate
 from mlx_lm.models.cache import make_prompt_cache as lm_make_prompt_cache
-from serving import Server, save_model
+from serving import WARMUP, Server, save_model
 
 import mlx_tq
 from mlx_tq.cache import TurboQuantKVCache
@@ -44,11 +44,11 @@ def test_model_provider_makes_batchable_turboquant_caches(model_dir):
         use_default_chat_template=False,
         pipeline=False,
     )
-    provider = ModelProvider(args, kv_bits=3, value_bits=2)
+    provider = ModelProvider(args, kv_bits=3, value_bits=2, warmup_tokens=5)
     model, _ = provider.load("default_model")
     cache = lm_make_prompt_cache(model)  # as mlx-lm's server and BatchGenerator build them
     assert all(isinstance(c, TurboQuantKVCache) for c in cache)
-    assert {(c.key_bits, c.value_bits) for c in cache} == {(3, 2)}
+    assert {(c.key_bits, c.value_bits, c.warmup_tokens) for c in cache} == {(3, 2, 5)}
     assert provider.is_batchable and cache[0] is not lm_make_prompt_cache(model)[0]
 
 
@@ -75,7 +75,7 @@ def test_tokens_and_logprobs_are_turboquant(server, model_dir):
 
     mlx_tq.patch()
     try:
-        tq = run(mlx_tq.make_prompt_cache(model, kv_bits=4))
+        tq = run(mlx_tq.make_prompt_cache(model, kv_bits=4, warmup_tokens=WARMUP))
     finally:
         mlx_tq.unpatch()
     fp16 = run(None)
