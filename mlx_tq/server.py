@@ -1,8 +1,9 @@
 """mlx-lm's OpenAI-compatible server with TurboQuant KV caches: `mlx_tq.server --kv-bits 4`.
 
-Everything but the caches is mlx-lm's: its HTTP handler, model provider, prompt-cache reuse
-and flags. `--kv-bits`, `--kv-key-bits` and `--kv-value-bits` choose the TurboQuant cache
-(mlx-lm's affine `--kv-bits` is not reachable), and `--model` defaults to `mlx_tq.generate`'s.
+Everything but the caches is mlx-lm's: its HTTP handler, model provider, batching, prompt-cache
+reuse and flags. `--kv-bits`, `--kv-key-bits`, `--kv-value-bits` and `--quantized-kv-start`
+(the warm-up) configure the TurboQuant cache in place of mlx-lm's affine one, and `--model`
+defaults to `mlx_tq.generate`'s.
 """
 
 import argparse
