@@ -142,9 +142,12 @@ def test_bad_requests_get_4xx_and_the_server_lives(server):
     assert server.client.completions.create(model="default_model", prompt="still there?").choices
 
 
-def concurrent_equals_alone(server, prompts):
+def concurrent_equals_alone(server, prompts, max_tokens=64):
+    # Long enough that the requests decode in one batch (they join it as they arrive).
     def complete(p):
-        return server.client.completions.create(model="default_model", prompt=p, temperature=0)
+        return server.client.completions.create(
+            model="default_model", prompt=p, temperature=0, max_tokens=max_tokens
+        )
 
     alone = [complete(p).choices[0].text for p in prompts]
     with ThreadPoolExecutor(len(prompts)) as pool:
@@ -166,6 +169,6 @@ def test_default_model(tmp_path):
         text, _, _ = chat(server.client, question)
         assert "Paris" in text
         prompts = ["The capital of France is", "Water boils at", "One, two, three,", "Hello"]
-        concurrent_equals_alone(server, prompts)
+        concurrent_equals_alone(server, prompts, max_tokens=12)
     finally:
         server.stop()
