@@ -165,13 +165,10 @@ def make_cache(model, name: str) -> list:
             else c
             for c in lm_cache.make_prompt_cache(model)
         ]
-    if m := re.fullmatch(r"tq(\d)(-sink|-nosink)?", name):
-        sink = None if m[2] is None else m[2] == "-sink"
-        return make_prompt_cache(model, kv_bits=int(m[1]), exact_sink=sink)
-    if m := re.fullmatch(r"k(\d)v(\d)(-sink)?", name):
-        return make_prompt_cache(
-            model, key_bits=int(m[1]), value_bits=int(m[2]), exact_sink=bool(m[3])
-        )
+    if m := re.fullmatch(r"tq(\d)", name):
+        return make_prompt_cache(model, kv_bits=int(m[1]))
+    if m := re.fullmatch(r"k(\d)v(\d)", name):
+        return make_prompt_cache(model, key_bits=int(m[1]), value_bits=int(m[2]))
     raise ValueError(
         f"unknown configuration {name!r}: use fp16, affine<b>, tq<b> or k<b>v<b> "
         "(the last two optionally with -sink)"
