@@ -8,7 +8,9 @@ along the sequence axis, so they run unchanged on our rows. What a batch adds:
 - while some row still warms up, the batch holds plain rows (exact for warming rows, the
   TurboQuant reconstruction for frozen ones) attended by mlx-lm's own attention; once every
   row is frozen it quantises them in place (a reconstruction quantises back to its own
-  indices, with scales within 1e-6 in float32, 2e-4 in float16) and attends packed rows.
+  indices but at level midpoints, its scales within 1e-6 in float32, 2e-4 in float16) and
+  attends packed rows. The cost: meanwhile every row is held in the model's dtype, so a
+  warming request joining packed ones (a prompt under `warmup_tokens`) decodes them all.
 
 Padded rows need an array mask, so packed batches take the non-fused attention paths: on a
 GPU each layer's keys and values are decoded every step, on a CPU the plain-ops reference.
