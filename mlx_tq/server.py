@@ -97,6 +97,17 @@ class LRUPromptCache(lm_server.LRUPromptCache):
         return cache, rest
 
 
+class ResponseGenerator(lm_server.ResponseGenerator):
+    """mlx-lm's, answering an empty prompt with an error: in mlx-lm 0.32.2 it reaches the
+    BatchGenerator, whose ValueError ends the generation thread (a dead server)."""
+
+    def _tokenize(self, tokenizer, request, args):
+        tokenized = super()._tokenize(tokenizer, request, args)
+        if not tokenized[0]:
+            raise ValueError("the prompt is empty")
+        return tokenized
+
+
 def main():
     args, rest = setup_arg_parser().parse_known_args()
     options = dict(kv_bits=args.kv_bits, key_bits=args.kv_key_bits, value_bits=args.kv_value_bits)
@@ -118,6 +129,7 @@ def main():
     # mlx-lm's main parses its flags and builds these by name.
     lm_server.ModelProvider = partial(ModelProvider, **options)
     lm_server.LRUPromptCache = LRUPromptCache
+    lm_server.ResponseGenerator = ResponseGenerator
     sys.argv = ["mlx_tq.server", *rest]
     lm_server.main()
 

@@ -138,6 +138,9 @@ def test_bad_requests_get_4xx_and_the_server_lives(server):
         )
     with pytest.raises(openai.BadRequestError):
         server.client.completions.create(model="default_model", prompt="hi", max_tokens=-1)
+    with pytest.raises(openai.NotFoundError) as empty:  # mlx-lm's status for a failed request
+        server.client.completions.create(model="default_model", prompt="")
+    assert "the prompt is empty" in empty.value.response.text
     assert server.healthy()
     assert server.client.completions.create(model="default_model", prompt="still there?").choices
 
