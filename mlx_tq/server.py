@@ -98,13 +98,17 @@ class LRUPromptCache(lm_server.LRUPromptCache):
 
 
 class ResponseGenerator(lm_server.ResponseGenerator):
-    """mlx-lm's, answering an empty prompt with an error: in mlx-lm 0.32.2 it reaches the
-    BatchGenerator, whose ValueError ends the generation thread (a dead server)."""
+    """mlx-lm's, answering two bad requests with an error that mlx-lm 0.32.2 does not catch:
+    an empty prompt (BatchGenerator's ValueError ends the generation thread) and a
+    `logit_bias` token id outside the vocabulary (the process dies of a segmentation fault)."""
 
     def _tokenize(self, tokenizer, request, args):
         tokenized = super()._tokenize(tokenizer, request, args)
         if not tokenized[0]:
             raise ValueError("the prompt is empty")
+        vocab = getattr(getattr(self.model_provider.model, "args", None), "vocab_size", None)
+        if vocab and any(not 0 <= t < vocab for t in args.logits.logit_bias or {}):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
         return tokenized
 
 

@@ -141,6 +141,11 @@ def test_bad_requests_get_4xx_and_the_server_lives(server):
     with pytest.raises(openai.NotFoundError) as empty:  # mlx-lm's status for a failed request
         server.client.completions.create(model="default_model", prompt="")
     assert "the prompt is empty" in empty.value.response.text
+    with pytest.raises(openai.NotFoundError) as bias:
+        server.client.completions.create(
+            model="default_model", prompt="hi", logit_bias={"999999": 5}
+        )
+    assert "logit_bias token ids must be in [0, 260)" in bias.value.response.text
     assert server.healthy()
     assert server.client.completions.create(model="default_model", prompt="still there?").choices
 
