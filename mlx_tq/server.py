@@ -98,14 +98,15 @@ class LRUPromptCache(lm_server.LRUPromptCache):
 
 
 class ResponseGenerator(lm_server.ResponseGenerator):
-    """mlx-lm's, answering two bad requests with an error that mlx-lm 0.32.2 does not catch:
-    an empty prompt (BatchGenerator's ValueError ends the generation thread) and a
-    `logit_bias` token id outside the vocabulary (the process dies of a segmentation fault)."""
+    """mlx-lm's, answering bad requests with an error that mlx-lm 0.32.2 does not catch: an
+    empty prompt or one that is not text (a list: BatchGenerator and the prompt cache raise,
+    which ends the generation thread) and a `logit_bias` token id outside the vocabulary (the
+    process dies of a segmentation fault)."""
 
     def _tokenize(self, tokenizer, request, args):
         tokenized = super()._tokenize(tokenizer, request, args)
-        if not tokenized[0]:
-            raise ValueError("the prompt is empty")
+        if not tokenized[0] or not all(isinstance(t, int) for t in tokenized[0]):
+            raise ValueError("the prompt must be non-empty text")
         vocab = getattr(getattr(self.model_provider.model, "args", None), "vocab_size", None)
         if vocab and any(not 0 <= t < vocab for t in args.logits.logit_bias or {}):
             raise ValueError(f"logit_bias token ids must be in [0, {vocab})")

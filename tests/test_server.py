@@ -138,9 +138,10 @@ def test_bad_requests_get_4xx_and_the_server_lives(server):
         )
     with pytest.raises(openai.BadRequestError):
         server.client.completions.create(model="default_model", prompt="hi", max_tokens=-1)
-    with pytest.raises(openai.NotFoundError) as empty:  # mlx-lm's status for a failed request
-        server.client.completions.create(model="default_model", prompt="")
-    assert "the prompt is empty" in empty.value.response.text
+    for prompt in ("", ["a", "b"]):
+        with pytest.raises(openai.NotFoundError) as bad:  # mlx-lm's status for a failed request
+            server.client.completions.create(model="default_model", prompt=prompt)
+        assert "the prompt must be non-empty text" in bad.value.response.text
     with pytest.raises(openai.NotFoundError) as bias:
         server.client.completions.create(
             model="default_model", prompt="hi", logit_bias={"999999": 5}
