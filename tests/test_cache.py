@@ -176,7 +176,7 @@ def test_unpatched_fetch_returns_dequantised_arrays():
 def test_protocol_and_hidden_attributes():
     cache = TurboQuantKVCache(warmup_tokens=0)
     assert cache.empty() and cache.nbytes == 0 and cache.size() == 0
-    for name in ("bits", "to_quantized", "merge"):
+    for name in ("bits", "to_quantized"):
         assert not hasattr(cache, name)
     k = mx.random.normal((1, 1, 300, 64))
     cache.update_and_fetch(k, k)
