@@ -451,7 +451,10 @@ def load_prompt_cache(path: str, return_metadata: bool = False, **expected):
         arrays, header = mx.load(str(path), return_metadata=True)
     except Exception as e:
         raise ValueError(f"{path} is not a readable safetensors file (truncated?): {e}") from e
-    if header.get("format") != FILE_FORMAT:
+    fmt = header.get("format") or ""
+    if fmt.startswith("mlx_tq.prompt_cache/") and fmt != FILE_FORMAT:
+        raise ValueError(f"{path} was written in format {fmt!r}; this mlx_tq reads {FILE_FORMAT!r}")
+    if fmt != FILE_FORMAT:
         raise ValueError(
             f"{path} is not an mlx_tq prompt cache (format {header.get('format')!r}); "
             "files from mlx-lm load with mlx_lm.models.cache.load_prompt_cache"

@@ -303,4 +303,8 @@ def test_load_errors(tmp_path):
         mlx_tq.load_prompt_cache(other)
     with pytest.raises(FileNotFoundError):
         mlx_tq.load_prompt_cache(tmp_path / "missing.safetensors")
+    old = tmp_path / "old.safetensors"
+    mx.save_safetensors(str(old), {"w": mx.zeros(3)}, {"format": "mlx_tq.prompt_cache/1"})
+    with pytest.raises(ValueError, match="written in format 'mlx_tq.prompt_cache/1'"):
+        mlx_tq.load_prompt_cache(old)
     assert not list(tmp_path.glob(".*tmp*"))  # atomic save leaves no temporary file
