@@ -27,7 +27,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
-from mlx_tq import kernels, quantize, scaled_dot_product_attention
+from mlx_tq import attention, kernels, quantize, scaled_dot_product_attention
 from mlx_tq.attention import _fused_attention
 from mlx_tq.quant import quantize_kv_rows
 
@@ -87,6 +87,22 @@ def decode(S, runs, batch=10):
     return row
 
 
+def split_sweep(targets, runs):
+    """TQ4 decode ms (alone, pipelined) per key count for each threadgroup target."""
+    rows = []
+    q = normal((1, HQ, 1, D))
+    for S in DEFAULT_KEYS:
+        tk, tv = packed(S, 4, 0), packed(S, 4, 1, keys=False)
+        for target in targets:
+            attention.TARGET_GROUPS = target
+            fn = partial(scaled_dot_product_attention, q, tk, tv, D**-0.5)
+            row = {"keys": S, "target_groups": target, "ms": median_ms(fn, runs=runs)}
+            row["pipe_ms"] = median_ms(fn, runs=max(runs // 2, 1), batch=10)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def quantize_step(runs):
     k, v = normal((1, HKV, 1, D)), normal((1, HKV, 1, D))
     offset = normal((HKV, D), mx.float32)
@@ -133,6 +149,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer timed runs (20, not 50)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON")
+    parser.add_argument(
+        "--split-sweep",
+        type=int,
+        nargs="+",
+        help="only time TQ4 decode with each of these attention.TARGET_GROUPS",
+    )
     args = parser.parse_args()
     if kernels.backend() is None:
         raise SystemExit("no GPU that runs mlx_tq's kernels (Metal or CUDA): nothing to time")
@@ -149,6 +171,11 @@ def main():
         "decode": [],
     }
     print(json.dumps({k: v for k, v in report.items() if k != "decode"}), flush=True)
+    if args.split_sweep:
+        report["split_sweep"] = split_sweep(args.split_sweep, runs)
+        with open(os.path.join(args.out, "gpu_split_sweep.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        return
     for S in DEFAULT_KEYS:
         report["decode"].append(decode(S, runs))
         print(json.dumps(report["decode"][-1]), flush=True)
