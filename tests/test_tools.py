@@ -155,7 +155,7 @@ def test_user_errors_leave_bugs_alone():
             raise KeyError("a bug")
 
 
-@pytest.mark.parametrize("cli", ["generate", "perplexity", "needle"])
+@pytest.mark.parametrize("cli", ["generate", "perplexity", "needle", "bench"])
 def test_help_shows_every_default(cli, capsys):
     parser = (CLIS.get(cli) or bench).setup_arg_parser()
     parsers = [parser] + [
@@ -163,11 +163,13 @@ def test_help_shows_every_default(cli, capsys):
         for p in a.choices.values()
     ]  # fmt: skip
     for p in parsers:
+        text = " ".join(p.format_help().split())
         for action in p._actions:
-            if not isinstance(action, argparse._SubParsersAction):
-                assert action.help, (p.prog, action.dest)
-        text = p.format_help()
-        assert "(default: " in text, p.prog
+            if isinstance(action, argparse._SubParsersAction):
+                continue
+            assert action.help, (p.prog, action.dest)
+            if action.default not in (None, False, argparse.SUPPRESS):
+                assert f"(default: {action.default})" in text, (p.prog, action.dest)
 
 
 def test_blas_hint(tmp_path, monkeypatch, capsys):
