@@ -8,7 +8,7 @@ from conftest import tiny_model
 from mlx.utils import tree_map
 
 import mlx_tq
-from mlx_tq import needle, perplexity
+from mlx_tq import perplexity
 from mlx_tq.patch import is_patched
 from mlx_tq.perplexity import evaluate, load_windows
 from mlx_tq.tools import kv_footprint, make_cache
@@ -116,17 +116,6 @@ def test_cli_json(model, tmp_path, monkeypatch, capsys):
         assert v["tokens"] == 64
     table = capsys.readouterr().out
     assert "| k5v3 |" in table and "| affine4 |" in table
-
-
-def test_needle_prompt_and_retrieve(model):
-    tok = ByteTokenizer()
-    prompt = needle.make_prompt(tok, 400, 0.5, "12345")
-    text = tok.decode(prompt[1:])
-    assert prompt[0] == 1 and abs(len(prompt) - 401) <= 1
-    assert text.index("12345") == pytest.approx(len(text) / 2, abs=100)
-    assert text.endswith(needle.QUESTION)
-    out = needle.retrieve(model, make_cache(model, "k4v4"), prompt, chunk_size=64)
-    assert len(out) == needle.DECODE_TOKENS and all(0 <= t < VOCAB for t in out)
 
 
 def test_smooth_keys(model, windows, tmp_path):

@@ -1,4 +1,4 @@
-"""What the command-line tools share (mlx_tq.tools) and the generate and needle CLIs."""
+"""What the command-line tools share (mlx_tq.tools), and the generate CLI."""
 
 import argparse
 import sys
@@ -8,9 +8,9 @@ import mlx_lm.models.cache as lm_cache
 import pytest
 from conftest import tiny_model
 
-from mlx_tq import bench, generate, needle, perplexity, tools
+from mlx_tq import bench, generate, perplexity, tools
 
-CLIS = {"generate": generate, "perplexity": perplexity, "needle": needle}
+CLIS = {"generate": generate, "perplexity": perplexity}
 
 
 @pytest.fixture(scope="module")
@@ -113,11 +113,6 @@ def test_generate_cli_passes_cache_options(model, monkeypatch):
         ("generate", ["--max-kv-size", "0"], "--max-kv-size: 0 is not a positive integer"),
         ("generate", ["--max-kv-size", "-4"], "--max-kv-size: -4 is not a positive integer"),
         ("generate", ["--kv-bits", "16"], "invalid choice: 16 (choose from 2, 3, 4, 5, 6, 7, 8)"),
-        ("needle", ["--kv-bits", "9"], "--kv-bits: invalid choice: 9"),
-        ("needle", ["--compare", "tq4-sink"], "unknown configuration 'tq4-sink'"),
-        ("needle", ["--depths", "1.5"], "1.5 is not a depth between 0 and 1"),
-        ("needle", ["--chunk-size", "0"], "--chunk-size: 0 is not a positive integer"),
-        ("needle", ["--lengths", "-1"], "--lengths: -1 is not a positive integer"),
         ("perplexity", ["--kv-bits", "9"], "--kv-bits: invalid choice: 9"),
         ("perplexity", ["--kv-key-bits", "1"], "--kv-key-bits: invalid choice: 1"),
         ("perplexity", ["--dtype", "int8"], "--dtype: invalid choice: 'int8'"),
@@ -131,7 +126,7 @@ def test_arguments_are_checked_before_loading(cli, argv, message, monkeypatch, c
     assert info.value.code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("cli", ["generate", "needle"])
+@pytest.mark.parametrize("cli", ["generate", "perplexity"])
 def test_model_errors_are_one_line(cli, tmp_path, monkeypatch, capsys):
     (tmp_path / "notes.txt").write_text("hi")
     for model, message in (
@@ -139,7 +134,8 @@ def test_model_errors_are_one_line(cli, tmp_path, monkeypatch, capsys):
         (tmp_path / "notes.txt", "is a file but not a .gguf; give a GGUF file or a model folder"),
         (tmp_path, "is not a model folder: it has no config.json"),
     ):
-        monkeypatch.setattr(sys, "argv", [f"mlx_tq.{cli}", "--model", str(model)])
+        data = ["--data", str(tmp_path / "notes.txt")] if cli == "perplexity" else []
+        monkeypatch.setattr(sys, "argv", [f"mlx_tq.{cli}", "--model", str(model), *data])
         with pytest.raises(SystemExit) as info:
             CLIS[cli].main()
         assert message in str(info.value) and "\n" not in str(info.value)
@@ -155,7 +151,7 @@ def test_user_errors_leave_bugs_alone():
             raise KeyError("a bug")
 
 
-@pytest.mark.parametrize("cli", ["generate", "perplexity", "needle", "bench"])
+@pytest.mark.parametrize("cli", ["generate", "perplexity", "bench"])
 def test_help_shows_every_default(cli, capsys):
     parser = (CLIS.get(cli) or bench).setup_arg_parser()
     parsers = [parser] + [

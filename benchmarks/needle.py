@@ -1,4 +1,4 @@
-"""Pass-key retrieval through a compressed KV cache: `mlx_tq.needle --kv-bits 4 3`.
+"""Pass-key retrieval through a compressed KV cache: `python benchmarks/needle.py --kv-bits 4 3`.
 
 A five-digit pass key is hidden at several depths of filler text and asked for at the end;
 the prompt is prefilled through each configuration's cache, a few tokens are decoded
@@ -14,10 +14,10 @@ from pathlib import Path
 import mlx.core as mx
 from tqdm import tqdm
 
-from .cache import PRESETS
-from .loading import load
-from .patch import patch
-from .tools import (
+from mlx_tq.cache import PRESETS
+from mlx_tq.loading import load
+from mlx_tq.patch import patch
+from mlx_tq.tools import (
     CONFIG_HELP,
     REFERENCE,
     add_model_arguments,
