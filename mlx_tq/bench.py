@@ -1,4 +1,4 @@
-"""Speed and memory of KV caches in generation: `mlx_tq.bench generate --quick`.
+"""Speed and memory of KV caches in generation: `mlx_tq.bench --quick`.
 
 Each configuration's cache is filled with a prompt of N random tokens, then M tokens are
 decoded greedily; prompt and decode tok/s, peak memory and the KV bytes held are reported
@@ -18,21 +18,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 
+from . import tools
 from .loading import load
 from .patch import patch
-from .tools import (
-    CONFIG_HELP,
-    REFERENCE,
-    add_model_arguments,
-    blas_hint,
-    check_config,
-    describe,
-    kv_footprint,
-    make_cache,
-    positive_int,
-    run_info,
-    user_errors,
-)
 
 DEFAULT_CONFIGS = ["fp16", "affine8", "affine4", "tq4", "tq3", "k4v3"]
 DEFAULT_CONTEXTS = [1024, 4096, 16384]
@@ -42,18 +30,18 @@ DEFAULT_PREFILL_STEP_SIZE = 2048
 QUICK = {"contexts": [256, 1024], "decode_tokens": 8, "repeats": 1}
 WARMUP_TOKENS = 256
 PROMPT_SEED = 0
-FIELDS = ("prompt_tps", "decode_tps", "peak_memory", "prefill_peak_memory", "decode_peak_memory")
+FIELDS = ("prompt_tps", "decode_tps", "peak_memory", "kv_bytes", "kv_bits")
 PLOT_EXTRA = "pip install 'mlx-tq[bench]'"
 
 
-def timed_generate(model, prompt, cache, decode_tokens, prefill_step_size):
-    """Feeds `prompt` through `cache` and decodes `decode_tokens` greedily, timed as mlx-lm's
-    `stream_generate` does.
-
-    Returns:
-        Prompt seconds, decode tok/s (of the tokens after the first), the last token and the
-        peak memory (bytes) of the prefill and of the decode.
-    """
+def measure(model, name, prompt, decode_tokens, prefill_step_size) -> dict:
+    """One run of configuration `name`: `prompt` into a new cache, then `decode_tokens` greedy
+    tokens, timed as mlx-lm's `stream_generate` does (decode tok/s of the tokens after the
+    first); peak memory in bytes, KV bytes and bits of the rows holding tokens."""
+    cache = tools.make_cache(model, name)
+    gc.collect()
+    mx.clear_cache()
+    mx.reset_peak_memory()
     tic = time.perf_counter()
     steps = generate_step(
         prompt,
@@ -62,48 +50,21 @@ def timed_generate(model, prompt, cache, decode_tokens, prefill_step_size):
         prompt_cache=cache,
         prefill_step_size=prefill_step_size,
     )
-    tokens = []
-    for token, _ in steps:
-        if not tokens:
-            prompt_time = time.perf_counter() - tic
-            # The prefill's peak (it includes the first decode step, already queued).
-            prefill_peak = mx.get_peak_memory()
-            mx.reset_peak_memory()
+    for i, _ in enumerate(steps):
+        if i == 0:
+            prompt_tps = prompt.size / (time.perf_counter() - tic)
             tic = time.perf_counter()
-        tokens.append(token)
     decode_tps = (decode_tokens - 1) / (time.perf_counter() - tic)
     # generate_step has queued one more step: let it finish before the next run starts.
     mx.synchronize()
-    return prompt_time, decode_tps, tokens[-1], (prefill_peak, mx.get_peak_memory())
-
-
-def measure(model, name, prompt, kept, decode_tokens, prefill_step_size) -> dict:
-    """One run of configuration `name`: prefill `prompt` and decode into a new cache, or,
-    when `kept` has its cache from an earlier repeat, decode on from it (no second prefill)."""
-    r = {}
-    if name in kept:
-        cache, token = kept[name]
-        _, r["decode_tps"], token, _ = timed_generate(
-            model, mx.array([token]), cache, decode_tokens, 1
-        )
-    else:
-        cache = make_cache(model, name)
-        gc.collect()
-        mx.clear_cache()
-        held = mx.get_active_memory()
-        mx.reset_peak_memory()
-        seconds, r["decode_tps"], token, peaks = timed_generate(
-            model, prompt, cache, decode_tokens, prefill_step_size
-        )
-        r["prompt_tps"] = prompt.size / seconds
-        # As if alone: the weights, not the other configurations' kept caches.
-        weights = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
-        r["prefill_peak_memory"], r["decode_peak_memory"] = (p - held + weights for p in peaks)
-        r["peak_memory"] = max(peaks) - held + weights
-        f = kv_footprint(cache)
-        r["kv_bytes"], r["kv_bits"] = f["held"], f["bits"]
-    kept[name] = cache, token
-    return r
+    f = tools.kv_footprint(cache)
+    return dict(
+        prompt_tps=prompt_tps,
+        decode_tps=decode_tps,
+        peak_memory=mx.get_peak_memory(),
+        kv_bytes=f["held"],
+        kv_bits=f["bits"],
+    )
 
 
 def summarize(runs: list[dict]) -> list[dict]:
@@ -112,11 +73,12 @@ def summarize(runs: list[dict]) -> list[dict]:
     for context, config in dict.fromkeys((r["context"], r["config"]) for r in runs):
         mine = [r for r in runs if r["context"] == context and r["config"] == config]
         row = {"context": context, "config": config, "repeats": len(mine)}
-        for field in FIELDS + ("kv_bytes", "kv_bits"):
-            row[field] = statistics.median(r[field] for r in mine if field in r)
+        row.update({f: statistics.median(r[f] for r in mine) for f in FIELDS})
         rows.append(row)
     for row in rows:
-        base = next(r for r in rows if r["context"] == row["context"] and r["config"] == REFERENCE)
+        base = next(
+            r for r in rows if r["context"] == row["context"] and r["config"] == tools.REFERENCE
+        )
         row["decode_vs_fp16"] = row["decode_tps"] / base["decode_tps"]
     return rows
 
@@ -131,15 +93,15 @@ def run(
         configs: Configuration names (`mlx_tq.tools`), fp16 first: the reference of ratios.
         contexts: Prompt lengths in tokens.
         decode_tokens: Tokens decoded per run (at least 2).
-        repeats: Runs per (context, config); later repeats decode on from the first's cache.
+        repeats: Runs per (context, config).
         prefill_step_size: Prompt tokens per forward call.
         json_path: If given, the report is rewritten there after every run.
         facts: What the report starts with (model, device...).
 
     Returns:
-        The report: run facts, ``runs``, ``results`` (`summarize`) and ``errors`` (a
-        configuration that raises is reported and skipped, e.g. mlx-lm's affine cache on
-        backends without its kernels).
+        The report: the facts, ``runs``, ``results`` (`summarize`) and ``errors``: a
+        configuration that fails its warm-up (e.g. mlx-lm's affine cache on a backend
+        without its kernels) is reported there and skipped.
     """
     vocab = model.args.vocab_size
     report = {
@@ -150,40 +112,29 @@ def run(
         "prefill_step_size": prefill_step_size,
         "configs": configs,
         "contexts": contexts,
-        "cache_settings": {name: describe(make_cache(model, name)) for name in configs},
+        "cache_settings": {name: tools.describe(tools.make_cache(model, name)) for name in configs},
         "runs": [],
         "errors": [],
     }
-
-    def failed(name, context, e):
-        if name == REFERENCE:
-            raise e
-        report["errors"].append({"context": context, "config": name, "error": str(e)})
-        print(f"context {context}, config {name}: failed: {e}", file=sys.stderr, flush=True)
-
     # Warm-up: compile every configuration's kernels before timing.
     warm = mx.random.randint(0, vocab, (min(*contexts, WARMUP_TOKENS),))
-    broken = set()
     for name in configs:
         try:
-            timed_generate(model, warm, make_cache(model, name), 2, prefill_step_size)
+            measure(model, name, warm, 2, prefill_step_size)
         except Exception as e:
-            failed(name, warm.size, e)
-            broken.add(name)
+            if name == tools.REFERENCE:
+                raise
+            report["errors"].append({"context": warm.size, "config": name, "error": str(e)})
+            print(f"{name}: failed: {e}", file=sys.stderr, flush=True)
+    failed = {e["config"] for e in report["errors"]}
     for context in contexts:
         prompt = mx.random.randint(0, vocab, (context,), key=mx.random.key(PROMPT_SEED + context))
-        kept, skip = {}, set(broken)
         for repeat in range(repeats):
             # Rotate the order each repeat so no configuration always runs first.
             k = repeat % len(configs)
-            for name in [c for c in configs[k:] + configs[:k] if c not in skip]:
+            for name in [c for c in configs[k:] + configs[:k] if c not in failed]:
                 r = {"context": context, "config": name, "repeat": repeat}
-                try:
-                    r.update(measure(model, name, prompt, kept, decode_tokens, prefill_step_size))
-                except Exception as e:
-                    failed(name, context, e)
-                    skip.add(name)
-                    continue
+                r.update(measure(model, name, prompt, decode_tokens, prefill_step_size))
                 report["runs"].append(r)
                 line = ", ".join(
                     f"{f} {v:.4g}" if isinstance(v, float) else f"{f} {v}" for f, v in r.items()
@@ -199,15 +150,14 @@ def format_table(rows: list[dict], dtype: str) -> str:
     """Markdown, one row per (context, config); the fp16 rows named by `dtype`."""
     lines = [
         "| context | config | prompt tok/s | decode tok/s | decode / fp16 | peak GB | "
-        "prefill / decode peak GB | KV MB held | KV bits/elem |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "KV MB held | KV bits/elem |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        name = f"{dtype} (unquantised)" if r["config"] == REFERENCE else r["config"]
+        name = f"{dtype} (unquantised)" if r["config"] == tools.REFERENCE else r["config"]
         lines.append(
             f"| {r['context']} | {name} | {r['prompt_tps']:.1f} | {r['decode_tps']:.2f} | "
             f"{r['decode_vs_fp16']:.2f} | {r['peak_memory'] / 1e9:.3f} | "
-            f"{r['prefill_peak_memory'] / 1e9:.3f} / {r['decode_peak_memory'] / 1e9:.3f} | "
             f"{r['kv_bytes'] / 1e6:.2f} | {r['kv_bits']:.2f} |"
         )
     return "\n".join(lines)
@@ -246,48 +196,51 @@ def plot(path: str, report: dict):
 
 def setup_arg_parser():
     parser = argparse.ArgumentParser(
-        description="Speed and memory of KV caches in generation.",
+        description="Prompt and decode tok/s, peak memory and KV bytes of KV caches.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="mode", required=True, help="what to measure")
-    gen = sub.add_parser(
-        "generate",
-        help="prefill + decode tok/s, peak memory and KV bytes per cache",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_model_arguments(gen)
-    gen.add_argument(
+    tools.add_model_arguments(parser)
+    parser.add_argument(
         "--configs",
-        type=check_config,
+        type=tools.check_config,
         nargs="+",
         default=DEFAULT_CONFIGS,
-        help=f"Caches: {CONFIG_HELP}",
+        help=f"Caches: {tools.CONFIG_HELP}",
     )
-    gen.add_argument(
-        "--contexts", type=positive_int, nargs="+", default=DEFAULT_CONTEXTS, help="Prompt tokens"
+    parser.add_argument(
+        "--contexts",
+        type=tools.positive_int,
+        nargs="+",
+        default=DEFAULT_CONTEXTS,
+        help="Prompt tokens",
     )
-    gen.add_argument(
+    parser.add_argument(
         "--decode-tokens",
-        type=positive_int,
+        type=tools.positive_int,
         default=DEFAULT_DECODE_TOKENS,
         help="Tokens decoded per run",
     )
-    gen.add_argument(
-        "--repeats", type=positive_int, default=DEFAULT_REPEATS, help="Runs per context and config"
+    parser.add_argument(
+        "--repeats",
+        type=tools.positive_int,
+        default=DEFAULT_REPEATS,
+        help="Runs per context and config",
     )
-    gen.add_argument(
+    parser.add_argument(
         "--prefill-step-size",
-        type=positive_int,
+        type=tools.positive_int,
         default=DEFAULT_PREFILL_STEP_SIZE,
         help="Prompt tokens per forward call",
     )
-    gen.add_argument(
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="A small run: " + ", ".join(f"{k} {v}" for k, v in QUICK.items()),
     )
-    gen.add_argument("--json", default="bench_generate.json", help="Write the results to this file")
-    gen.add_argument(
+    parser.add_argument(
+        "--json", default="bench_generate.json", help="Write the results to this file"
+    )
+    parser.add_argument(
         "--plot",
         default=None,
         help=f"Write a plot to this PNG (default: the JSON's name; {PLOT_EXTRA})",
@@ -303,7 +256,7 @@ def main(argv=None):
             setattr(args, name, value)
     if args.decode_tokens < 2:
         parser.error("--decode-tokens must be at least 2")
-    configs = list(dict.fromkeys([REFERENCE] + args.configs))
+    configs = list(dict.fromkeys([tools.REFERENCE] + args.configs))
     has_plot = importlib.util.find_spec("matplotlib") is not None
     plot_path = args.plot or str(Path(args.json).with_suffix(".png"))
     if not has_plot:
@@ -311,13 +264,13 @@ def main(argv=None):
             f"matplotlib is not installed: no plot written to {plot_path} ({PLOT_EXTRA})",
             file=sys.stderr,
         )
-    blas_hint()
+    tools.blas_hint()
     gpu = mx.default_device() == mx.gpu
     dtype = getattr(mx, args.dtype) if args.dtype else (mx.float16 if gpu else mx.float32)
-    with user_errors():
+    with tools.user_errors():
         model = load(args.model, dtype=dtype)[0]
     patch()
-    facts = {**run_info("generate", dtype), "model": args.model}
+    facts = {**tools.run_info("generate", dtype), "model": args.model}
     print(f"{facts['model']}; {facts['device']}; {facts['dtype']}", flush=True)
     report = run(
         model, configs, args.contexts, args.decode_tokens, args.repeats, args.prefill_step_size,

@@ -8,11 +8,11 @@ import mlx_lm.models.cache as lm_cache
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
+from . import tools
 from .cache import PRESETS, make_prompt_cache
 from .codebook import SUPPORTED_BITS
 from .loading import load
 from .patch import patch
-from .tools import add_model_arguments, blas_hint, kv_footprint, positive_int, user_errors
 
 DEFAULT_PROMPT = "The capital of France is"
 DEFAULT_MAX_TOKENS = 100
@@ -38,12 +38,12 @@ def setup_arg_parser():
         description="Generate text with a TurboQuant KV cache.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_model_arguments(parser, dtype=False)
+    tools.add_model_arguments(parser, dtype=False)
     parser.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="Prompt ('-' for stdin)")
     parser.add_argument(
         "--max-tokens",
         "-m",
-        type=positive_int,
+        type=tools.positive_int,
         default=DEFAULT_MAX_TOKENS,
         help="Tokens to generate",
     )
@@ -56,7 +56,7 @@ def setup_arg_parser():
     )
     parser.add_argument(
         "--max-kv-size",
-        type=positive_int,
+        type=tools.positive_int,
         default=None,
         help="Keep at most this many tokens per layer (a rotating cache)",
     )
@@ -88,7 +88,7 @@ def setup_arg_parser():
 
 def kv_line(cache) -> str:
     """The KV cache figures: tokens, bits per element against an unquantised cache, bytes."""
-    f = kv_footprint(cache)
+    f = tools.kv_footprint(cache)
     name = str(f["dtype"]).removeprefix("mlx.core.")
     return (
         f"KV cache: {f['tokens']} tokens, {f['bits']:.2f} bits per element "
@@ -107,8 +107,8 @@ def main():
     prompt = prompt.replace("\\n", "\n").replace("\\t", "\t")
     if not prompt.strip():
         raise SystemExit("error: the prompt is empty: give some text with --prompt")
-    blas_hint()
-    with user_errors():
+    tools.blas_hint()
+    with tools.user_errors():
         model, tokenizer = load(args.model)
         if args.kv_bits is None:
             cache = lm_cache.make_prompt_cache(model)

@@ -15,23 +15,10 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
+from . import tools
 from .cache import PRESETS
-from .codebook import SUPPORTED_BITS
 from .loading import load
 from .patch import patch
-from .tools import (
-    CONFIG_HELP,
-    REFERENCE,
-    add_model_arguments,
-    blas_hint,
-    check_config,
-    kv_footprint,
-    make_cache,
-    model_dtype,
-    positive_int,
-    run_info,
-    user_errors,
-)
 
 DEFAULT_WINDOW = 512
 DEFAULT_NUM_WINDOWS = 8
@@ -79,7 +66,7 @@ def evaluate(
         KL(fp16 || config) over the vocabulary), ``kl_se``, ``top1`` (agreement of argmax),
         ``bits_per_element`` (of the rows held after the last window) and ``tokens``.
     """
-    configs = [REFERENCE] + [c for c in configs if c != REFERENCE]
+    configs = [tools.REFERENCE] + [c for c in configs if c != tools.REFERENCE]
     nll, kl, top1 = ({c: [] for c in configs} for _ in range(3))
     bits = {}
     N, L = windows.shape[0], windows.shape[1] - 1
@@ -87,7 +74,7 @@ def evaluate(
     ends = starts[1:] + [L]
     with tqdm(total=N * len(starts) * len(configs), desc="windows x chunks x configs") as bar:
         for w in range(N):
-            caches = [make_cache(model, c) for c in configs]
+            caches = [tools.make_cache(model, c) for c in configs]
             for start, end in zip(starts, ends, strict=True):
                 x = windows[w : w + 1, start:end]
                 y = windows[w, start + 1 : end + 1]
@@ -106,8 +93,8 @@ def evaluate(
                     top1[c].append(np.array(t))
                     bar.update()
             for c, cache in zip(configs, caches, strict=True):
-                bits[c] = kv_footprint(cache)["bits"]
-    ref_nll = np.concatenate(nll[REFERENCE]).astype(np.float64)
+                bits[c] = tools.kv_footprint(cache)["bits"]
+    ref_nll = np.concatenate(nll[tools.REFERENCE]).astype(np.float64)
     results = {}
     for c in configs:
         n = np.concatenate(nll[c]).astype(np.float64)
@@ -144,7 +131,7 @@ def format_table(feeds: dict, dtype: str, chunk_size: int) -> str:
     for first, results in feeds.items():
         feed = f"{first}, then {chunk_size}s" if first else f"chunks of {chunk_size}"
         for name, r in results.items():
-            name = f"{dtype} (unquantised)" if name == REFERENCE else name
+            name = f"{dtype} (unquantised)" if name == tools.REFERENCE else name
             lines.append(
                 f"| {name} | {feed} | {r['bits_per_element']:.3f} "
                 f"| {r['ppl']:.3f} ± {r['ppl_se']:.3f} "
@@ -160,14 +147,14 @@ def setup_arg_parser():
         "unquantised cache, the text fed through each cache in chunks.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_model_arguments(parser)
+    tools.add_model_arguments(parser)
     parser.add_argument(
         "--data",
         default=os.environ.get(DATA_ENV),
-        help=f"UTF-8 text file, e.g. WikiText-2's wiki.test.raw (default: ${DATA_ENV})",
+        help=f"UTF-8 text file, e.g. WikiText-2's wiki.test.raw; ${DATA_ENV} sets the default",
     )
     parser.add_argument(
-        "--window", type=positive_int, default=DEFAULT_WINDOW, help="Tokens per window"
+        "--window", type=tools.positive_int, default=DEFAULT_WINDOW, help="Tokens per window"
     )
     parser.add_argument(
         "--num-windows",
@@ -176,20 +163,14 @@ def setup_arg_parser():
         help="Consecutive windows from the start of the text (0: all of it)",
     )
     parser.add_argument(
-        "--max-tokens",
-        type=positive_int,
-        default=None,
-        help="Bound the windows by tokens instead of --num-windows",
-    )
-    parser.add_argument(
         "--chunk-size",
-        type=positive_int,
+        type=tools.positive_int,
         default=DEFAULT_CHUNK_SIZE,
         help="Tokens per forward call",
     )
     parser.add_argument(
         "--first-update",
-        type=positive_int,
+        type=tools.positive_int,
         default=None,
         help="Also evaluate a chat-shaped feed: this many tokens of each window in one call "
         "(a first turn), then chunks; its rows are added to the table",
@@ -203,27 +184,11 @@ def setup_arg_parser():
         help="TurboQuant presets to evaluate (tq<b>)",
     )
     parser.add_argument(
-        "--kv-key-bits",
-        type=int,
-        nargs="*",
-        default=[],
-        choices=SUPPORTED_BITS,
-        help="TurboQuant key bits, paired with --kv-value-bits (k<kb>v<vb>)",
-    )
-    parser.add_argument(
-        "--kv-value-bits",
-        type=int,
-        nargs="*",
-        default=[],
-        choices=SUPPORTED_BITS,
-        help="TurboQuant value bits",
-    )
-    parser.add_argument(
         "--compare",
-        type=check_config,
+        type=tools.check_config,
         nargs="*",
         default=DEFAULT_COMPARE,
-        help=f"More configurations: {CONFIG_HELP}",
+        help=f"More configurations: {tools.CONFIG_HELP}",
     )
     parser.add_argument("--json", default=None, help="Also write the results to this file")
     return parser
@@ -232,8 +197,6 @@ def setup_arg_parser():
 def main():
     parser = setup_arg_parser()
     args = parser.parse_args()
-    if len(args.kv_key_bits) != len(args.kv_value_bits):
-        parser.error("give as many --kv-key-bits as --kv-value-bits")
     if args.num_windows < 0:
         parser.error("--num-windows must be 0 (all the text) or more")
     if args.first_update is not None and args.first_update >= args.window:
@@ -243,28 +206,23 @@ def main():
     data = Path(args.data)
     if not data.is_file():
         parser.error(f"no text file at {data}: give one with --data or ${DATA_ENV}")
-    names = [f"tq{b}" for b in args.kv_bits]
-    names += [f"k{k}v{v}" for k, v in zip(args.kv_key_bits, args.kv_value_bits, strict=True)]
-    configs = list(dict.fromkeys(names + args.compare))
-    blas_hint()
-    with user_errors():
+    configs = list(dict.fromkeys([f"tq{b}" for b in args.kv_bits] + args.compare))
+    tools.blas_hint()
+    with tools.user_errors():
         model, tokenizer = load(args.model, dtype=getattr(mx, args.dtype) if args.dtype else None)
-        num_windows = args.num_windows or None
-        if args.max_tokens:
-            num_windows = max(1, args.max_tokens // args.window)
-        windows = load_windows(tokenizer, data, args.window, num_windows)
+        windows = load_windows(tokenizer, data, args.window, args.num_windows or None)
     patch()
     feeds = {0: evaluate(model, windows, configs, args.chunk_size)}
     if args.first_update:
         feeds[args.first_update] = evaluate(
             model, windows, configs, args.chunk_size, args.first_update
         )
-    dtype = model_dtype(model)
+    dtype = tools.model_dtype(model)
     print(f"{windows.shape[0]} windows x {args.window} tokens of {data.name}")
     print(format_table(feeds, str(dtype).removeprefix("mlx.core."), args.chunk_size))
     if args.json:
         meta = {
-            **run_info("perplexity", dtype),
+            **tools.run_info("perplexity", dtype),
             "model": args.model,
             "data": str(data),
             "window": args.window,

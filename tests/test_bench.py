@@ -29,7 +29,7 @@ def model(monkeypatch):
 
 def run_generate(tmp_path, *extra):
     out = tmp_path / "gen.json"
-    argv = ["generate", "--contexts", "32", "80"]
+    argv = ["--contexts", "32", "80"]
     argv += ["--decode-tokens", "3", "--repeats", "1", "--json", str(out), *extra]
     bench.main(argv)
     return json.loads(out.read_text())
@@ -101,7 +101,7 @@ def test_bad_arguments_are_one_line(argv, message, monkeypatch, capsys):
     else:
         monkeypatch.setattr(bench, "load", loading.load)
     with pytest.raises(SystemExit) as info:
-        bench.main(["generate", *argv])
+        bench.main(argv)
     assert message in str(info.value) + capsys.readouterr().err
 
 

@@ -96,8 +96,8 @@ def test_cli_json(model, tmp_path, monkeypatch, capsys):
         perplexity, "load", lambda path, dtype=None: asked.append(dtype) or (model, ByteTokenizer())
     )
     argv = ["mlx_tq.perplexity", "--data", str(data), "--window", "32", "--num-windows", "2"]
-    argv += ["--chunk-size", "8", "--kv-bits", "4", "--kv-key-bits", "5", "--kv-value-bits", "3"]
-    argv += ["--compare", "affine4", "--dtype", "float32", "--json", str(out)]
+    argv += ["--chunk-size", "8", "--kv-bits", "4", "--compare", "k5v3", "affine4"]
+    argv += ["--dtype", "float32", "--json", str(out)]
     monkeypatch.setattr(sys, "argv", argv)
     was_patched = is_patched()
     try:
