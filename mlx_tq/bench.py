@@ -243,7 +243,7 @@ def setup_arg_parser():
     parser.add_argument(
         "--plot",
         default=None,
-        help=f"Write a plot to this PNG (default: the JSON's name; {PLOT_EXTRA})",
+        help=f"Write a plot to this PNG; None: the JSON's name with .png (needs {PLOT_EXTRA})",
     )
     return parser
 
@@ -265,11 +265,10 @@ def main(argv=None):
             file=sys.stderr,
         )
     tools.blas_hint()
-    gpu = mx.default_device() == mx.gpu
-    dtype = getattr(mx, args.dtype) if args.dtype else (mx.float16 if gpu else mx.float32)
     with tools.user_errors():
-        model = load(args.model, dtype=dtype)[0]
+        model = load(args.model, dtype=getattr(mx, args.dtype) if args.dtype else None)[0]
     patch()
+    dtype = tools.model_dtype(model)
     facts = {**tools.run_info("generate", dtype), "model": args.model}
     print(f"{facts['model']}; {facts['device']}; {facts['dtype']}", flush=True)
     report = run(
