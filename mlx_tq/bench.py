@@ -177,15 +177,16 @@ def plot(path: str, report: dict):
         ("kv_bytes", "KV cache held (MB)", 1e6),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2))
-    for ax, (field, label, unit) in zip(axes, panels, strict=True):
+    for ax, (field, ylabel, unit) in zip(axes, panels, strict=True):
         for name in dict.fromkeys(r["config"] for r in rows):
             mine = [r for r in rows if r["config"] == name]
+            name = f"{report['dtype']} (unquantised)" if name == tools.REFERENCE else name
             ax.plot([r["context"] for r in mine], [r[field] / unit for r in mine], "o-", label=name)
         xs = sorted({r["context"] for r in rows})
         ax.set_xscale("log")
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.minorticks_off()
-        ax.set(xlabel="context length (tokens)", ylabel=label)
+        ax.set(xlabel="context length (tokens)", ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"{report['model']} on {report['device']}, {report['dtype']}", fontsize=9)
