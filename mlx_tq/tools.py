@@ -13,6 +13,7 @@ The configuration grammar of `mlx_tq.perplexity`, `mlx_tq.needle` and `mlx_tq.be
 """
 
 import argparse
+import os
 import platform
 import re
 import sys
@@ -182,18 +183,15 @@ def user_errors():
         raise SystemExit("error: " + " ".join(str(e).split())) from None
 
 
-def blas_hint(maps: str = "/proc/self/maps"):
-    """Prints a one-line hint on Linux when MLX's CPU backend runs without an optimised BLAS.
+def blas_hint(preload: str | None = None):
+    """Prints a one-line hint on Linux when MLX's CPU backend runs on its bundled reference BLAS.
 
-    The mlx[cpu] wheel bundles the reference BLAS; preloading OpenBLAS makes matrix products
-    several times faster. It is a hint, not done for the user: a preloaded library replaces
-    symbols of the whole process.
+    The mlx[cpu] wheel links a reference BLAS; OpenBLAS, preloaded so that its symbols win
+    (`preload`: default ``$LD_PRELOAD``), makes matrix products several times faster. It is a
+    hint, not done for the user: a preloaded library replaces symbols of the whole process.
     """
-    if sys.platform != "linux" or mx.default_device() != mx.cpu:
-        return
-    with open(maps) as f:
-        loaded = f.read()
-    if not any(name in loaded for name in ("openblas", "libmkl", "blis")):
+    preload = os.environ.get("LD_PRELOAD", "") if preload is None else preload
+    if sys.platform == "linux" and mx.default_device() == mx.cpu and "blas" not in preload:
         print(
             "hint: MLX is using its bundled reference BLAS; for several times the CPU speed, "
             "install OpenBLAS (apt install libopenblas0-pthread) and run with "
