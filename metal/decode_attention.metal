@@ -11,11 +11,6 @@
 // qscale: [B, Hkv, 1, D] float (strided), read only when SMOOTH: keys stored divided by it
 // k_levels, v_levels: [2^KB], [2^VB] float
 // o: [B * Hkv, n_splits, GL, D] float, unnormalised; ml: [B * Hkv, n_splits, GL, 2] (max, sum)
-#define TQ_FIELD(w, bit, n)                                                      \
-  ((((bit) % 32 + (n) > 32)                                                      \
-        ? ((w)[(bit) / 32] >> ((bit) % 32)) | ((w)[(bit) / 32 + 1] << (32 - (bit) % 32)) \
-        : ((w)[(bit) / 32] >> ((bit) % 32))) &                                   \
-   ((1u << (n)) - 1))
 constexpr int NW = TILE / 32;
 constexpr int E = (D + 31) / 32;
 constexpr int RK = WK + 1;
@@ -81,18 +76,7 @@ for (int j = TID; j < D; j += TILE) {
   for (int r = 0; r < R; ++r) {
     y[r] = 0.0f;
   }
-  for (int i = 0; i < D; i += 8) {
-    // Eight loads of rt in flight at once, not one latency per element.
-    float rij[8];
-    UNROLL for (int u = 0; u < 8; ++u) {
-      rij[u] = rt[(i + u) * D + j];
-    }
-    UNROLL for (int u = 0; u < 8; ++u) {
-      UNROLL for (int r = 0; r < R; ++r) {
-        y[r] += ps[r * D + i + u] * rij[u];
-      }
-    }
-  }
+  TQ_MATVEC(y, ps, rt, j, R)
   for (int r = 0; r < R; ++r) {
     qs[r * D + j] = y[r];
   }
@@ -174,8 +158,10 @@ for (int t0 = begin; t0 < end; t0 += TILE) {
     for (int t = LANE; t < TILE; t += 32) {
       const float p = EXP(ps[r * TILE + t] - shift);
       sum += p;
-      // Fold the value scale into the weight; skip it past the tile's end (stale words).
-      ps[r * TILE + t] = t < nk ? p * AS_FLOAT(vs[t * RV + WV]) : 0.0f;
+      // Fold the value scale into the weight; a masked key or one past the tile's end
+      // (stale words) adds nothing, not 0 * a non-finite scale.
+      const bool seen = t < nk && ps[r * TILE + t] != NEG_INF;
+      ps[r * TILE + t] = seen ? p * AS_FLOAT(vs[t * RV + WV]) : 0.0f;
     }
     sum = WARP_SUM(sum);
     if (LANE == 0) {

@@ -1,17 +1,27 @@
-// TurboQuant of ROWS vectors per threadgroup, one thread per coordinate: subtract the
-// offset, divide by the channel scale (when SCALE), normalise, rotate, take the nearest
-// level, pack LSB-first, append the scale.
-// x: [N / P, P, D] T, P rows per offset row; rt: [D, D] float (rotate(x) = x @ rt)
-// levels: [2^BITS]; bounds: [2^BITS - 1]; offset, scale: [N / P, D] float (scale read only
-// when SCALE); out: [N, W + 1] uint32
+// TurboQuant of keys and values in one launch, ROWS vectors per threadgroup, one thread
+// per coordinate: keys minus their offset and divided by the channel scale (when SCALE),
+// then normalise, rotate, take the nearest level, pack LSB-first, append the scale.
+// Threadgroups [0, blocks) take key rows, [blocks, 2 * blocks) value rows.
+// k, v: [N / P, P, D] T, P rows per offset row; rt: [D, D] float (rotate(x) = x @ rt)
+// k_levels, k_bounds: [2^KB], [2^KB - 1] float; v_levels, v_bounds: the same for VB
+// offset, scale: [N / P, D] float, for keys (scale read only when SCALE)
+// k_out, v_out: [N, WK + 1], [N, WV + 1] uint32
 constexpr int NW = (D + 31) / 32;
 SHARED float us[ROWS * D];
 SHARED uint32_t idx_s[ROWS * D];
 SHARED float red[ROWS * NW];
 
-const int n_rows = x_shape[0] * x_shape[1];
-const int per_offset = x_shape[1];
-const int row0 = TGID.x * ROWS;
+const int n_rows = k_shape[0] * k_shape[1];
+const int per_offset = k_shape[1];
+const int blocks = (n_rows + ROWS - 1) / ROWS;
+const bool is_v = static_cast<int>(TGID.x) >= blocks;
+const int row0 = (TGID.x - (is_v ? blocks : 0)) * ROWS;
+const int bits = is_v ? VB : KB;
+const int W = is_v ? WV : WK;
+auto x = is_v ? v : k;
+auto levels = is_v ? v_levels : k_levels;
+auto bounds = is_v ? v_bounds : k_bounds;
+auto out = is_v ? v_out : k_out;
 const int j = TID;
 
 float norm[ROWS];
@@ -19,10 +29,13 @@ for (int r = 0; r < ROWS; ++r) {
   const int row = row0 + r;
   float xj = 0.0f;
   if (j < D && row < n_rows) {
-    const int c = (row / per_offset) * D + j;
-    xj = static_cast<float>(x[row * D + j]) - offset[c];
-    if (SCALE) {
-      xj /= scale[c];
+    xj = static_cast<float>(x[row * D + j]);
+    if (!is_v) {
+      const int c = (row / per_offset) * D + j;
+      xj -= offset[c];
+      if (SCALE) {
+        xj /= scale[c];
+      }
     }
     us[r * D + j] = xj;
   }
@@ -50,25 +63,14 @@ for (int r = 0; r < ROWS; ++r) {
   z[r] = 0.0f;
 }
 if (j < D) {
-  for (int i = 0; i < D; i += 8) {
-    // Eight loads of rt in flight at once, not one latency per element.
-    float rij[8];
-    UNROLL for (int u = 0; u < 8; ++u) {
-      rij[u] = rt[(i + u) * D + j];
-    }
-    UNROLL for (int u = 0; u < 8; ++u) {
-      UNROLL for (int r = 0; r < ROWS; ++r) {
-        z[r] += us[r * D + i + u] * rij[u];
-      }
-    }
-  }
+  TQ_MATVEC(z, us, rt, j, ROWS)
 }
 const float sqrt_d = SQRT(static_cast<float>(D));
 for (int r = 0; r < ROWS; ++r) {
   // Binary search over the midpoints, as the reference: idx = #{boundaries < z}.
   uint32_t idx = 0;
-  for (int k = BITS - 1; k >= 0; --k) {
-    const uint32_t cand = idx + (1u << k);
+  for (int b = bits - 1; b >= 0; --b) {
+    const uint32_t cand = idx + (1u << b);
     idx = z[r] * sqrt_d > bounds[cand - 1] ? cand : idx;
   }
   float lsq = 0.0f;
@@ -92,16 +94,16 @@ for (int r = 0; r < ROWS; ++r) {
     uint32_t word = 0;
     if (w < W) {
       // Elements overlapping bits [32w, 32w + 32) of the row's stream.
-      const int last = (32 * w + 31) / BITS < D - 1 ? (32 * w + 31) / BITS : D - 1;
-      for (int i = (32 * w) / BITS; i <= last; ++i) {
-        const int pos = i * BITS - 32 * w;
-        const uint32_t v = idx_s[r * D + i];
-        word |= pos >= 0 ? v << pos : v >> -pos;
+      const int last = (32 * w + 31) / bits < D - 1 ? (32 * w + 31) / bits : D - 1;
+      for (int i = (32 * w) / bits; i <= last; ++i) {
+        const int pos = i * bits - 32 * w;
+        const uint32_t val = idx_s[r * D + i];
+        word |= pos >= 0 ? val << pos : val >> -pos;
       }
     } else {
       float lsq = 0.0f;
-      for (int k = 0; k < NW; ++k) {
-        lsq += red[r * NW + k];
+      for (int k2 = 0; k2 < NW; ++k2) {
+        lsq += red[r * NW + k2];
       }
       word = AS_UINT(norm[r] / SQRT(lsq));
     }

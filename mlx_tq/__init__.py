@@ -11,6 +11,6 @@ from .cache import (
 from .codebook import SUPPORTED_BITS, SUPPORTED_DIMS
 from .loading import load
 from .patch import patch, unpatch
-from .quant import TurboQuantized, dequantize, quantize
+from .quant import TurboQuantized, dequantize, quantize, quantize_kv
 
 __version__ = "0.1.0"

@@ -11,7 +11,7 @@ import mlx.core as mx
 
 from . import kernels
 from .codebook import codebook
-from .quant import TurboQuantized, _zeros, check_input, words_per_row
+from .quant import TurboQuantized, check_input, decode_rotated, words_per_row
 from .rotation import rotate, rotation_matrix, unrotate
 
 # Threadgroups the split-K kernel aims for: about one full wave on an H100.
@@ -37,10 +37,11 @@ def _check_inputs(queries, keys, values):
         )
     if Hq % keys.shape[1]:
         raise ValueError(f"{Hq} query heads are not a multiple of {keys.shape[1]} key/value heads")
-    if values.channel_scale is not None:
-        raise ValueError("channel_scale is supported for keys only, not for values")
-    if (keys.sink is None) != (values.sink is None):
-        raise ValueError("keys and values must both have an exact sink row or neither")
+    if values.channel_scale is not None or values.offset is not None:
+        raise ValueError(
+            "values with an offset or channel_scale are not supported: quantise values "
+            "without them (keys may have both)"
+        )
 
 
 def _smooth_queries(queries, keys):
@@ -76,15 +77,6 @@ def _mask_chunk(mask, L, S, start, stop):
     return mask
 
 
-def _add_value_offset(out, values, G):
-    """Adds the values' offset to out (B, Hq, L, D): the weights sum to one."""
-    if values.offset is None:
-        return out
-    B, Hkv, _, D = values.shape
-    offset = mx.broadcast_to(values.offset, (B, Hkv, 1, D))
-    return out + mx.repeat(offset, G, axis=1)
-
-
 def _block_sizes(B, Hq, Hkv, L, S, D):
     """(query rows, keys) per block, so scores and accumulators stay within the budget."""
     budget = min(max(B * Hkv * S * D // 16, MIN_BLOCK), MAX_BLOCK)
@@ -93,7 +85,10 @@ def _block_sizes(B, Hq, Hkv, L, S, D):
 
 
 def _attend(queries, keys, values, scale, mask, S, chunk_size):
-    """Online-softmax attention of queries (B, Hq, L, D) over keys [0, S); float32, rotated."""
+    """Online-softmax attention of queries (B, Hq, L, D) over keys [0, S); float32, rotated.
+
+    A key that a query cannot see adds nothing to it, whatever its value (no 0 * NaN);
+    a query that sees a non-finite value comes out NaN, as in an fp16 cache."""
     B, Hq, L, D = queries.shape
     Hkv = keys.shape[1]
     G = Hq // Hkv
@@ -102,6 +97,7 @@ def _attend(queries, keys, values, scale, mask, S, chunk_size):
     m = mx.full((B, Hkv, G * L, 1), -mx.inf, dtype=mx.float32)
     denom = mx.zeros((B, Hkv, G * L, 1), dtype=mx.float32)
     acc = mx.zeros((B, Hkv, G * L, D), dtype=mx.float32)
+    spoilt = mx.zeros((B, Hkv, G * L, 1), dtype=mx.bool_)
     for start in range(0, S, chunk_size):
         stop = min(start + chunk_size, S)
         scores = q @ keys.tokens(start, stop).rotated().swapaxes(-1, -2)
@@ -109,19 +105,25 @@ def _attend(queries, keys, values, scale, mask, S, chunk_size):
         if chunk_mask is not None:
             chunk_mask = mx.broadcast_to(chunk_mask, (B, Hq, L, stop - start))
             chunk_mask = chunk_mask.reshape(B, Hkv, G * L, stop - start)
-            if chunk_mask.dtype == mx.bool_:
-                scores = mx.where(chunk_mask, scores, -mx.inf)
-            else:
-                scores = scores + chunk_mask.astype(mx.float32)
+            if chunk_mask.dtype != mx.bool_:
+                chunk_mask = chunk_mask.astype(mx.float32)
+                scores = scores + chunk_mask
+                chunk_mask = chunk_mask != -mx.inf
+            scores = mx.where(chunk_mask, scores, -mx.inf)
         m_new = mx.maximum(m, scores.max(axis=-1, keepdims=True))
         # Rows with every key masked so far keep m = -inf; guard the exp against inf - inf.
         m_safe = mx.where(mx.isinf(m_new), 0, m_new)
         p = mx.exp(scores - m_safe)
         alpha = mx.exp(m - m_safe)
         denom = alpha * denom + p.sum(axis=-1, keepdims=True)
-        acc = alpha * acc + p @ values.tokens(start, stop).rotated()
+        chunk = values.tokens(start, stop)
+        bad = ~mx.isfinite(chunk.scales())[:, :, None]  # (B, Hkv, 1, keys)
+        seen = scores != -mx.inf
+        spoilt = spoilt | mx.any(seen & bad, axis=-1, keepdims=True)
+        acc = alpha * acc + p @ mx.where(bad.swapaxes(-1, -2), 0, chunk.rotated())
         m = m_new
-    return (acc / denom).reshape(B, Hq, L, D)
+    out = mx.where(spoilt, mx.nan, acc / denom)
+    return out.reshape(B, Hq, L, D)
 
 
 def scaled_dot_product_attention_ops(
@@ -164,22 +166,20 @@ def scaled_dot_product_attention_ops(
         elif mask is not None and mask.ndim > 1 and mask.shape[-2] == L:
             block_mask = mask[..., i0:i1, :]
         block = queries[:, :, i0:i1]
-        out = unrotate(
-            _attend(block, keys, values, scale, block_mask, stop, chunk_size or chunk), values.seed
-        )
-        outs.append(_add_value_offset(out, values, Hq // Hkv).astype(queries.dtype))
+        out = _attend(block, keys, values, scale, block_mask, stop, chunk_size or chunk)
+        outs.append(unrotate(out, values.seed).astype(queries.dtype))
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
 
 @cache
-def _decode_template(dtype, D, key_bits, value_bits, GL, causal, smooth=False):
-    """Template constants of decode_attention.metal (built once per variant)."""
+def _decode_template(dtype, D, key_bits, value_bits, GL, causal, smooth):
+    """Template constants of decode_attention.metal, tile and R (built once per variant)."""
     wk, wv = words_per_row(D, key_bits) - 1, words_per_row(D, value_bits) - 1
     # Keys per tile, one per thread: the K and V tiles stay within 20 KB of threadgroup memory.
     tile = 128 if (wk + wv + 2) * 128 * 4 <= 20480 else 64
     # Query rows per threadgroup: a lane holds R * ceil(D / 32) accumulators.
     R = min(GL, max(1, 32 // -(-D // 32)))
-    return (
+    template = [
         ("T", dtype),
         ("D", D),
         ("KB", key_bits),
@@ -190,7 +190,8 @@ def _decode_template(dtype, D, key_bits, value_bits, GL, causal, smooth=False):
         ("R", R),
         ("CAUSAL", causal),
         ("SMOOTH", smooth),
-    )
+    ]
+    return template, tile, R
 
 
 @cache
@@ -209,31 +210,15 @@ def _unrotation(dim, seed):
     return mx.contiguous(rotation_matrix(dim, seed).T)
 
 
-def _rows(a, B, Hkv, D):
-    """A per-head (B, Hkv, 1, D) vector (offset, key scale, sink) as the merge kernel's
-    float32 (B * Hkv, D) rows; the cache's arrays have that shape and dtype already (one
-    reshape, no copy)."""
-    if a.dtype != mx.float32:
-        a = a.astype(mx.float32)
-    if a.shape != (B, Hkv, 1, D):
-        a = mx.broadcast_to(a, (B, Hkv, 1, D))
-    return a.reshape(B * Hkv, D)
-
-
 def _fused_attention(queries, keys, values, scale, causal):
     """The split-K kernel, then the merge kernel that also rotates back; (B, Hq, L, D)."""
     B, Hq, L, D = queries.shape
-    Hkv, S = keys.shape[1:3]
-    sink = keys.sink is not None
-    kdata, vdata = keys.data, values.data
-    if sink:
-        # Row 0 is exact: the split kernel reads rows 1.. in place and the merge adds row 0
-        # (causal stays right: query i sees stored rows <= S - L + i, the sink always).
-        kdata, vdata, S = kdata[:, :, 1:], vdata[:, :, 1:], S - 1
+    Hkv, S = keys.data.shape[1:3]
     GL = Hq // Hkv * L
     smooth = keys.channel_scale is not None
-    template = _decode_template(queries.dtype, D, keys.bits, values.bits, GL, causal, smooth)
-    tile, R = template[6][1], template[7][1]
+    template, tile, R = _decode_template(
+        queries.dtype, D, keys.bits, values.bits, GL, causal, smooth
+    )
     blocks = -(-GL // R)
     splits = min(-(-S // tile), max(1, TARGET_GROUPS // (B * Hkv * blocks)))
     attend = kernels.kernel(
@@ -242,48 +227,28 @@ def _fused_attention(queries, keys, values, scale, causal):
         ("o", "ml"),
         contiguous=False,
     )
-    # Smoothed keys: the kernels multiply the queries by the channel scale.
-    qscale = (
-        _ones4(D)
-        if not smooth
-        else mx.broadcast_to(keys.channel_scale.astype(mx.float32), (B, Hkv, 1, D))
-    )
     o, ml = attend(
         inputs=[
             queries,
-            kdata,
-            vdata,
+            keys.data,
+            values.data,
             rotation_matrix(D, keys.seed),
             _scalar(float(scale)),
             codebook(keys.bits, D)[0],
             codebook(values.bits, D)[0],
-            qscale,
+            keys.channel_scale if smooth else _ones4(D),  # read with its strides
         ],
-        template=list(template),
+        template=template,
         grid=(tile * splits, B * Hkv, blocks),
         threadgroup=(tile, 1, 1),
         output_shapes=[(B * Hkv, splits, GL, D), (B * Hkv, splits, GL, 2)],
         output_dtypes=[mx.float32, mx.float32],
     )
-    merge = kernels.kernel(
-        "merge", ("o", "ml", "rt_t", "offset", "q", "sk", "sv", "qscale", "scale"), ("out",)
-    )
-    offset = _zeros(D) if values.offset is None else _rows(values.offset, B, Hkv, D)
-    # Placeholders, not read without SINK (and qscale without SMOOTH).
-    sink_inputs = [_zeros(D)] * 4
-    if sink:
-        sink_inputs = [queries, _rows(keys.sink, B, Hkv, D), _rows(values.sink, B, Hkv, D)]
-        sink_inputs.append(_rows(qscale, B, Hkv, D) if smooth else _zeros(D))
+    merge = kernels.kernel("merge", ("o", "ml", "rt_t"), ("out",))
     threads = 32 * -(-D // 32)
     (out,) = merge(
-        inputs=[o, ml, _unrotation(D, values.seed), offset, *sink_inputs, _scalar(float(scale))],
-        template=[
-            ("T", queries.dtype),
-            ("D", D),
-            ("OFFSET", values.offset is not None),
-            ("SINK", sink),
-            ("SMOOTH", sink and smooth),
-        ],
+        inputs=[o, ml, _unrotation(D, values.seed)],
+        template=[("T", queries.dtype), ("D", D)],
         grid=(threads * B * Hkv * GL, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(B, Hq, L, D)],
@@ -292,59 +257,19 @@ def _fused_attention(queries, keys, values, scale, causal):
     return out
 
 
-def decode_rotated_ops(t: TurboQuantized, dtype, shift: int = 0, offset: bool = False):
-    """Reference of `decode_rotated`, in plain MLX ops."""
-    z = t.rotated()
-    if offset and t.offset is not None:
-        z = z + rotate(t.offset, t.seed)
-    return (z * 2.0**-shift).astype(dtype)
-
-
-def _dequantize_template(dtype, D, bits, shift, offset):
-    """Template constants of dequantize.metal."""
-    return [
-        ("T", dtype),
-        ("D", D),
-        ("BITS", bits),
-        ("W", words_per_row(D, bits) - 1),
-        ("SHIFT", shift),
-        ("OFFSET", offset),
-    ]
-
-
-def decode_rotated(t: TurboQuantized, dtype, shift: int = 0, offset: bool = False) -> mx.array:
-    """t's vectors in the rotated space (plus the rotated offset when `offset`), divided
-    by 2^shift, in `dtype`: (..., S, D). On a GPU one kernel writes `dtype` directly, so
-    the transient is the output alone (the ops hold several uint32 arrays of the same size)."""
-    if (
-        kernels.backend() is None
-        or t.qjl is not None
-        or t.data.ndim != 4
-        or t.data.shape[2] == 0
-        or t.data.size // t.data.shape[-1] * t.dim >= 2**31
-    ):
-        return decode_rotated_ops(t, dtype, shift, offset)
-    B, H, S, D = t.shape
-    with_offset = offset and t.offset is not None
-    off = _zeros(D)
-    if with_offset:
-        off = mx.broadcast_to(rotate(t.offset, t.seed), (B, H, 1, D)).reshape(B * H, D)
-    threads = 32 * -(-D // 32)
-    kernel = kernels.kernel("dequantize", ("data", "levels", "offset"), ("out",), contiguous=False)
-    (out,) = kernel(
-        inputs=[t.data, codebook(t.bits, D)[0], mx.contiguous(off)],
-        template=_dequantize_template(dtype, D, t.bits, shift, with_offset),
-        grid=(threads * B * H * S, 1, 1),
-        threadgroup=(threads, 1, 1),
-        output_shapes=[(B, H, S, D)],
-        output_dtypes=[dtype],
-    )
-    if t.sink is not None:  # row 0 written over, not a copy of the layer
-        z = rotate(t.sink, t.seed)
-        if with_offset:
-            z = z + rotate(t.offset, t.seed)
-        out[:, :, :1] = (z * 2.0**-shift).astype(dtype)
-    return out
+def _spoilt(bad, mask, Hq, L):
+    """Whether each query sees a bad key row: bad (B, Hkv, S) -> (B, Hkv, G | 1, L | 1, 1)."""
+    B, Hkv, S = bad.shape
+    if mask is None:
+        return mx.any(bad, axis=-1)[:, :, None, None, None]
+    if isinstance(mask, str):  # causal: query i sees keys [0, S - L + i]
+        first = mx.min(mx.where(bad, mx.arange(S), S), axis=-1)[:, :, None, None, None]
+        return first <= mx.arange(S - L, S)[:, None]
+    m = mask if mask.dtype == mx.bool_ else mask != -mx.inf
+    m = m.reshape((1,) * (4 - m.ndim) + m.shape)
+    heads = m.shape[1]
+    m = m.reshape(m.shape[0], Hkv if heads > 1 else 1, Hq // Hkv if heads > 1 else 1, *m.shape[2:])
+    return (m.astype(mx.float32) @ bad[:, :, None, :, None].astype(mx.float32)) > 0
 
 
 def _decoded_attention(queries, keys, values, scale, mask):
@@ -352,18 +277,23 @@ def _decoded_attention(queries, keys, values, scale, mask):
     space, in the queries' dtype: for prefill chunks, where the fused kernel (CUDA cores,
     no tensor cores) is many times slower. Holds one layer's keys and values decoded (as an
     fp16 cache would hold them), not a whole fp16 cache."""
-    D = queries.shape[-1]
+    B, Hq, L, D = queries.shape
+    Hkv, S = keys.shape[1:3]
     dtype = queries.dtype
     # A rotated coordinate is bounded by the vector's norm, so |z_j| <= 65504 sqrt(D) for
     # float16 vectors: decode divided by a power of two >= sqrt(D) (exact), scale back after.
     shift = math.ceil(math.log2(D) / 2) if dtype == mx.float16 else 0
     q = rotate(_smooth_queries(queries, keys), keys.seed).astype(dtype)
-    # Keys without their offset (softmax ignores it); values with it, so that float16 holds
-    # the values themselves, not their small difference from a large mean.
+    # Keys without their offset: softmax ignores it.
     k = decode_rotated(keys, dtype, shift)
-    v = decode_rotated(values, dtype, shift, offset=True)
+    v = decode_rotated(values, dtype, shift)
+    # A value row with a non-finite scale adds nothing where it is masked (no 0 * NaN in
+    # SDPA) and spoils the queries that see it, as in an fp16 cache.
+    bad = ~mx.isfinite(values.scales())  # (B, Hkv, S)
+    v = mx.where(bad[..., None], 0, v)
     out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale * 2**shift, mask=mask)
-    out = (unrotate(out, values.seed) * 2**shift).astype(dtype)
+    out = (unrotate(out, values.seed) * 2**shift).reshape(B, Hkv, Hq // Hkv, L, D)
+    out = mx.where(_spoilt(bad, mask, Hq, L), mx.nan, out).reshape(B, Hq, L, D).astype(dtype)
     # mlx-lm evaluates a prefill chunk's graph of all layers at once; MLX encodes it ahead of
     # the GPU and frees buffers as command buffers complete, so every layer's temporaries can
     # be held together: 9-16 GB above the cache at 8-32K tokens of Llama-3.1-8B's shape on an
@@ -375,7 +305,7 @@ def _decoded_attention(queries, keys, values, scale, mask):
 
 def _path(queries, keys, values, mask) -> str:
     """Which implementation runs: 'fused', 'decoded' or 'reference'."""
-    if kernels.backend() is None or keys.shape[2] <= (0 if keys.sink is None else 1):
+    if kernels.backend() is None or keys.data.shape[2] == 0:
         return "reference"
     causal_or_none = mask is None or (isinstance(mask, str) and mask == "causal")
     if (

@@ -14,18 +14,29 @@ import mlx_lm.models.cache as lm_cache
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
+from . import kernels
 from .codebook import SUPPORTED_BITS
-from .patch import is_patched, uses_base_attention
-from .quant import TurboQuantized, _quantize_rows, check_bits, check_input, dequantize
+from .patch import check_routing, is_patched
+from .quant import (
+    FLOAT_DTYPES,
+    TurboQuantized,
+    check_bits,
+    check_input,
+    dequantize,
+    quantize_kv,
+    quantize_kv_ops,
+    quantize_kv_rows,
+)
 from .rotation import check_head_dim
 
-FILE_FORMAT = "mlx_tq.prompt_cache/1"
-# kv_bits budget -> (key_bits, value_bits, smooth_keys, exact_sink). On Gemma-3-270M key
-# smoothing 0.5 beat every key/value split at the same bits (K4/V4-s0.5 KL 0.026 vs K5/V3
-# 0.038; K3/V3-s0.5 0.113 vs K4/V2 0.151: benchmarks/RESULTS.md, issue 5), and 2-4 bits run
-# on the fused kernel. The exact sink stays off: over all of WikiText-2 it lowers KL by 4-12%,
-# but pass-key retrieval falls from 50 to 42 of 60 at 4 bits (fp16: 44) and 39 to 21 at 3.
-PRESETS = {b: (b, b, 0.5, False) for b in SUPPORTED_BITS}
+FILE_FORMAT = "mlx_tq.prompt_cache/2"
+# kv_bits budget -> (key_bits, value_bits, smooth_keys). On Gemma-3-270M key smoothing 0.5
+# beat every key/value split at the same bits (K4/V4-s0.5 KL 0.026 vs K5/V3 0.038; K3/V3-s0.5
+# 0.113 vs K4/V2 0.151: benchmarks/RESULTS.md, issue 5), and 2-4 bits run on the fused kernel.
+PRESETS = {b: (b, b, 0.5) for b in SUPPORTED_BITS}
+# Tokens a cache holds exactly before it freezes its key statistics on them and quantises:
+# statistics of a chat's first few tokens cost Gemma-3-270M 6.6x the KL (benchmarks/RESULTS.md).
+WARMUP_TOKENS = 128
 
 
 class _TurboQuantMixin:
@@ -39,119 +50,128 @@ class _TurboQuantMixin:
     def merge(self):
         raise AttributeError("TurboQuant caches do not support batch merging")
 
-    def _setup(self, key_bits, value_bits, seed, center_keys, smooth_keys=0.0, exact_sink=False):
+    def _configure(self, key_bits, value_bits, seed, center_keys, smooth_keys, warmup_tokens):
         check_bits(key_bits, "key_bits")
         check_bits(value_bits, "value_bits")
+        if warmup_tokens < 0:
+            raise ValueError(f"warmup_tokens={warmup_tokens} must be >= 0")
         self.key_bits, self.value_bits = key_bits, value_bits
         self.seed, self.center_keys, self.smooth_keys = seed, center_keys, smooth_keys
-        self.exact_sink = exact_sink
-        self.sink_keys = self.sink_values = None
-        self._set_key_stats(None)
-        self.head_dim = None
-        self.dtype = None
-        self._pending = False
+        self.warmup_tokens = warmup_tokens
 
-    def _encode(self, keys, values):
-        check_input(keys, "keys")
-        check_input(values, "values")
+    def _setup(self, *config):
+        self._configure(*config)
+        self.head_dim = self.dtype = None
+        self._set_stats()
+
+    def _set_stats(self, offset=None, scale=None):
+        """The frozen key statistics (None before the warm-up ends)."""
+        self.key_offset, self.key_scale = offset, scale
+        self._rows = None
+
+    def _check(self, keys, values):
+        for x, name in ((keys, "keys"), (values, "values")):
+            check_input(x, name)
+            if x.ndim != 4:
+                raise ValueError(f"{name} {x.shape} must be (B, H, L, D)")
         if keys.shape[-1] != values.shape[-1]:
             raise ValueError(
                 f"key head_dim {keys.shape[-1]} != value head_dim {values.shape[-1]}: "
                 "attention with different key and value sizes (e.g. MLA) is not supported"
             )
-        if keys.ndim != 4 or keys.shape[:3] != values.shape[:3]:
+        if keys.shape != values.shape:
             raise ValueError(
                 f"keys {keys.shape} and values {values.shape} must be (B, H, L, D) "
                 "with the same B, H and L"
             )
-        if self.key_offset is None:
-            # A dtype name, not an mx.Dtype, so that copy.deepcopy works.
-            self.head_dim, self.dtype = keys.shape[-1], str(keys.dtype).removeprefix("mlx.core.")
-            # Softmax ignores a per-head shift of the keys, so store k - mean(k) (frozen
-            # after the first update) and spend the bits on what differs between keys.
-            k = keys.astype(mx.float32)
-            # Finite, so that a NaN key spoils its own token only, as in an fp16 cache.
-            mean = mx.mean(mx.where(mx.isfinite(k), k, 0), axis=2, keepdims=True)
-            scale = None
-            if self.smooth_keys:
-                # Store (k - mean) / s with s = std^smooth per channel (unit mean), and
-                # attend with q * s: the bits go less to the loudest key channels.
-                std = mx.sqrt(mx.mean(mx.where(mx.isfinite(k), k - mean, 0) ** 2, axis=2))
-                s = (std[:, :, None] + 1e-6) ** self.smooth_keys
-                scale = s / mx.mean(s, axis=-1, keepdims=True)
-            self._set_key_stats(mean if self.center_keys else mx.zeros_like(mean), scale)
-        elif keys.shape[:2] != self.key_offset.shape[:2] or keys.shape[-1] != self.head_dim:
-            B, H = self.key_offset.shape[:2]
+        if self.keys is not None and (*keys.shape[:2], keys.shape[3]) != self._bhd():
             raise ValueError(
-                f"keys {keys.shape} do not fit this cache of (B, H, D) = {(B, H, self.head_dim)}: "
+                f"keys {keys.shape} do not fit this cache of (B, H, D) = {self._bhd()}: "
                 "use one cache per layer and sequence batch"
             )
-        if is_patched() and self._pending:
-            raise RuntimeError(
-                "the last keys/values this cache returned never reached "
-                "mlx_lm.models.base.scaled_dot_product_attention: this model's attention "
-                "does not go through it, so it cannot use a TurboQuant cache"
+        self.head_dim = keys.shape[3]
+        # A dtype name, not an mx.Dtype, so that copy.deepcopy works.
+        self.dtype = self.dtype or str(keys.dtype).removeprefix("mlx.core.")
+
+    def _bhd(self):
+        return (*self.keys.shape[:2], self.head_dim)
+
+    def _held(self):
+        """The exact keys and values held so far (warm-up), (B, H, n, D)."""
+        n = min(self.offset, self.keys.shape[2])
+        return self.keys[..., :n, :], self.values[..., :n, :]
+
+    def _freeze(self, keys, values):
+        """Takes the key statistics from the tokens held and the new ones, then quantises
+        the held buffer in place (same slots, so mlx-lm's bookkeeping stays valid)."""
+        k = keys
+        if self.keys is not None:
+            k = mx.concatenate([self._held()[0], keys], axis=2)
+        k = k.astype(mx.float32)
+        # Finite, so that a NaN key spoils its own token only, as in an fp16 cache.
+        finite = mx.isfinite(k)
+        count = mx.maximum(finite.sum(axis=2, keepdims=True), 1)
+        # Softmax ignores a per-head shift of the keys: store k - mean(k), spend the bits on
+        # what differs between keys.
+        mean = mx.where(finite, k, 0).sum(axis=2, keepdims=True) / count
+        scale = None
+        if self.smooth_keys:
+            # Store (k - mean) / s with s = std^smooth per channel (unit mean), and attend
+            # with q * s: the bits go less to the loudest key channels.
+            var = mx.where(finite, k - mean, 0) ** 2
+            s = (mx.sqrt(var.sum(axis=2) / count[:, :, 0]) + 1e-6)[:, :, None] ** self.smooth_keys
+            scale = s / mx.mean(s, axis=-1, keepdims=True)
+        offset = mean if self.center_keys else mx.zeros_like(mean)
+        self._set_stats(offset, scale)
+        if self.keys is not None:
+            self.keys, self.values = quantize_kv(
+                self.keys, self.values, self.key_bits, self.value_bits, self.seed, offset, scale
             )
-        # Inputs and bits are checked above and in _setup.
-        k = _quantize_rows(keys, self.key_bits, self.seed, self.key_offset, self.key_scale)
-        v = _quantize_rows(values, self.value_bits, self.seed)
-        return k, v
-
-    def _set_key_stats(self, offset, scale=None):
-        self.key_offset, self.key_scale = offset, scale
-
-    def _key_stats(self):
-        return (self.key_offset,) if self.key_scale is None else (self.key_offset, self.key_scale)
-
-    def _wrap(self, k, v):
-        dtype = getattr(mx, self.dtype)
-        keys = TurboQuantized(
-            k,
-            self.key_bits,
-            self.head_dim,
-            self.seed,
-            dtype,
-            self.key_offset,
-            None,
-            self.key_scale,
-            self.sink_keys,
-        )
-        values = TurboQuantized(
-            v, self.value_bits, self.head_dim, self.seed, dtype, sink=self.sink_values
-        )
-        if is_patched():
-            self._pending = True
-            return keys, values
-        return dequantize(keys), dequantize(values)
-
-    def _capture_sink(self, keys, values):
-        """Keeps the first token's key and value exact, in the stored space (the key
-        centred and smoothed as the packed rows are): attention reads them for row 0."""
-        k = keys[:, :, :1].astype(mx.float32) - self.key_offset
-        self.sink_keys = k if self.key_scale is None else k / self.key_scale
-        self.sink_values = values[:, :, :1].astype(mx.float32)
-
-    def _sink_held(self, prev_offset: int) -> bool:
-        """Whether the first token is still row 0 after an update that started at prev_offset."""
-        return True
 
     def update_and_fetch(self, keys, values):
-        prev = self.offset
-        k, v = self._encode(keys, values)
-        if self.exact_sink and prev == 0:
-            self._capture_sink(keys, values)
-        k, v = super().update_and_fetch(k, v)
-        if self.sink_keys is not None and not self._sink_held(prev):
-            self.sink_keys = self.sink_values = None  # the first token left the window
-        return self._wrap(k, v)
+        if self.key_offset is None:
+            self._check(keys, values)
+            if self.offset + keys.shape[2] < self.warmup_tokens:
+                return super().update_and_fetch(keys, values)
+            self._freeze(keys, values)
+        elif (
+            keys.shape[:2] != self.keys.shape[:2]
+            or keys.shape[3] != self.head_dim
+            or values.shape != keys.shape
+            or keys.dtype not in FLOAT_DTYPES
+        ):
+            self._check(keys, values)
+        bits = (self.key_bits, self.value_bits, self.seed)
+        if kernels.backend() is None:
+            k, v = quantize_kv_ops(keys, values, *bits, self.key_offset, self.key_scale)
+        else:
+            if self._rows is None:  # the statistics as the kernel reads them, built once
+                self._rows = [a if a is None else a.reshape(-1, a.shape[-1]) for a in self._stats()]
+                mx.eval(*self._stat_arrays())
+            k, v = quantize_kv_rows(keys, values, *bits, *self._rows)
+        return self._wrap(*super().update_and_fetch(k, v))
 
-    def _sinks(self):
-        return () if self.sink_keys is None else (self.sink_keys, self.sink_values)
+    def _wrap(self, k, v):
+        """Packed keys and values for the patched attention, else dequantised for any."""
+        dtype = getattr(mx, self.dtype)
+        k = TurboQuantized(
+            k, self.key_bits, self.head_dim, self.seed, dtype, self.key_offset, None, self.key_scale
+        )
+        v = TurboQuantized(v, self.value_bits, self.head_dim, self.seed, dtype)
+        return (k, v) if is_patched() else (dequantize(k), dequantize(v))
 
-    def _set_stats_and_sinks(self, rest):
-        n = 2 if self.smooth_keys else 1  # key offset, and the channel scale when smoothing
-        self._set_key_stats(*rest[:n])
-        self.sink_keys, self.sink_values = rest[n:] if len(rest) > n else (None, None)
+    def _stats(self):
+        return (self.key_offset, self.key_scale)
+
+    def _stat_arrays(self):
+        return tuple(a for a in self._stats() if a is not None)
+
+    def trim(self, n):
+        if n < 0:
+            raise ValueError(f"cannot trim {n} tokens: n must be >= 0")
+        if not self.is_trimmable():
+            return 0  # a wrapped window: the tokens to drop are no longer at its end
+        return super().trim(n)
 
     def _meta(self):
         return (
@@ -162,43 +182,45 @@ class _TurboQuantMixin:
             str(self.head_dim),
             str(self.dtype),
             str(self.smooth_keys),
-            str(int(self.exact_sink)),
+            str(self.warmup_tokens),
         )
 
     def _set_meta(self, v):
-        kb, vb, seed, center, head_dim, dtype, *more = v
-        smooth = float(more[0]) if more else 0.0
-        sink = bool(int(more[1])) if len(more) > 1 else False
-        self._setup(int(kb), int(vb), int(seed), bool(int(center)), smooth, sink)
+        kb, vb, seed, center, head_dim, dtype, smooth, warmup = v
+        self._configure(int(kb), int(vb), int(seed), bool(int(center)), float(smooth), int(warmup))
         self.head_dim = None if head_dim == "None" else int(head_dim)
         self.dtype = None if dtype == "None" else dtype
 
     @classmethod
     def from_state(cls, state, meta_state):
         obj = cls.__new__(cls)
-        obj.meta_state = meta_state
         obj.state = state
+        obj.meta_state = meta_state
         return obj
 
     @property
     def nbytes(self):
         if self.keys is None:
             return 0
-        extra = sum(a.nbytes for a in (self.key_scale, *self._sinks()) if a is not None)
-        return self.keys.nbytes + self.values.nbytes + self.key_offset.nbytes + extra
+        stats = sum(a.nbytes for a in self._stat_arrays())
+        return self.keys.nbytes + self.values.nbytes + stats
 
 
 class TurboQuantKVCache(_TurboQuantMixin, KVCache):
     """A `KVCache` holding TurboQuant-packed keys and values.
 
+    The first `warmup_tokens` tokens are held exactly (fetched as plain arrays, attended by
+    mlx-lm's own attention); once that many have arrived, the key statistics are taken from
+    all of them and what is held is quantised in place.
+
     Args:
         key_bits, value_bits: Bits per element of keys and values (2-8).
         seed: Seed of the rotation's random signs.
         center_keys: Store keys minus their per-head mean (free at attention time).
-        smooth_keys: If > 0, divide centred keys by std^smooth_keys per channel (from the
-            first update) before quantising; attention multiplies the queries by the same scale.
-        exact_sink: Keep the first token's key and value exact (float32, 2 x D floats per
-            head): the attention sink (BOS) most heads attend to is never quantised.
+        smooth_keys: If > 0, divide centred keys by std^smooth_keys per channel (frozen with
+            the mean) before quantising; attention multiplies the queries by the same scale.
+        warmup_tokens: Tokens held exactly before the statistics are frozen (0: from the
+            first update, whatever its size).
     """
 
     def __init__(
@@ -208,23 +230,23 @@ class TurboQuantKVCache(_TurboQuantMixin, KVCache):
         seed: int = 0,
         center_keys: bool = True,
         smooth_keys: float = 0.0,
-        exact_sink: bool = False,
+        warmup_tokens: int = WARMUP_TOKENS,
     ):
         super().__init__()
-        self._setup(key_bits, value_bits, seed, center_keys, smooth_keys, exact_sink)
+        self._setup(key_bits, value_bits, seed, center_keys, smooth_keys, warmup_tokens)
 
     @property
     def state(self):
         if self.keys is None:
             return []
         n = self.offset
-        return self.keys[..., :n, :], self.values[..., :n, :], *self._key_stats(), *self._sinks()
+        return self.keys[..., :n, :], self.values[..., :n, :], *self._stat_arrays()
 
     @state.setter
     def state(self, v):
-        self.keys, self.values, *rest = v if v else (None, None, None)
-        self._set_stats_and_sinks(rest)
+        self.keys, self.values, *stats = v if v else (None, None)
         self.offset = 0 if self.keys is None else self.keys.shape[2]
+        self._set_stats(*stats)
 
     @property
     def meta_state(self):
@@ -242,9 +264,8 @@ class TurboQuantRotatingKVCache(_TurboQuantMixin, RotatingKVCache):
     Args:
         max_size: Tokens kept (the window).
         keep: Leading tokens never evicted.
-        key_bits, value_bits, seed, center_keys, smooth_keys, exact_sink: As for
-            `TurboQuantKVCache`; the exact sink is dropped once the first token leaves the
-            window (unless `keep` holds it).
+        key_bits, value_bits, seed, center_keys, smooth_keys, warmup_tokens: As for
+            `TurboQuantKVCache`.
     """
 
     def __init__(
@@ -256,26 +277,21 @@ class TurboQuantRotatingKVCache(_TurboQuantMixin, RotatingKVCache):
         seed: int = 0,
         center_keys: bool = True,
         smooth_keys: float = 0.0,
-        exact_sink: bool = False,
+        warmup_tokens: int = WARMUP_TOKENS,
     ):
         super().__init__(max_size, keep)
-        self._setup(key_bits, value_bits, seed, center_keys, smooth_keys, exact_sink)
-
-    def _sink_held(self, prev_offset: int) -> bool:
-        # mlx-lm keeps the first `keep` tokens; otherwise token 0 is row 0 (slot 0, or the
-        # oldest row after a multi-token trim) until an update starts at offset max_size.
-        return self.keep >= 1 or prev_offset < self.max_size
+        self._setup(key_bits, value_bits, seed, center_keys, smooth_keys, warmup_tokens)
 
     @property
     def state(self):
         if self.keys is None:
             return []
-        return self.keys, self.values, *self._key_stats(), *self._sinks()
+        return self.keys, self.values, *self._stat_arrays()
 
     @state.setter
     def state(self, v):
-        self.keys, self.values, *rest = v if v else (None, None, None)
-        self._set_stats_and_sinks(rest)
+        self.keys, self.values, *stats = v if v else (None, None)
+        self._set_stats(*stats)
 
     @property
     def meta_state(self):
@@ -297,7 +313,7 @@ def make_prompt_cache(
     seed: int = 0,
     center_keys: bool = True,
     smooth_keys: float | None = None,
-    exact_sink: bool | None = None,
+    warmup_tokens: int = WARMUP_TOKENS,
 ) -> list:
     """Builds the model's cache with TurboQuant layers, like mlx-lm's `make_prompt_cache`.
 
@@ -306,33 +322,37 @@ def make_prompt_cache(
     fp16 with `quantize_sliding=False`; other caches (SSM, arrays) are left alone.
 
     Args:
-        model: An mlx-lm model.
+        model: An mlx-lm model whose attention calls
+            `mlx_lm.models.base.scaled_dot_product_attention` (checked with a 1-token probe).
         kv_bits: The bit budget; picks the recommended (key_bits, value_bits, smooth_keys).
         key_bits, value_bits: Override the preset.
-        max_kv_size: Keep only this many tokens (a rotating cache), as in mlx-lm.
+        max_kv_size: Every layer keeps at most this many tokens (at most its own window), in
+            a rotating cache that always keeps the first 4, as mlx-lm's; must be > 4.
         quantize_sliding: Compress sliding-window layers too.
         seed: Rotation seed.
         center_keys: Store keys minus their per-head mean.
         smooth_keys: Per-channel key smoothing exponent (0: off; default: the preset).
-        exact_sink: Keep each layer's first token (the attention sink) exact (default: the
-            preset).
+        warmup_tokens: Tokens each layer holds exactly before it freezes its key statistics.
 
     Returns:
         A list with one cache per layer.
+
+    Raises:
+        ValueError: For unsupported bits, head dims or max_kv_size, and for a model whose
+            attention does not reach mlx_tq's.
     """
     if kv_bits not in PRESETS:
         raise ValueError(f"kv_bits={kv_bits} is not supported: choose one of {tuple(PRESETS)}")
-    kb, vb, smooth, sink = PRESETS[kv_bits]
+    kb, vb, smooth = PRESETS[kv_bits]
     kb = kb if key_bits is None else key_bits
     vb = vb if value_bits is None else value_bits
     smooth_keys = smooth if smooth_keys is None else smooth_keys
-    exact_sink = sink if exact_sink is None else exact_sink
     check_bits(kb, "key_bits")
     check_bits(vb, "value_bits")
-    if not uses_base_attention(model):
+    if max_kv_size is not None and max_kv_size <= KEEP:
         raise ValueError(
-            f"{type(model).__module__}: the model's attention does not call "
-            "mlx_lm.models.base.scaled_dot_product_attention, so it cannot use a TurboQuant cache"
+            f"max_kv_size={max_kv_size} is too small: it must exceed the {KEEP} first tokens "
+            "a rotating cache always keeps"
         )
     args = getattr(model, "args", None)
     head_dim = getattr(args, "head_dim", None)
@@ -340,26 +360,33 @@ def make_prompt_cache(
         head_dim = args.hidden_size // args.num_attention_heads
     if isinstance(head_dim, int):
         check_head_dim(head_dim)
+    options = dict(key_bits=kb, value_bits=vb, seed=seed, center_keys=center_keys)
+    options.update(smooth_keys=smooth_keys)
+    check_routing(model, lambda: _layers(model, max_kv_size, quantize_sliding, options, 0))
+    return _layers(model, max_kv_size, quantize_sliding, options, warmup_tokens)
+
+
+# mlx-lm's rotating caches for max_kv_size keep the first tokens (attention sinks).
+KEEP = 4
+
+
+def _layers(model, max_kv_size, quantize_sliding, options, warmup_tokens):
     caches = lm_cache.make_prompt_cache(model, max_kv_size=max_kv_size)
-    if max_kv_size is not None and hasattr(model, "make_cache"):
+    if max_kv_size is not None:
         caches = [
-            RotatingKVCache(max_size=max_kv_size, keep=4) if type(c) is KVCache else c
+            RotatingKVCache(max_kv_size, keep=KEEP)
+            if type(c) is KVCache or (type(c) is RotatingKVCache and c.max_size > max_kv_size)
+            else c
             for c in caches
         ]
-    options = dict(
-        key_bits=kb,
-        value_bits=vb,
-        seed=seed,
-        center_keys=center_keys,
-        smooth_keys=smooth_keys,
-        exact_sink=exact_sink,
-    )
     out = []
     for c in caches:
         if type(c) is KVCache:
-            c = TurboQuantKVCache(**options)
+            c = TurboQuantKVCache(**options, warmup_tokens=warmup_tokens)
         elif type(c) is RotatingKVCache and quantize_sliding:
-            c = TurboQuantRotatingKVCache(c.max_size, c.keep, **options)
+            c = TurboQuantRotatingKVCache(
+                c.max_size, c.keep, **options, warmup_tokens=warmup_tokens
+            )
         out.append(c)
     if not any(isinstance(c, _TurboQuantMixin) for c in out):
         raise ValueError("the model has no KV cache layer that TurboQuant can compress")

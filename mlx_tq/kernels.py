@@ -33,7 +33,8 @@ def source(name: str) -> str:
 
 def program(name: str, kind: str) -> tuple[str, str]:
     """(header, body) of kernel `name` for backend `kind`."""
-    prelude, body = source(f"prelude_{kind}.h"), source(f"{name}.metal")
+    prelude = source(f"prelude_{kind}.h") + source("common.h")
+    body = source(f"{name}.metal")
     # MLX adds the Metal attributes named in the body to the signature, so the Metal
     # prelude goes in the body; CUDA device helpers must sit outside the kernel.
     return ("", prelude + body) if kind == "metal" else (prelude, body)

@@ -5,10 +5,14 @@ name in `base` (which modules imported later pick up) and in every loaded model 
 """
 
 import sys
+import threading
 
+import mlx.core as mx
 import mlx_lm.models.base as base
 
 _original = None  # mlx-lm's function while patched
+_probe = threading.local()  # .reached: ids of the caches a routing probe saw attended
+_probe_lock = threading.Lock()
 
 
 def is_patched() -> bool:
@@ -23,7 +27,9 @@ def _attention(queries, keys, values, cache, scale, mask, sinks=None):
         return _original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
     if sinks is not None:
         raise NotImplementedError("attention sinks are not supported with a TurboQuant cache")
-    cache._pending = False
+    reached = getattr(_probe, "reached", None)
+    if reached is not None:
+        reached.add(id(cache))
     return scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
 
 
@@ -50,10 +56,38 @@ def unpatch():
         _original = None
 
 
-def uses_base_attention(model) -> bool:
-    """Whether some module of `model` calls mlx-lm's shared `scaled_dot_product_attention`."""
-    shared = (_attention, _original or base.scaled_dot_product_attention)
-    return any(
-        getattr(sys.modules.get(type(m).__module__), "scaled_dot_product_attention", None) in shared
+def check_routing(model, make_cache):
+    """Raises ValueError unless a 1-token forward pass of `model`, patched, reaches mlx_tq's
+    attention for every TurboQuant layer of `make_cache()` (other packages' wrappers that
+    call on to it are fine); the error names what the model's attention calls instead."""
+    with _probe_lock:
+        was_patched = is_patched()
+        patch()
+        _probe.reached, ours = set(), set()
+        try:
+            caches = make_cache()
+            ours = {id(c) for c in caches if hasattr(c, "key_bits")}
+            model(mx.zeros((1, 1), mx.int32), cache=caches)
+            error = None
+        except ValueError:  # the caches' own, already clear
+            raise
+        except Exception as e:  # a bypass fails on the packed keys somewhere in the model
+            error = e
+        finally:
+            reached, _probe.reached = _probe.reached, None
+            if not was_patched:
+                unpatch()
+    if error is None and ours and ours <= reached:
+        return
+    called = {
+        getattr(sys.modules.get(type(m).__module__), "scaled_dot_product_attention", None)
         for m in model.modules()
-    )
+    } - {None, _attention}
+    names = sorted(f"{f.__module__}.{f.__qualname__}" for f in called if callable(f))
+    cause = f" ({type(error).__name__}: {error})" if error is not None else ""
+    raise ValueError(
+        f"{type(model).__module__}: the model's attention does not reach "
+        f"mlx_lm.models.base.scaled_dot_product_attention as patched by mlx_tq"
+        + (f"; its modules call {', '.join(names)}" if names else "")
+        + f"{cause}, so it cannot use a TurboQuant cache"
+    ) from error

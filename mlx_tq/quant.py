@@ -1,4 +1,5 @@
-"""TurboQuant: rotate, quantise each coordinate with a Lloyd-Max codebook, pack tightly."""
+"""The packed TurboQuant format: rotate, quantise each coordinate with a Lloyd-Max codebook,
+pack tightly; and back. Encode and decode kernels are dispatched here, attention elsewhere."""
 
 import math
 from dataclasses import dataclass, replace
@@ -54,7 +55,7 @@ def unpack(words: mx.array, bits: int, dim: int) -> mx.array:
     return (lo | mx.where(spill.astype(mx.bool_), hi, 0)) & ((1 << bits) - 1)
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False, slots=True)
 class TurboQuantized:
     """Packed TurboQuant vectors.
 
@@ -69,10 +70,6 @@ class TurboQuantized:
             the float32 residual norm (QJL, the paper's Q_prod; off by default).
         channel_scale: optional float32 (..., 1, D) the vectors were divided by, per
             channel, after the offset: x = s * (R^T z) + offset.
-        sink: optional float32 (..., 1, D): the first vector along the sequence axis, kept
-            exact in the stored space ((x_0 - offset) / s, before the rotation); row 0 of
-            `data` is read as this vector (an attention sink such as BOS keeps its key and
-            value exactly). Carried by views that start at row 0.
     """
 
     data: mx.array
@@ -83,7 +80,6 @@ class TurboQuantized:
     offset: mx.array | None = None
     qjl: mx.array | None = None
     channel_scale: mx.array | None = None
-    sink: mx.array | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -91,7 +87,7 @@ class TurboQuantized:
 
     @property
     def nbytes(self) -> int:
-        extra = (self.offset, self.qjl, self.channel_scale, self.sink)
+        extra = (self.offset, self.qjl, self.channel_scale)
         return self.data.nbytes + sum(a.nbytes for a in extra if a is not None)
 
     def indices(self) -> mx.array:
@@ -104,16 +100,12 @@ class TurboQuantized:
         """(..., D) float32 reconstruction in the rotated space, without the offset."""
         levels, _ = codebook(self.bits, self.dim)
         z = levels[self.indices()] * self.scales()[..., None]
-        z = z if self.qjl is None else z + _qjl_rotated(self)
-        if self.sink is not None and z.shape[-2] > 0:
-            z[..., :1, :] = rotate(self.sink, self.seed)
-        return z
+        return z if self.qjl is None else z + _qjl_rotated(self)
 
     def tokens(self, start: int, stop: int) -> "TurboQuantized":
         """The vectors [start, stop) along the sequence axis -2."""
         qjl = None if self.qjl is None else self.qjl[..., start:stop, :]
-        sink = self.sink if start == 0 else None
-        return replace(self, data=self.data[..., start:stop, :], qjl=qjl, sink=sink)
+        return replace(self, data=self.data[..., start:stop, :], qjl=qjl)
 
 
 def check_bits(bits: int, name: str = "bits"):
@@ -148,7 +140,7 @@ def _qjl_matrix(dim: int, seed: int) -> mx.array:
     return mx.array(np.random.default_rng(seed + 7919).standard_normal((dim, dim), np.float32))
 
 
-def _encode(xf: mx.array, bits: int, seed: int, norm_correction: bool = True):
+def _encode(xf: mx.array, bits: int, seed: int):
     """Reference quantiser of float32 rows: (z, norms, idx, zq, scales)."""
     dim = xf.shape[-1]
     norms = mx.linalg.norm(xf, axis=-1, keepdims=True)
@@ -156,8 +148,8 @@ def _encode(xf: mx.array, bits: int, seed: int, norm_correction: bool = True):
     idx = quantize_indices(z, bits)
     levels, _ = codebook(bits, dim)
     zq = levels[idx]
-    denom = mx.linalg.norm(zq, axis=-1, keepdims=True) if norm_correction else math.sqrt(dim)
-    return z, norms, idx, zq, norms / denom
+    # Norm correction: the reconstruction keeps the exact norm (lower MSE than norm / sqrt(D)).
+    return z, norms, idx, zq, norms / mx.linalg.norm(zq, axis=-1, keepdims=True)
 
 
 def quantize(
@@ -167,7 +159,6 @@ def quantize(
     *,
     offset: mx.array | None = None,
     channel_scale: mx.array | None = None,
-    norm_correction: bool = True,
     qjl: bool = False,
     check_finite: bool = True,
 ) -> TurboQuantized:
@@ -181,7 +172,6 @@ def quantize(
         offset: Optional (..., 1, D) vector subtracted before quantising (e.g. a key mean).
         channel_scale: Optional positive (..., 1, D) divisor per channel, applied after
             the offset (key smoothing: attention multiplies the queries by it instead).
-        norm_correction: Store norm / ||c[idx]|| so the reconstruction keeps the exact norm.
         qjl: Add the 1-bit QJL residual sketch (unbiased inner products).
         check_finite: Raise on NaN or inf (costs a synchronisation).
 
@@ -205,7 +195,7 @@ def quantize(
     if channel_scale is not None:
         channel_scale = channel_scale.astype(mx.float32)
         xf = xf / channel_scale
-    z, norms, idx, zq, scales = _encode(xf, mse_bits, seed, norm_correction)
+    z, norms, idx, zq, scales = _encode(xf, mse_bits, seed)
     data = mx.concatenate([pack(idx, mse_bits), scales.view(mx.uint32)], axis=-1)
     sketch = None
     if qjl:
@@ -237,22 +227,33 @@ def quantize_rows_ops(
 QUANTIZE_ROWS = 4
 
 
+def quantize_kv_ops(keys, values, key_bits, value_bits, seed=0, key_offset=None, key_scale=None):
+    """Reference of `quantize_kv`, in plain MLX ops."""
+    k = keys.astype(mx.float32)
+    if key_offset is not None:
+        k = k - key_offset.astype(mx.float32)
+    if key_scale is not None:
+        k = k / key_scale.astype(mx.float32)
+    out = []
+    for x, bits in ((k, key_bits), (values.astype(mx.float32), value_bits)):
+        _, _, idx, _, scales = _encode(x, bits, seed)
+        out.append(mx.concatenate([pack(idx, bits), scales.view(mx.uint32)], axis=-1))
+    return tuple(out)
+
+
 @cache
-def _quantize_template(dtype, dim, bits, scaled=False):
+def quantize_template(dtype, dim, key_bits, value_bits, scaled=False):
     """Template constants of quantize.metal (built once per variant: decode is launch-bound)."""
-    return (
+    return [
         ("T", dtype),
         ("D", dim),
-        ("BITS", bits),
-        ("W", words_per_row(dim, bits) - 1),
+        ("KB", key_bits),
+        ("VB", value_bits),
+        ("WK", words_per_row(dim, key_bits) - 1),
+        ("WV", words_per_row(dim, value_bits) - 1),
         ("ROWS", QUANTIZE_ROWS),
         ("SCALE", scaled),
-    )
-
-
-def _per_run(a, lead, dim):
-    """(..., 1, D) float32 -> one row per run of x.shape[-2] rows: (N / P, D)."""
-    return mx.broadcast_to(a.astype(mx.float32), (*lead[:-1], 1, dim)).reshape(-1, dim)
+    ]
 
 
 @cache
@@ -260,71 +261,93 @@ def _zeros(dim):
     return mx.zeros((1, dim), mx.float32)
 
 
-def _quantize_rows_kernel(x, bits, seed, offset, channel_scale):
-    *lead, dim = x.shape
-    n = x.size // dim
-    template = _quantize_template(x.dtype, dim, bits, channel_scale is not None)
-    words = template[3][1]
-    scale = _zeros(dim)  # a placeholder the kernel does not read without SCALE
-    if offset is None and channel_scale is None:
-        x, offset = x.reshape(1, n, dim), _zeros(dim)
-    else:
-        # One offset (and scale) row per run of x.shape[-2] rows (constant along the sequence).
-        offset = _zeros(dim) if offset is None else offset
-        offset = _per_run(offset, lead, dim)
-        if channel_scale is not None:
-            scale = _per_run(channel_scale, lead, dim)
-        x = x.reshape(-1, x.shape[-2] if x.ndim > 1 else 1, dim)
-    levels, bounds = codebook(bits, dim)
-    threads = 32 * -(-dim // 32)
-    kernel = kernels.kernel(
-        "quantize", ("x", "rt", "levels", "bounds", "offset", "scale"), ("out",)
+def key_rows(a, shape):
+    """A (..., 1, D) key offset or scale as the kernel's float32 (N / P, D) rows: one per run
+    of shape[-2] keys (a cache computes these once)."""
+    *lead, dim = shape
+    return mx.contiguous(
+        mx.broadcast_to(a.astype(mx.float32), (*lead[:-1], 1, dim)).reshape(-1, dim)
     )
-    (out,) = kernel(
-        inputs=[x, rotation_matrix(dim, seed), levels, bounds, offset, scale],
-        template=list(template),
-        grid=(threads * -(-n // QUANTIZE_ROWS), 1, 1),
-        threadgroup=(threads, 1, 1),
-        output_shapes=[(*lead, words + 1)],
-        output_dtypes=[mx.uint32],
-    )
-    return out
 
 
-def quantize_rows(
-    x: mx.array,
-    bits: int,
+def quantize_kv(
+    keys: mx.array,
+    values: mx.array,
+    key_bits: int,
+    value_bits: int,
     seed: int = 0,
-    offset: mx.array | None = None,
-    channel_scale: mx.array | None = None,
-) -> mx.array:
-    """Packed TurboQuant rows of new tokens, for a cache to store.
+    key_offset: mx.array | None = None,
+    key_scale: mx.array | None = None,
+) -> tuple[mx.array, mx.array]:
+    """Packed TurboQuant rows of new keys and values, for a cache to store.
 
-    Equal to `quantize(x, bits, seed, offset=offset, channel_scale=channel_scale,
-    check_finite=False).data`: a GPU kernel where Metal or CUDA runs custom kernels (indices
-    may differ only where a coordinate sits on a level midpoint to float rounding), plain
-    MLX ops elsewhere.
+    Each equals `quantize(x, bits, seed, offset=..., channel_scale=..., check_finite=False).data`
+    (keys with the offset and scale, values without): one GPU kernel for both where Metal or
+    CUDA runs custom kernels (indices may differ only where a coordinate sits on a level
+    midpoint to float rounding), plain MLX ops elsewhere.
 
     Args:
-        x: (..., D) float16, bfloat16 or float32 vectors.
-        bits: Bits per element, 2-8.
+        keys, values: (..., L, D) float16, bfloat16 or float32, of one shape.
+        key_bits, value_bits: Bits per element, 2-8.
         seed: Seed of the rotation's signs.
-        offset: Optional (..., 1, D) vector subtracted first (constant along axis -2).
-        channel_scale: Optional positive (..., 1, D) divisor applied after the offset.
+        key_offset: Optional (..., 1, D) vector subtracted from the keys first.
+        key_scale: Optional positive (..., 1, D) divisor of the keys, after the offset.
 
     Returns:
-        (..., W + 1) uint32: W = ceil(D * bits / 32) words of indices, then the scale.
+        (..., L, W + 1) uint32 keys and values: W = ceil(D * bits / 32) words of indices,
+        then the scale.
     """
-    check_input(x)
-    check_bits(bits)
-    return _quantize_rows(x, bits, seed, offset, channel_scale)
+    check_input(keys, "keys")
+    check_input(values, "values")
+    check_bits(key_bits, "key_bits")
+    check_bits(value_bits, "value_bits")
+    if keys.shape != values.shape:
+        raise ValueError(f"keys {keys.shape} and values {values.shape} must have one shape")
+    if kernels.backend() is None or keys.size == 0:
+        return quantize_kv_ops(keys, values, key_bits, value_bits, seed, key_offset, key_scale)
+    shape = keys.shape
+    offset = _zeros(shape[-1]) if key_offset is None else key_rows(key_offset, shape)
+    scale = None if key_scale is None else key_rows(key_scale, shape)
+    return quantize_kv_rows(keys, values, key_bits, value_bits, seed, offset, scale)
 
 
-def _quantize_rows(x, bits, seed=0, offset=None, channel_scale=None):
-    """`quantize_rows` without the input checks (for callers that made them)."""
-    if kernels.backend() is None or x.size == 0:
-        return quantize_rows_ops(x, bits, seed, offset, channel_scale)
-    return _quantize_rows_kernel(x, bits, seed, offset, channel_scale)
+def quantize_kv_rows(keys, values, key_bits, value_bits, seed, offset, scale):
+    """The kernel of `quantize_kv`, inputs checked: `offset` and `scale` (or None) are float32
+    (N / P, D) rows, one per run of P = keys.shape[-2] keys (or one (1, D) row for all)."""
+    *lead, dim = keys.shape
+    n = keys.size // dim
+    runs = offset.shape[0]
+    x_shape = (runs, n // runs, dim)
+    template = quantize_template(keys.dtype, dim, key_bits, value_bits, scale is not None)
+    k_levels, k_bounds = codebook(key_bits, dim)
+    v_levels, v_bounds = codebook(value_bits, dim)
+    kernel = kernels.kernel(
+        "quantize",
+        ("k", "v", "rt", "k_levels", "k_bounds", "v_levels", "v_bounds", "offset", "scale"),
+        ("k_out", "v_out"),
+    )
+    threads = 32 * -(-dim // 32)
+    return kernel(
+        inputs=[
+            keys.reshape(x_shape),
+            values.reshape(x_shape),
+            rotation_matrix(dim, seed),
+            k_levels,
+            k_bounds,
+            v_levels,
+            v_bounds,
+            offset,
+            offset if scale is None else scale,  # not read without SCALE
+        ],
+        template=template,
+        grid=(threads * 2 * -(-n // QUANTIZE_ROWS), 1, 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[
+            (*lead, words_per_row(dim, key_bits)),
+            (*lead, words_per_row(dim, value_bits)),
+        ],
+        output_dtypes=[mx.uint32, mx.uint32],
+    )
 
 
 def _qjl_rotated(q: TurboQuantized) -> mx.array:
@@ -345,3 +368,45 @@ def dequantize(q: TurboQuantized) -> mx.array:
         # The reconstruction error may carry a value near the fp16 limit past it: not to inf.
         x = mx.clip(x, -65504, 65504)
     return x.astype(q.dtype)
+
+
+def decode_rotated_ops(t: TurboQuantized, dtype, shift: int = 0) -> mx.array:
+    """Reference of `decode_rotated`, in plain MLX ops."""
+    return (t.rotated() * 2.0**-shift).astype(dtype)
+
+
+def dequantize_template(dtype, D, bits, shift):
+    """Template constants of dequantize.metal."""
+    return [
+        ("T", dtype),
+        ("D", D),
+        ("BITS", bits),
+        ("W", words_per_row(D, bits) - 1),
+        ("SHIFT", shift),
+    ]
+
+
+def decode_rotated(t: TurboQuantized, dtype, shift: int = 0) -> mx.array:
+    """t's vectors in the rotated space without the offset, divided by 2^shift, in `dtype`:
+    (B, H, S, D). On a GPU one kernel writes `dtype` directly, so the transient is the
+    output alone (the ops hold several uint32 arrays of the same size)."""
+    if (
+        kernels.backend() is None
+        or t.qjl is not None
+        or t.data.ndim != 4
+        or t.data.shape[2] == 0
+        or t.data.size // t.data.shape[-1] * t.dim >= 2**31
+    ):
+        return decode_rotated_ops(t, dtype, shift)
+    B, H, S, D = t.shape
+    threads = 32 * -(-D // 32)
+    kernel = kernels.kernel("dequantize", ("data", "levels"), ("out",), contiguous=False)
+    (out,) = kernel(
+        inputs=[t.data, codebook(t.bits, D)[0]],
+        template=dequantize_template(dtype, D, t.bits, shift),
+        grid=(threads * B * H * S, 1, 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[(B, H, S, D)],
+        output_dtypes=[dtype],
+    )
+    return out

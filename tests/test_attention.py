@@ -90,13 +90,12 @@ def test_chunks_merge(chunk_size):
 def test_offsets():
     q, k, v = make_inputs(2, 4, 2, 3, 70, 128)
     k_mean = 4 * mx.random.normal((2, 2, 1, 128), key=mx.random.key(7))
-    v_mean = 2 * mx.random.normal((2, 2, 1, 128), key=mx.random.key(8))
-    k, v = k + k_mean, v + v_mean
+    k = k + k_mean
     kq = quantize(k, 4, offset=k.mean(axis=2, keepdims=True))
-    vq = quantize(v, 3, offset=v.mean(axis=2, keepdims=True))
-    check(q, kq, vq, 128**-0.5, "causal", chunk_size=32)
+    check(q, kq, quantize(v, 3), 128**-0.5, "causal", chunk_size=32)
     check(q, kq, quantize(v, 3), 128**-0.5)
-    check(q, quantize(k, 4), vq, 128**-0.5)
+    with pytest.raises(ValueError, match="values with an offset or channel_scale"):
+        scaled_dot_product_attention(q, kq, quantize(v, 3, offset=k_mean), 128**-0.5)
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32])
@@ -145,8 +144,8 @@ def test_decoded_path_matches_reference(dtype, mask):
     offset = mx.mean(k.astype(mx.float32), axis=2, keepdims=True)
     smooth = mx.exp(mx.random.normal((B, Hkv, 1, D), key=mx.random.key(3)) * 0.5)
     kq = quantize(k, 4, offset=offset, channel_scale=smooth)
-    # Values with an offset, and 5-bit values (not a fused-kernel width) without one.
-    for vq in (quantize(v, 3, 1, offset=offset), quantize(v, 5, 1)):
+    # 3-bit values, and 5-bit values (not a fused-kernel width).
+    for vq in (quantize(v, 3, 1), quantize(v, 5, 1)):
         out = decoded(q, kq, vq, D**-0.5, mask)
         assert out.shape == q.shape and out.dtype == dtype
         ref = attention_reference(q, dequantize(kq), dequantize(vq), D**-0.5, mask)
@@ -183,43 +182,3 @@ def test_dispatch_paths(monkeypatch):
     assert path(q1, k4, k4, mx.ones((1, 10), mx.bool_)) == "decoded"
     assert path(q1, k4, k4, mx.ones((10,), mx.bool_)) == "reference"
     assert path(q1, k4.tokens(0, 0), k4.tokens(0, 0), None) == "reference"
-
-
-def with_sink(t, x):
-    """t with row 0 exact: x's first vector in t's stored space (as the cache keeps it)."""
-    from dataclasses import replace
-
-    u = x[..., :1, :].astype(mx.float32)
-    if t.offset is not None:
-        u = u - t.offset
-    if t.channel_scale is not None:
-        u = u / t.channel_scale
-    return replace(t, sink=u)
-
-
-@pytest.mark.parametrize("S, L", [(1, 1), (2, 2), (33, 1), (33, 5), (300, 8)])
-def test_exact_sink(S, L):
-    B, Hq, Hkv, D = 2, 8, 2, 128
-    q, k, v = make_inputs(B, Hq, Hkv, L, S, D, seed=S + L)
-    offset = mx.mean(k, axis=2, keepdims=True)
-    smooth = mx.exp(mx.random.normal((B, Hkv, 1, D), key=mx.random.key(5)) * 0.5)
-    kq = quantize(k, 3, offset=offset, channel_scale=smooth)
-    vq = quantize(v, 2, 1)
-    ks, vs = with_sink(kq, k), with_sink(vq, v)
-    # Row 0 as given, the others as quantised: built without the sink code.
-    kd, vd = np.array(dequantize(kq)), np.array(dequantize(vq))
-    kd[:, :, 0], vd[:, :, 0] = np.array(k[:, :, 0]), np.array(v[:, :, 0])
-    np.testing.assert_allclose(np.array(dequantize(ks)), kd, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.array(dequantize(vs)), vd, rtol=1e-5, atol=1e-5)
-    mask = "causal" if L > 1 else None
-    ref = attention_reference(q, mx.array(kd), mx.array(vd), D**-0.5, mask)
-    for out in (
-        scaled_dot_product_attention(q, ks, vs, D**-0.5, mask),
-        scaled_dot_product_attention(q, ks, vs, D**-0.5, mask, chunk_size=7),
-        decoded(q, ks, vs, D**-0.5, mask),
-    ):
-        np.testing.assert_allclose(np.array(out), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
-    assert ks.tokens(0, S).sink is ks.sink and ks.tokens(1, S).sink is None
-    assert ks.nbytes == kq.nbytes + 4 * B * Hkv * D
-    with pytest.raises(ValueError, match="both have an exact sink row or neither"):
-        scaled_dot_product_attention(q, ks, vq, D**-0.5, mask)

@@ -43,14 +43,14 @@ FAMILIES = ["llama", "qwen2", "gemma3"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("smooth, sink", [(0.0, False), (0.5, False), (0.5, True)])
-def test_fused_path_adds_no_error(family, smooth, sink, patched):
+@pytest.mark.parametrize("smooth", [0.0, 0.5])
+def test_fused_path_adds_no_error(family, smooth, patched):
     # Unpatched, the cache hands dequantised K/V to mlx-lm's own attention: same numbers.
     model = tiny_model(family)
-    options = dict(key_bits=4, value_bits=4, smooth_keys=smooth, exact_sink=sink)
-    fused = run(model, mlx_tq.make_prompt_cache(model, **options), TOKENS, 7)
+    options = dict(key_bits=4, value_bits=4, smooth_keys=smooth)
+    fused = run(model, mlx_tq.make_prompt_cache(model, **options, warmup_tokens=0), TOKENS, 7)
     mlx_tq.unpatch()
-    plain = run(model, mlx_tq.make_prompt_cache(model, **options), TOKENS, 7)
+    plain = run(model, mlx_tq.make_prompt_cache(model, **options, warmup_tokens=0), TOKENS, 7)
     assert rel_rms(fused, plain) < 1e-4
 
 
@@ -64,7 +64,7 @@ TOLERANCE = {"llama": {8: 0.02, 4: 0.3}, "qwen2": {8: 0.02, 4: 0.3}, "gemma3": {
 def test_logits_close_to_fp16(family, bits, patched):
     model = tiny_model(family)
     ref = run(model, lm_make_prompt_cache(model), TOKENS, 7)
-    out = run(model, mlx_tq.make_prompt_cache(model, kv_bits=bits), TOKENS, 7)
+    out = run(model, mlx_tq.make_prompt_cache(model, kv_bits=bits, warmup_tokens=0), TOKENS, 7)
     assert rel_rms(out, ref) < TOLERANCE[family][bits]
 
 
@@ -73,61 +73,59 @@ def test_chunked_prefill_equals_one_chunk(family, patched):
     # Without key centring and smoothing each token's code is independent of chunking.
     model = tiny_model(family)
     options = dict(center_keys=False, smooth_keys=0)
-    one = run(model, mlx_tq.make_prompt_cache(model, **options), TOKENS, 60)
-    many = run(model, mlx_tq.make_prompt_cache(model, **options), TOKENS, 9)
+    one = run(model, mlx_tq.make_prompt_cache(model, **options, warmup_tokens=0), TOKENS, 60)
+    many = run(model, mlx_tq.make_prompt_cache(model, **options, warmup_tokens=0), TOKENS, 9)
     assert rel_rms(many, one) < 1e-4
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_trim_then_refeed(family, patched):
     model = tiny_model(family)
-    cache = mlx_tq.make_prompt_cache(model, exact_sink=True)
+    cache = mlx_tq.make_prompt_cache(model, warmup_tokens=0)
     first = run(model, cache, TOKENS[:, :40], 8)
-    sink = cache[0].sink_keys
     assert all(c.is_trimmable() for c in cache)
     assert mlx_tq.cache.lm_cache.trim_prompt_cache(cache, 10) == 10
-    assert cache[0].offset == 30 and cache[0].sink_keys is sink
+    assert cache[0].offset == 30
     again = model(TOKENS[:, 30:40], cache=cache)
     assert rel_rms(again, first[:, 30:40]) < 1e-5
-    # Trimmed to nothing, the next first token becomes the sink (stored with the key stats
-    # frozen at the first update, so compare it in the original space).
-    mlx_tq.cache.lm_cache.trim_prompt_cache(cache, 40)
-    fresh = mlx_tq.make_prompt_cache(model, exact_sink=True)
-    model(TOKENS[:, 5:12], cache=cache), model(TOKENS[:, 5:12], cache=fresh)
-    a, b = (c[0].sink_keys * c[0].key_scale + c[0].key_offset for c in (cache, fresh))
-    assert mx.allclose(a, b, atol=1e-5) and not mx.allclose(a, sink * cache[0].key_scale)
 
 
-@pytest.mark.parametrize("keep", [0, 1])
-@pytest.mark.parametrize("chunks", [[1] * 14, [3, 1, 1, 1, 1, 1, 1, 1, 3, 2], [5, 4, 6]])
-def test_exact_sink_follows_the_window(keep, chunks, patched):
-    """The sink is offered exactly while mlx-lm's RotatingKVCache still returns token 0,
-    as row 0; through its in-place (one token) and concatenating (several) updates."""
+@pytest.mark.parametrize("warmup", [0, 5, 16, 100])
+@pytest.mark.parametrize("chunks", [[1] * 20, [2, 1, 1, 1, 4, 11], [3, 17]])
+@pytest.mark.parametrize("rotating", [False, True])
+def test_warmup_holds_exact_tokens_then_quantises_in_place(warmup, chunks, rotating, patched):
+    """Until `warmup` tokens have arrived the cache is mlx-lm's own (exact rows, plain
+    arrays out); then the statistics come from every token so far and the held rows are
+    quantised where they lie: the same as one quantised update of those tokens."""
     B, H, D, window = 1, 2, 64, 8
-    ours = TurboQuantRotatingKVCache(window, keep, key_bits=4, value_bits=4, exact_sink=True)
-    ref = RotatingKVCache(window, keep)
-    toks = mx.random.normal((B, H, sum(chunks), D), key=mx.random.key(7))
+    if rotating:
+        ours, ref = TurboQuantRotatingKVCache(window, warmup_tokens=warmup), RotatingKVCache(window)
+    else:
+        ours, ref = TurboQuantKVCache(warmup_tokens=warmup), KVCache()
+    toks = mx.random.normal((B, H, sum(chunks), D), key=mx.random.key(7)) + 3
     start = 0
     for n in chunks:
         k = toks[:, :, start : start + n]
-        keys, _ = ours.update_and_fetch(k, k)
-        ours._pending = False
-        ref_k, _ = ref.update_and_fetch(k, k)
+        keys, values = ours.update_and_fetch(k, -k)
+        ref_k, ref_v = ref.update_and_fetch(k, -k)
         start += n
-        held = bool(mx.any(mx.all(ref_k == toks[:, :, :1], axis=-1)).item())
-        assert (keys.sink is not None) == held, (start, n)
-        if held:
-            assert mx.array_equal(ref_k[:, :, :1], toks[:, :, :1])
-            x = mlx_tq.dequantize(keys)
-            assert mx.allclose(x[:, :, :1], toks[:, :, :1], atol=1e-5)
-            if x.shape[2] > 1:  # row 1 is token 1, quantised
-                assert not mx.allclose(x[:, :, 1:2], toks[:, :, 1:2], atol=1e-5)
-    assert start > window
+        exact = start < warmup
+        assert isinstance(keys, mx.array) == exact and (ours.key_offset is None) == exact
+        if exact:
+            assert mx.array_equal(keys, ref_k) and mx.array_equal(values, ref_v)
+            continue
+        assert (ours.offset, keys.shape) == (ref.offset, ref_k.shape)
+        if start - n < warmup and start <= window:  # froze the statistics, nothing evicted
+            mean = toks[:, :, :start].mean(axis=2, keepdims=True)
+            assert mx.allclose(ours.key_offset, mean, atol=1e-5)
+        # Every row is the quantised token that mlx-lm's cache holds there.
+        want = mlx_tq.quantize(ref_k, 4, offset=ours.key_offset, channel_scale=ours.key_scale).data
+        assert mx.array_equal(keys.data, want)
 
 
 def test_rotating_window_semantics(patched):
     model = tiny_model("gemma3")
-    ours = mlx_tq.make_prompt_cache(model, kv_bits=8)
+    ours = mlx_tq.make_prompt_cache(model, kv_bits=8, warmup_tokens=0)
     ref = lm_make_prompt_cache(model)
     assert [type(c) for c in ours] == [TurboQuantRotatingKVCache] * 2 + [TurboQuantKVCache]
     model(TOKENS[:, :5], cache=ours)
@@ -144,17 +142,31 @@ def test_rotating_window_semantics(patched):
 
 def test_sliding_layers_can_stay_fp16():
     model = tiny_model("gemma3")
-    cache = mlx_tq.make_prompt_cache(model, quantize_sliding=False)
+    cache = mlx_tq.make_prompt_cache(model, quantize_sliding=False, warmup_tokens=0)
     assert [type(c) for c in cache] == [RotatingKVCache] * 2 + [TurboQuantKVCache]
 
 
 def test_max_kv_size_gives_rotating_caches():
-    cache = mlx_tq.make_prompt_cache(tiny_model("llama"), max_kv_size=32)
+    cache = mlx_tq.make_prompt_cache(tiny_model("llama"), max_kv_size=32, warmup_tokens=0)
     assert all(type(c) is TurboQuantRotatingKVCache and c.max_size == 32 for c in cache)
 
 
+@pytest.mark.parametrize("max_kv_size, sizes", [(8, [8, 8, 8]), (24, [16, 16, 24])])
+def test_max_kv_size_caps_sliding_layers_too(max_kv_size, sizes, patched):
+    # Every layer holds at most min(its window, max_kv_size) tokens (the window is 16 here).
+    model = tiny_model("gemma3")
+    cache = mlx_tq.make_prompt_cache(model, max_kv_size=max_kv_size)
+    assert [c.max_size for c in cache] == sizes
+    for i in range(50):
+        model(TOKENS[:, i : i + 1], cache=cache)
+    assert [c.size() for c in cache] == sizes
+    for n in (0, -3, 4):
+        with pytest.raises(ValueError, match=f"max_kv_size={n} is too small"):
+            mlx_tq.make_prompt_cache(model, max_kv_size=n)
+
+
 def test_unpatched_fetch_returns_dequantised_arrays():
-    cache = TurboQuantKVCache(key_bits=4, value_bits=3)
+    cache = TurboQuantKVCache(key_bits=4, value_bits=3, warmup_tokens=0)
     k = mx.random.normal((1, 2, 5, 128)).astype(mx.float16)
     keys, values = cache.update_and_fetch(k, k)
     assert keys.shape == (1, 2, 5, 128) and keys.dtype == mx.float16
@@ -162,7 +174,7 @@ def test_unpatched_fetch_returns_dequantised_arrays():
 
 
 def test_protocol_and_hidden_attributes():
-    cache = TurboQuantKVCache()
+    cache = TurboQuantKVCache(warmup_tokens=0)
     assert cache.empty() and cache.nbytes == 0 and cache.size() == 0
     for name in ("bits", "to_quantized", "merge"):
         assert not hasattr(cache, name)
@@ -179,7 +191,7 @@ def test_protocol_and_hidden_attributes():
 
 @pytest.mark.parametrize("head_dim", [128, 256])
 def test_bytes_after_2048_tokens(head_dim):
-    cache = TurboQuantKVCache(key_bits=4, value_bits=4)
+    cache = TurboQuantKVCache(key_bits=4, value_bits=4, warmup_tokens=0)
     fp16 = KVCache()
     for _ in range(8):
         k = mx.random.normal((1, 2, 256, head_dim)).astype(mx.float16)
@@ -219,25 +231,40 @@ def test_model_without_base_attention_is_refused():
     Model.__module__ = module.__name__
     sys.modules[module.__name__] = module
     try:
-        with pytest.raises(ValueError, match="does not call mlx_lm.models.base"):
-            mlx_tq.make_prompt_cache(Model())
+        with pytest.raises(ValueError, match="does not reach mlx_lm.models.base"):
+            mlx_tq.make_prompt_cache(Model(), warmup_tokens=0)
     finally:
         del sys.modules[module.__name__]
 
 
-def test_unconsumed_fetch_is_detected(patched):
-    cache = TurboQuantKVCache()
-    k = mx.random.normal((1, 1, 4, 64))
-    cache.update_and_fetch(k, k)
-    with pytest.raises(RuntimeError, match="never reached"):
-        cache.update_and_fetch(k, k)
+def test_attention_that_bypasses_the_patch_is_named():
+    """A model module whose attention function wraps mlx-lm's original (another package's
+    patch) and never reaches ours: refused, naming the function. A wrapper that calls on to
+    whatever `base` holds (ours once patched) is accepted."""
+    model = tiny_model("llama")
+    original = llama.scaled_dot_product_attention
+
+    def foreign(*args, **kwargs):
+        return original(*args, **kwargs)
+
+    def wrapper(*args, **kwargs):
+        return sys.modules["mlx_lm.models.base"].scaled_dot_product_attention(*args, **kwargs)
+
+    try:
+        llama.scaled_dot_product_attention = foreign
+        with pytest.raises(ValueError, match="test_attention_that_bypasses_the_patch_is_named"):
+            mlx_tq.make_prompt_cache(model)
+        llama.scaled_dot_product_attention = wrapper
+        assert len(mlx_tq.make_prompt_cache(model)) == 2
+    finally:
+        llama.scaled_dot_product_attention = original
 
 
-@pytest.mark.parametrize("sink", [False, True])
-def test_save_load_round_trip_and_continue(tmp_path, patched, sink):
+@pytest.mark.parametrize("warmup", [0, 100])
+def test_save_load_round_trip_and_continue(tmp_path, patched, warmup):
     model = tiny_model("gemma3")
-    # A mixed list; with the sink, global layers hold one (sliding ones dropped it: 40 > window).
-    cache = mlx_tq.make_prompt_cache(model, quantize_sliding=False, exact_sink=sink)
+    # A mixed list; with warmup 100 the TurboQuant layer still holds its 40 tokens exactly.
+    cache = mlx_tq.make_prompt_cache(model, quantize_sliding=False, warmup_tokens=warmup)
     run(model, cache, TOKENS[:, :40], 8)
     path = tmp_path / "prompt.safetensors"
     mlx_tq.save_prompt_cache(path, cache, {"model": "tiny"})
@@ -253,13 +280,11 @@ def test_save_load_round_trip_and_continue(tmp_path, patched, sink):
     a = model(TOKENS[:, 40:50], cache=cache)
     b = model(TOKENS[:, 40:50], cache=loaded)
     assert np.array_equal(np.array(a), np.array(b))
-    assert [getattr(c, "sink_keys", None) is not None for c in loaded] == [
-        sink and isinstance(c, TurboQuantKVCache) for c in cache
-    ]
+    assert (loaded[-1].key_offset is None) == (warmup > 50)
 
 
 def test_load_errors(tmp_path):
-    cache = [TurboQuantKVCache(key_bits=3, value_bits=3)]
+    cache = [TurboQuantKVCache(key_bits=3, value_bits=3, warmup_tokens=0)]
     k = mx.random.normal((1, 1, 8, 64))
     cache[0].update_and_fetch(k, k)
     path = tmp_path / "c.safetensors"

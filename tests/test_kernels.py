@@ -9,15 +9,17 @@ import numpy as np
 import pytest
 
 from mlx_tq import dequantize, kernels, quantize, scaled_dot_product_attention
-from mlx_tq.attention import (
-    _decode_template,
-    _dequantize_template,
+from mlx_tq.attention import _decode_template, scaled_dot_product_attention_ops
+from mlx_tq.codebook import SUPPORTED_BITS, SUPPORTED_DIMS
+from mlx_tq.quant import (
     decode_rotated,
     decode_rotated_ops,
-    scaled_dot_product_attention_ops,
+    dequantize_template,
+    quantize_kv,
+    quantize_kv_ops,
+    quantize_template,
+    words_per_row,
 )
-from mlx_tq.codebook import SUPPORTED_BITS, SUPPORTED_DIMS
-from mlx_tq.quant import _quantize_template, quantize_rows, quantize_rows_ops, words_per_row
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU = kernels.backend() is not None
@@ -30,14 +32,17 @@ CUDA_TYPES = {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bflo
 SIGNATURES = {
     "quantize": (
         [
-            ("x", None, 1024),
+            ("k", None, 1024),
+            ("v", None, 1024),
             ("rt", mx.float32, 1024),
-            ("levels", mx.float32, 16),
-            ("bounds", mx.float32, 15),
+            ("k_levels", mx.float32, 16),
+            ("k_bounds", mx.float32, 15),
+            ("v_levels", mx.float32, 16),
+            ("v_bounds", mx.float32, 15),
             ("offset", mx.float32, 128),
             ("scale", mx.float32, 128),
         ],
-        [("out", mx.uint32)],
+        [("k_out", mx.uint32), ("v_out", mx.uint32)],
     ),
     "decode_attention": (
         [
@@ -52,26 +57,9 @@ SIGNATURES = {
         ],
         [("o", mx.float32), ("ml", mx.float32)],
     ),
-    "dequantize": (
-        [
-            ("data", mx.uint32, 1024),
-            ("levels", mx.float32, 16),
-            ("offset", mx.float32, 1024),
-        ],
-        [("out", None)],
-    ),
+    "dequantize": ([("data", mx.uint32, 1024), ("levels", mx.float32, 16)], [("out", None)]),
     "merge": (
-        [
-            ("o", mx.float32, 1024),
-            ("ml", mx.float32, 1024),
-            ("rt_t", mx.float32, 1024),
-            ("offset", mx.float32, 1024),
-            ("q", None, 1024),
-            ("sk", mx.float32, 1024),
-            ("sv", mx.float32, 1024),
-            ("qscale", mx.float32, 1024),
-            ("scale", mx.float32, 1),
-        ],
+        [("o", mx.float32, 1024), ("ml", mx.float32, 1024), ("rt_t", mx.float32, 1024)],
         [("out", None)],
     ),
 }
@@ -82,25 +70,18 @@ def variants():
     for D in SUPPORTED_DIMS:
         for bits in SUPPORTED_BITS:
             for dtype in FLOATS:
-                yield "quantize", _quantize_template(dtype, D, bits, dtype == mx.float32)
+                value_bits = SUPPORTED_BITS[-1 - SUPPORTED_BITS.index(bits)]
+                yield "quantize", quantize_template(dtype, D, bits, value_bits, dtype == mx.float32)
         for bits in (2, 3, 4):
             for value_bits in (2, 3, 4):
                 for GL, causal, dtype in ((1, False, mx.float16), (32, True, mx.bfloat16)):
-                    yield (
-                        "decode_attention",
-                        _decode_template(dtype, D, bits, value_bits, GL, causal, causal),
-                    )
+                    template = _decode_template(dtype, D, bits, value_bits, GL, causal, causal)
+                    yield "decode_attention", template[0]
         for dtype in FLOATS:
-            for offset, sink, smooth in (
-                (False, False, False),
-                (True, True, False),
-                (False, True, True),
-            ):
-                template = [("OFFSET", offset), ("SINK", sink), ("SMOOTH", smooth)]
-                yield "merge", [("D", D), ("T", dtype), *template]
+            yield "merge", [("T", dtype), ("D", D)]
         for bits in SUPPORTED_BITS:
-            for dtype, shift, offset in ((mx.float16, 4, True), (mx.bfloat16, 0, False)):
-                yield "dequantize", _dequantize_template(dtype, D, bits, shift, offset)
+            for dtype, shift in ((mx.float16, 4), (mx.bfloat16, 0)):
+                yield "dequantize", dequantize_template(dtype, D, bits, shift)
 
 
 def metal_source(i, name, template):
@@ -225,27 +206,35 @@ def rows(shape, dtype, seed):
 
 @pytest.mark.parametrize("D", [64, 80, 128, 256])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_quantize_rows(D, bits):
+def test_quantize_kv(D, bits):
     # (B, L, H, D) transposed to (B, H, L, D), as mlx-lm hands keys over.
-    x = rows((2, 9, 3, D), mx.bfloat16, D + bits).swapaxes(1, 2)
+    k = rows((2, 9, 3, D), mx.bfloat16, D + bits).swapaxes(1, 2)
+    v = rows((2, 9, 3, D), mx.bfloat16, D - bits).swapaxes(1, 2)
     mu = rows((2, 3, 1, D), mx.float32, bits)
     s = mx.exp(rows((2, 3, 1, D), mx.float32, bits + 1))
+    value_bits = 2 if bits > 2 else 4
     for offset, channel_scale in ((None, None), (mu, None), (mu, s)):
-        ref = quantize(x, bits, offset=offset, channel_scale=channel_scale, check_finite=False).data
-        got = quantize_rows(x, bits, offset=offset, channel_scale=channel_scale)
-        assert got.shape == ref.shape and got.dtype == mx.uint32
-        if not GPU:
-            assert mx.array_equal(got, ref)
-            continue
-        # The kernel sums in another order: a coordinate on a midpoint may round either way.
-        assert (np.array(got[..., :-1]) != np.array(ref[..., :-1])).mean() < 1e-3
-        scales = (a[..., -1:].view(mx.float32) for a in (got, ref))
-        assert mx.allclose(*scales, rtol=1e-5, atol=0)
+        got = quantize_kv(k, v, bits, value_bits, 0, offset, channel_scale)
+        refs = (
+            quantize(k, bits, offset=offset, channel_scale=channel_scale, check_finite=False),
+            quantize(v, value_bits, check_finite=False),
+        )
+        for a, ref in zip(got, (r.data for r in refs), strict=True):
+            assert a.shape == ref.shape and a.dtype == mx.uint32
+            if not GPU:
+                assert mx.array_equal(a, ref)
+                continue
+            # The kernel sums in another order: a coordinate on a midpoint may round either way.
+            assert (np.array(a[..., :-1]) != np.array(ref[..., :-1])).mean() < 1e-3
+            scales = (x[..., -1:].view(mx.float32) for x in (a, ref))
+            assert mx.allclose(*scales, rtol=1e-5, atol=0)
 
 
-def test_quantize_rows_ops_is_quantize():
+def test_quantize_kv_ops_is_quantize():
     x = rows((4, 5, 128), mx.float16, 0)
-    assert mx.array_equal(quantize_rows_ops(x, 3, seed=2), quantize(x, 3, seed=2).data)
+    k, v = quantize_kv_ops(x, x * 2, 3, 4, seed=2)
+    assert mx.array_equal(k, quantize(x, 3, seed=2).data)
+    assert mx.array_equal(v, quantize(x * 2, 4, seed=2).data)
 
 
 @pytest.mark.parametrize("S", [1, 127, 128, 129, 1000, 5000])
@@ -254,12 +243,11 @@ def test_attention_dispatch(S, G, L):
     L = min(L, S)
     q = rows((1, 2 * G, L, 128), mx.float16, S)
     # Views of a larger buffer, as a cache hands them over.
-    # Smoothed keys and offset-free values (as the cache stores them) for odd S.
+    # Smoothed keys (for odd S) and offset-free values, as the cache stores them.
     smooth = mx.exp(rows((1, 2, 1, 128), mx.float32, 3)) if S % 2 else None
     keys = quantize(rows((1, 2, S + 50, 128), mx.float16, S + 1), 4, channel_scale=smooth)
     keys = keys.tokens(0, S)
-    offset = rows((1, 2, 1, 128), mx.float32, 2) if S % 2 == 0 else None
-    values = quantize(rows((1, 2, S + 50, 128), mx.float16, S + 2), 3, 1, offset=offset)
+    values = quantize(rows((1, 2, S + 50, 128), mx.float16, S + 2), 3, 1)
     values = values.tokens(0, S)
     mask = "causal" if L > 1 else None
     out = scaled_dot_product_attention(q, keys, values, 0.1, mask)
@@ -275,22 +263,22 @@ def test_attention_dispatch(S, G, L):
 @pytest.mark.parametrize("D", [64, 80, 128, 256])
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
 def test_decode_rotated(D, bits):
-    # A view of a larger buffer with an offset, as the prefill path decodes values.
+    # A view of a larger buffer with an offset, as the prefill path decodes keys.
     offset = rows((2, 3, 1, D), mx.float32, bits)
     t = quantize(rows((2, 3, 40, D), mx.float16, D), bits, offset=offset).tokens(3, 37)
-    for dtype, shift, with_offset in ((mx.float16, 4, True), (mx.bfloat16, 0, False)):
-        got = decode_rotated(t, dtype, shift, with_offset)
-        ref = decode_rotated_ops(t, dtype, shift, with_offset)
+    for dtype, shift in ((mx.float16, 4), (mx.bfloat16, 0)):
+        got = decode_rotated(t, dtype, shift)
+        ref = decode_rotated_ops(t, dtype, shift)
         assert got.shape == t.shape and got.dtype == dtype
         if not GPU:
             assert mx.array_equal(got, ref)
         else:  # one rounding of dtype apart at most (fused multiply-add)
             got, ref = got.astype(mx.float32), ref.astype(mx.float32)
             assert mx.allclose(got, ref, rtol=2.0**-7, atol=0)
-    # In the original space: the dequantised vectors (the offset included).
+    # In the original space, with the offset added back: the dequantised vectors.
     from mlx_tq.rotation import unrotate
 
-    back = unrotate(decode_rotated_ops(t, mx.float32, 0, True), t.seed)
+    back = unrotate(decode_rotated_ops(t, mx.float32, 0), t.seed) + offset
     assert mx.allclose(back, dequantize(t).astype(mx.float32), atol=2e-3, rtol=2e-3)
 
 
@@ -313,7 +301,7 @@ DISPATCH_SHAPE = dict(B=2, Hq=8, Hkv=2, D=128, S=300)
 def stub_decode_step(monkeypatch, cache):
     """Fills `cache` with S tokens on the CPU path, then runs one decode step (quantise the
     new token, attend) with every kernel replaced by a `RecordingKernel`. Returns the
-    prefilled keys and values, the query, the fetched keys and values and the output."""
+    query, the fetched keys and values and the output."""
     from mlx_tq import patch, unpatch
 
     B, Hq, Hkv, D, S = DISPATCH_SHAPE.values()
@@ -321,7 +309,6 @@ def stub_decode_step(monkeypatch, cache):
     patch()
     try:
         cache.update_and_fetch(k0, v0)
-        cache._pending = False
         monkeypatch.setattr(kernels, "backend", lambda: "cuda")
         monkeypatch.setattr(kernels, "kernel", lambda name, *a, **k: RecordingKernel(name))
         RecordingKernel.calls.clear()
@@ -329,10 +316,9 @@ def stub_decode_step(monkeypatch, cache):
         keys, values = cache.update_and_fetch(new, new)
         q = rows((B, Hq, 1, D), mx.float16, 3)
         out = scaled_dot_product_attention(q, keys, values, 0.1)
-        cache._pending = False
     finally:
         unpatch()
-    return k0, v0, q, keys, values, out
+    return q, keys, values, out
 
 
 def test_gpu_dispatch_arguments(monkeypatch):
@@ -341,59 +327,20 @@ def test_gpu_dispatch_arguments(monkeypatch):
     from mlx_tq.cache import TurboQuantKVCache
 
     B, Hq, Hkv, D, S = DISPATCH_SHAPE.values()
-    cache = TurboQuantKVCache(4, 3, smooth_keys=0.5)
+    cache = TurboQuantKVCache(4, 3, smooth_keys=0.5, warmup_tokens=0)
     *_, out = stub_decode_step(monkeypatch, cache)
     assert out.shape == (B, Hq, 1, D) and out.dtype == mx.float16
     names = [c[0] for c in RecordingKernel.calls]
-    assert names == ["quantize", "quantize", "decode_attention", "merge"]
-    (_, k_in, k_t, _, _), (_, v_in, v_t, _, _) = RecordingKernel.calls[:2]
-    assert k_t["SCALE"] and not v_t["SCALE"] and k_t["BITS"] == 4 and v_t["BITS"] == 3
-    assert mx.array_equal(k_in[4], cache.key_offset.reshape(-1, D))  # offset rows
-    assert mx.array_equal(k_in[5], cache.key_scale.reshape(-1, D))  # scale rows
-    assert k_t["W"] == words_per_row(D, 4) - 1 and k_t["ROWS"] == 4
-    _, a_in, a_t, a_grid, a_tg = RecordingKernel.calls[2]
+    assert names == ["quantize", "decode_attention", "merge"]  # K and V in one launch
+    _, q_in, q_t, q_grid, _ = RecordingKernel.calls[0]
+    assert q_t["SCALE"] and (q_t["KB"], q_t["VB"]) == (4, 3) and q_t["ROWS"] == 4
+    assert (q_t["WK"], q_t["WV"]) == (words_per_row(D, 4) - 1, words_per_row(D, 3) - 1)
+    assert mx.array_equal(q_in[7], cache.key_offset.reshape(-1, D))  # offset rows
+    assert mx.array_equal(q_in[8], cache.key_scale.reshape(-1, D))  # scale rows
+    assert q_grid[0] == 128 * 2 * -(-B * Hkv // 4)  # key blocks, then as many value blocks
+    _, a_in, a_t, a_grid, a_tg = RecordingKernel.calls[1]
     assert a_t["SMOOTH"] and not a_t["CAUSAL"] and (a_t["KB"], a_t["VB"]) == (4, 3)
     assert a_in[1].shape[2] == S + 1 and a_grid[1] == B * Hkv and a_tg == (a_t["TILE"], 1, 1)
-    assert mx.array_equal(a_in[7], mx.broadcast_to(cache.key_scale, (B, Hkv, 1, D)))
-    _, m_in, m_t, _, _ = RecordingKernel.calls[3]
-    assert not m_t["OFFSET"]  # values carry no offset: the placeholder must not be read
-
-
-def test_gpu_dispatch_exact_sink(monkeypatch):
-    """With the first token exact, the split kernel reads rows 1.. in place and the merge
-    kernel gets the sink's key and value rows, the queries and the key scale; the
-    dequantise kernel's output gets row 0 replaced."""
-    from dataclasses import replace
-
-    from mlx_tq.attention import decode_rotated
-    from mlx_tq.cache import TurboQuantKVCache
-    from mlx_tq.rotation import rotate
-
-    B, Hq, Hkv, D, S = DISPATCH_SHAPE.values()
-    cache = TurboQuantKVCache(4, 4, smooth_keys=0.5, exact_sink=True)
-    k0, v0, q, keys, values, _ = stub_decode_step(monkeypatch, cache)
-    sink_k = (k0[:, :, :1].astype(mx.float32) - cache.key_offset) / cache.key_scale
-    assert mx.allclose(cache.sink_keys, sink_k) and mx.array_equal(
-        cache.sink_values, v0[:, :, :1].astype(mx.float32)
-    )
-    names = [c[0] for c in RecordingKernel.calls]
-    assert names == ["quantize", "quantize", "decode_attention", "merge"]
-    _, a_in, _, _, _ = RecordingKernel.calls[2]
-    assert a_in[1].shape[2] == S and mx.array_equal(a_in[1], keys.data[:, :, 1:])
-    assert mx.array_equal(a_in[2], values.data[:, :, 1:])
-    _, m_in, m_t, _, _ = RecordingKernel.calls[3]
-    assert m_t["SINK"] and m_t["SMOOTH"] and not m_t["OFFSET"]
-    assert mx.array_equal(m_in[4], q)
-    assert mx.array_equal(m_in[5], cache.sink_keys.reshape(-1, D))
-    assert mx.array_equal(m_in[6], cache.sink_values.reshape(-1, D))
-    assert mx.array_equal(m_in[7], cache.key_scale.reshape(-1, D))
-    assert m_in[8].item() == pytest.approx(0.1)
-
-    # Prefill: the dequantise kernel's row 0 is replaced by the rotated sink (+ offset).
-    with_offset = replace(values, offset=cache.key_offset)
-    out_k = decode_rotated(keys, mx.float16, 4)
-    out_v = decode_rotated(with_offset, mx.float16, 4, offset=True)
-    want_k = (rotate(cache.sink_keys, 0) / 16).astype(mx.float16)
-    want_v = ((rotate(cache.sink_values, 0) + rotate(cache.key_offset, 0)) / 16).astype(mx.float16)
-    assert mx.array_equal(out_k[:, :, :1], want_k) and mx.array_equal(out_v[:, :, :1], want_v)
-    assert not mx.any(out_k[:, :, 1:]).item()  # the stub kernel's zeros
+    assert a_in[7] is cache.key_scale  # read in place with its strides, no copy
+    _, m_in, m_t, _, _ = RecordingKernel.calls[2]
+    assert m_t == {"T": mx.float16, "D": D} and len(m_in) == 3

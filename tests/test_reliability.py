@@ -70,7 +70,7 @@ def test_non_finite_token_spoils_attention_over_it_only(where, bad, patched):
     # mixes them) where an fp16 cache spoils one coordinate or, for a -inf key, drops the
     # token. Once the token leaves the window, outputs are finite again in both.
     window = 8
-    ours, ref = TurboQuantRotatingKVCache(window), RotatingKVCache(window)
+    ours, ref = TurboQuantRotatingKVCache(window, warmup_tokens=0), RotatingKVCache(window)
     k, v = mx.split(mx.random.normal((2, 2, 20, 64), key=mx.random.key(0)), 2)
     (k if where == "key" else v)[0, 0, 1, 3] = bad
     q = mx.random.normal((1, 2, 1, 64), key=mx.random.key(1))
@@ -82,6 +82,49 @@ def test_non_finite_token_spoils_attention_over_it_only(where, bad, patched):
         spoiled = ~np.isfinite(np.array(out))
         assert spoiled[0, 0].all() == seen and not spoiled[0, 1].any()  # head 1 is clean
         assert (spoiled | np.isfinite(np.array(fp16))).all()  # never finite where fp16 is not
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("path", ["reference", "decoded"])
+def test_masked_non_finite_value_adds_nothing(bad, path):
+    """A key that a query cannot see adds nothing to it, whatever its value (no 0 * NaN);
+    the queries that see it come out non-finite. On every path (the GPU's fused kernel is
+    checked in tests/test_gpu.py)."""
+    from mlx_tq.attention import _decoded_attention
+
+    attend = scaled_dot_product_attention if path == "reference" else _decoded_attention
+    k, v = mx.split(mx.random.normal((2, 1, 1, 2, 64), key=mx.random.key(3)), 2)
+    k, v = k[0], v[0]
+    v[0, 0, 1, 3] = bad
+    kq, vq = quantize(k, 4, check_finite=False), quantize(v, 4, check_finite=False)
+    q = mx.random.normal((1, 2, 2, 64), key=mx.random.key(4))
+    out = np.array(attend(q, kq, vq, 0.1, "causal"))
+    assert np.isfinite(out[:, :, 0]).all() and not np.isfinite(out[:, :, 1]).any()
+    hidden = mx.array([[True, False], [True, False]])
+    assert np.isfinite(np.array(attend(q, kq, vq, 0.1, hidden))).all()
+    additive = mx.array([[0.0, -math.inf], [0.0, 0.0]])
+    out = np.array(attend(q, kq, vq, 0.1, additive))
+    assert np.isfinite(out[:, :, 0]).all() and not np.isfinite(out[:, :, 1]).any()
+
+
+@pytest.mark.parametrize("path", ["reference", "decoded"])
+def test_non_finite_value_leaves_the_window_within_a_chunk(path, patched):
+    # Window 8: token 5 is bad; a 14-token chunk (positions 6-19) into the rotating cache
+    # gets rows 0-19 and a windowed mask: queries 6-12 see token 5, queries 13-19 do not.
+    from mlx_tq.attention import _decoded_attention
+
+    cache = TurboQuantRotatingKVCache(8, warmup_tokens=0)
+    k, v = mx.split(mx.random.normal((2, 1, 1, 20, 64), key=mx.random.key(5)), 2)
+    k, v = k[0], v[0]
+    v[0, 0, 5, 0] = math.nan
+    cache.update_and_fetch(k[:, :, :6], v[:, :, :6])
+    mask = cache.make_mask(14, window_size=8, return_array=True)
+    keys, values = cache.update_and_fetch(k[:, :, 6:], v[:, :, 6:])
+    assert keys.shape[2] == 20 and mask.shape == (14, 20)
+    q = mx.random.normal((1, 2, 14, 64), key=mx.random.key(6))
+    attend = scaled_dot_product_attention if path == "reference" else _decoded_attention
+    finite = np.isfinite(np.array(attend(q, keys, values, 0.1, mask))).all(axis=(0, 1, 3))
+    assert not finite[:7].any() and finite[7:].all()
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -96,7 +139,7 @@ def test_fp16_near_its_limit_round_trips(bits):
 
 
 def test_fp16_near_its_limit_through_the_cache(patched):
-    cache = TurboQuantKVCache(key_bits=8, value_bits=8)
+    cache = TurboQuantKVCache(key_bits=8, value_bits=8, warmup_tokens=0)
     kv = mx.random.uniform(-60000, 60000, (2, 1, 2, 50, 64), key=mx.random.key(0))
     k, v = kv.astype(mx.float16)
     q = mx.random.normal((1, 4, 3, 64), key=mx.random.key(1)).astype(mx.float16) * 1e-4
@@ -110,7 +153,7 @@ def test_fp16_near_its_limit_through_the_cache(patched):
 
 @pytest.mark.parametrize("center_keys", [True, False])
 def test_zero_vectors_through_cache_and_attention(center_keys, patched):
-    cache = TurboQuantKVCache(key_bits=3, value_bits=3, center_keys=center_keys)
+    cache = TurboQuantKVCache(key_bits=3, value_bits=3, center_keys=center_keys, warmup_tokens=0)
     zeros = mx.zeros((1, 2, 5, 64), mx.float16)
     q = mx.random.normal((1, 4, 5, 64), key=mx.random.key(0)).astype(mx.float16)
     keys, values = cache.update_and_fetch(zeros, zeros)
@@ -157,7 +200,10 @@ def check_same_window(ours, ref):
 @pytest.mark.parametrize("jump", [0, 2**24, 2**40])
 def test_rotating_window_edges_and_large_offsets(prefill, keep, jump):
     window = 8
-    ours, ref = TurboQuantRotatingKVCache(window, keep, 8, 8), RotatingKVCache(window, keep)
+    ours, ref = (
+        TurboQuantRotatingKVCache(window, keep, 8, 8, warmup_tokens=0),
+        RotatingKVCache(window, keep),
+    )
     kv = mx.random.normal((2, 1, 2, 40, 64), key=mx.random.key(prefill))
     steps = [(0, prefill)] + [(t, t + 1) for t in range(prefill, 20)] + [(20, 23), (23, 24)]
     for i, (t0, t1) in enumerate(steps):
@@ -174,19 +220,53 @@ def test_rotating_window_edges_and_large_offsets(prefill, keep, jump):
     assert ours.offset == 24 + jump
 
 
-@pytest.mark.parametrize("fed", [6, 7, 8])
+@pytest.mark.parametrize("fed", [6, 7])
 def test_rotating_trim_matches_mlx_lm(fed):
-    ours, ref = TurboQuantRotatingKVCache(8, key_bits=8, value_bits=8), RotatingKVCache(8)
+    ours, ref = (
+        TurboQuantRotatingKVCache(8, key_bits=8, value_bits=8, warmup_tokens=0),
+        RotatingKVCache(8),
+    )
     kv = mx.random.normal((2, 1, 1, 12, 64), key=mx.random.key(fed))
     for cache in (ours, ref):
         cache.update_and_fetch(kv[0, :, :, :fed], kv[1, :, :, :fed])
-    assert ours.is_trimmable() == ref.is_trimmable() == (fed < 8)
-    assert ours.trim(3) == ref.trim(3)
+    assert ours.is_trimmable() and ref.is_trimmable()
+    assert ours.trim(3) == ref.trim(3) == 3
     for t in range(fed - 3, fed + 2):
         a = ours.update_and_fetch(kv[0, :, :, t : t + 1], kv[1, :, :, t : t + 1])
         b = ref.update_and_fetch(kv[0, :, :, t : t + 1], kv[1, :, :, t : t + 1])
         check_same_window(ours, ref)
         assert rel_rms(a[0], b[0]) < 0.02
+
+
+@pytest.mark.parametrize("fed, n", [(8, 3), (20, 3), (20, 6), (20, 20)])
+def test_wrapped_window_refuses_trim(fed, n, patched):
+    """Once the window is full its newest tokens are not at the end of the buffer: mlx-lm's
+    RotatingKVCache trims anyway (it then keeps the trimmed tokens, drops others, or leaves
+    its ring index negative); ours trims nothing and says so."""
+    ours = TurboQuantRotatingKVCache(8, key_bits=8, value_bits=8, warmup_tokens=0)
+    kv = mx.random.normal((2, 1, 1, fed + 1, 64), key=mx.random.key(fed))
+    for t in range(fed):
+        ours.update_and_fetch(kv[0, :, :, t : t + 1], kv[1, :, :, t : t + 1])
+    before = (ours.offset, ours._idx)
+    assert not ours.is_trimmable() and ours.trim(n) == 0 and (ours.offset, ours._idx) == before
+    keys, _ = ours.update_and_fetch(kv[0, :, :, fed:], kv[1, :, :, fed:])
+    # The window holds exactly the last 8 tokens fed, trimmed tokens 18 and 19 included.
+    held = np.sort(np.array(dequantize(keys))[0, 0, :, 0])
+    want = np.sort(np.array(kv[0, 0, 0, fed - 7 : fed + 1, 0]))
+    np.testing.assert_allclose(held, want, atol=0.05)
+
+
+@pytest.mark.parametrize(
+    "make", [TurboQuantKVCache, lambda **kw: TurboQuantRotatingKVCache(8, **kw)]
+)
+@pytest.mark.parametrize("warmup", [0, 100])
+def test_negative_trim_is_an_error(make, warmup):
+    cache = make(warmup_tokens=warmup)
+    k = mx.ones((1, 1, 5, 64))
+    cache.update_and_fetch(k, k)
+    with pytest.raises(ValueError, match="cannot trim -1 tokens"):
+        cache.trim(-1)
+    assert cache.offset == 5 and cache.trim(0) == 0 and cache.trim(2) == 2 and cache.offset == 3
 
 
 # Files
@@ -197,8 +277,8 @@ def test_saved_prompt_continues_like_never_saved(tmp_path, patched):
     # quantise the same chunks: tokens and log-probabilities must match exactly.
     model = tiny_gemma()
     prompt = mx.random.randint(0, VOCAB, (20,), key=mx.random.key(3))
-    tokens, logprobs = greedy(model, prompt, mlx_tq.make_prompt_cache(model))
-    cache = mlx_tq.make_prompt_cache(model)
+    tokens, logprobs = greedy(model, prompt, mlx_tq.make_prompt_cache(model, warmup_tokens=0))
+    cache = mlx_tq.make_prompt_cache(model, warmup_tokens=0)
     model(prompt[None, :-1], cache=cache)
     mlx_tq.save_prompt_cache(tmp_path / "p.safetensors", cache)
     loaded = mlx_tq.load_prompt_cache(tmp_path / "p.safetensors", key_bits=4, head_dim=64)
@@ -210,7 +290,7 @@ def test_saved_prompt_continues_like_never_saved(tmp_path, patched):
 
 
 def test_large_offsets_survive_a_file(tmp_path):
-    cache = TurboQuantRotatingKVCache(8)
+    cache = TurboQuantRotatingKVCache(8, warmup_tokens=0)
     cache.update_and_fetch(mx.ones((1, 1, 10, 64)), mx.ones((1, 1, 10, 64)))
     cache.offset += 2**40
     mlx_tq.save_prompt_cache(tmp_path / "p.safetensors", [cache])
@@ -219,7 +299,7 @@ def test_large_offsets_survive_a_file(tmp_path):
 
 
 def test_failed_save_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatch):
-    cache = [TurboQuantKVCache()]
+    cache = [TurboQuantKVCache(warmup_tokens=0)]
     cache[0].update_and_fetch(mx.ones((1, 1, 4, 64)), mx.ones((1, 1, 4, 64)))
     path = tmp_path / "p.safetensors"
     save = mx.save_safetensors
@@ -258,7 +338,9 @@ def test_threads_with_their_own_caches_match_sequential_runs(patched):
 
     def run(i):
         try:
-            results[i] = greedy(model, prompts[i], mlx_tq.make_prompt_cache(model, kv_bits=3 + i))
+            results[i] = greedy(
+                model, prompts[i], mlx_tq.make_prompt_cache(model, kv_bits=3 + i, warmup_tokens=0)
+            )
         except Exception as e:  # re-raised below, in the test's thread
             results[i] = e
 
@@ -270,7 +352,9 @@ def test_threads_with_their_own_caches_match_sequential_runs(patched):
     for i, p in enumerate(prompts):
         if isinstance(results[i], Exception):
             raise results[i]
-        tokens, logprobs = greedy(model, p, mlx_tq.make_prompt_cache(model, kv_bits=3 + i))
+        tokens, logprobs = greedy(
+            model, p, mlx_tq.make_prompt_cache(model, kv_bits=3 + i, warmup_tokens=0)
+        )
         assert results[i][0] == tokens
         np.testing.assert_array_equal(results[i][1], logprobs)
 
