@@ -9,7 +9,8 @@ The configuration grammar of `mlx_tq.perplexity`, `mlx_tq.needle` and `mlx_tq.be
   the mask does the windowing: all layers are compressed, as with ``tq<b>``.
 - ``tq<b>``: TurboQuant's preset for ``kv_bits=b`` (`PRESETS`).
 - ``k<kb>v<vb>``: TurboQuant with ``kb``-bit keys and ``vb``-bit values, no key smoothing.
-- ``tq<b>`` and ``k<kb>v<vb>`` take a suffix ``-s<x>`` for ``smooth_keys=x``.
+- ``tq<b>`` and ``k<kb>v<vb>`` take suffixes ``-s<x>`` for ``smooth_keys=x``, then ``-w<n>`` for
+  ``warmup_tokens=n`` (tokens held exactly before the key statistics are frozen).
 """
 
 import argparse
@@ -33,9 +34,11 @@ from .loading import DEFAULT_MODEL
 REFERENCE = "fp16"
 AFFINE_GROUP_SIZE = 64
 AFFINE_BITS = (2, 3, 4, 5, 6, 8)  # mx.quantize's
-CONFIG_HELP = "fp16, affine<b>, tq<b> or k<kb>v<vb>, the last two optionally -s<smooth_keys>"
+CONFIG_HELP = (
+    "fp16, affine<b>, tq<b> or k<kb>v<vb>, the last two optionally -s<smooth_keys>-w<warmup_tokens>"
+)
 FLOATS = (mx.float16, mx.bfloat16, mx.float32)
-_PATTERN = re.compile(r"fp16|affine(\d)|(?:tq(\d)|k(\d)v(\d))(?:-s(\d*\.?\d+))?")
+_PATTERN = re.compile(r"fp16|affine(\d)|(?:tq(\d)|k(\d)v(\d))(?:-s(\d*\.?\d+))?(?:-w(\d+))?")
 
 
 def check_config(name: str) -> str:
@@ -67,6 +70,8 @@ def make_cache(model, name: str) -> list:
     bits = dict(kv_bits=int(m[2])) if m[2] else dict(key_bits=int(m[3]), value_bits=int(m[4]))
     if m[5] or m[3]:  # k<kb>v<vb> is the plain split unless it says -s<x>
         bits["smooth_keys"] = float(m[5] or 0)
+    if m[6]:
+        bits["warmup_tokens"] = int(m[6])
     return make_prompt_cache(model, **bits)
 
 
@@ -74,10 +79,8 @@ def describe(cache: list) -> str:
     """What a cache is, e.g. "TurboQuant K4/V4, key smoothing 0.5"."""
     for c in cache:
         if hasattr(c, "key_bits"):
-            smooth = getattr(c, "smooth_keys", 0)
-            return f"TurboQuant K{c.key_bits}/V{c.value_bits}" + (
-                f", key smoothing {smooth}" if smooth else ""
-            )
+            smooth = f", key smoothing {c.smooth_keys}" if c.smooth_keys else ""
+            return f"TurboQuant K{c.key_bits}/V{c.value_bits}{smooth}, warm-up {c.warmup_tokens}"
         if hasattr(c, "bits"):
             return f"mlx-lm QuantizedKVCache {c.bits}-bit, group {c.group_size}"
     return "mlx-lm " + ", ".join(sorted({type(c).__name__ for c in cache}))

@@ -9,6 +9,7 @@ import pytest
 from conftest import tiny_model
 
 from mlx_tq import bench, generate, perplexity, tools
+from mlx_tq.cache import WARMUP_TOKENS
 
 CLIS = {"generate": generate, "perplexity": perplexity}
 
@@ -24,7 +25,8 @@ def feed(model, cache, n):
 
 
 @pytest.mark.parametrize(
-    "name", ["fp16", "affine8", "affine2", "tq4", "tq3-s0.25", "k4v3", "k8v2-s1"]
+    "name",
+    ["fp16", "affine8", "affine2", "tq4", "tq3-s0.25", "k4v3", "k8v2-s1", "tq4-w0", "k4v4-s0.5-w8"],
 )
 def test_config_names(name):
     assert tools.check_config(name) == name
@@ -45,9 +47,11 @@ def test_affine_compresses_sliding_window_layers_too():
     cache = tools.make_cache(gemma, "affine4")
     assert all(type(c) is lm_cache.QuantizedKVCache and c.bits == 4 for c in cache)
     assert tools.describe(cache) == "mlx-lm QuantizedKVCache 4-bit, group 64"
-    smooth = tools.make_cache(gemma, "k4v3-s0.5")
-    assert tools.describe(smooth) == "TurboQuant K4/V3, key smoothing 0.5"
-    assert tools.describe(tools.make_cache(gemma, "k4v3")) == "TurboQuant K4/V3"
+    smooth = tools.make_cache(gemma, "k4v3-s0.5-w16")
+    assert tools.describe(smooth) == "TurboQuant K4/V3, key smoothing 0.5, warm-up 16"
+    assert tools.describe(tools.make_cache(gemma, "k4v3")) == (
+        f"TurboQuant K4/V3, warm-up {WARMUP_TOKENS}"
+    )
 
 
 def test_footprint_counts_rows_holding_tokens(model):
@@ -57,14 +61,16 @@ def test_footprint_counts_rows_holding_tokens(model):
     assert f["tokens"] == 46 and f["bits"] == 32 and f["dtype"] == mx.float32
     assert f["held"] == 46 * per_token and f["allocated"] == 256 * per_token
     assert f["elements"] == 46 * 2 * 2 * 2 * 64
-    short = feed(model, tools.make_cache(model, "tq4"), 46)
-    long = feed(model, tools.make_cache(model, "tq4"), 300)
+    # the warm-up holds the first tokens exactly: an unquantised cache until it ends
+    assert feed(model, tools.make_cache(model, "tq4"), WARMUP_TOKENS - 1)["bits"] == 32
+    short = feed(model, tools.make_cache(model, "tq4-w0"), 46)
+    long = feed(model, tools.make_cache(model, "tq4-w0"), 300)
     # rows grow the held bytes linearly; the per-head key statistics are paid once
     per_row = (long["held"] - short["held"]) / (300 - 46)
     assert long["allocated"] - short["allocated"] == 256 * per_row  # 512 rows against 256
     assert per_row * 8 / (2 * 2 * 2 * 64) == pytest.approx(4 + 32 / 64)
     assert 4.5 < long["bits"] < short["bits"] < 4.5 + 0.7
-    assert tools.kv_footprint(tools.make_cache(model, "tq4"))["bits"] == 0
+    assert tools.kv_footprint(tools.make_cache(model, "tq4-w0"))["bits"] == 0
 
 
 def test_rotating_footprint_holds_the_window(model):
