@@ -120,7 +120,7 @@ def main(argv=None):
     parser.add_argument("--configs", nargs="+", default=bench.DEFAULT_CONFIGS)
     parser.add_argument("--decode-tokens", type=int, default=bench.DEFAULT_DECODE_TOKENS)
     parser.add_argument("--repeats", type=int, default=bench.DEFAULT_REPEATS)
-    parser.add_argument("--prefill-step-size", type=int, default=bench.DEFAULT_PREFILL_STEP_SIZE)
+    parser.add_argument("--prefill-step-size", type=int, default=bench.DEFAULT_PREFILL_STEP)
     parser.add_argument("--json", default="gpu_bench.json")
     parser.add_argument("--check", default=None, help="Only print the targets of this JSON")
     args = parser.parse_args(argv)

@@ -26,7 +26,7 @@ DEFAULT_CONFIGS = ["fp16", "affine8", "affine4", "tq4", "tq3", "k4v3"]
 DEFAULT_CONTEXTS = [1024, 4096, 16384]
 DEFAULT_DECODE_TOKENS = 32
 DEFAULT_REPEATS = 2
-DEFAULT_PREFILL_STEP_SIZE = 2048
+DEFAULT_PREFILL_STEP = 2048
 QUICK = {"contexts": [256, 1024], "decode_tokens": 8, "repeats": 1}
 WARMUP_TOKENS = 256
 PROMPT_SEED = 0
@@ -201,51 +201,15 @@ def setup_arg_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     tools.add_model_arguments(parser)
-    parser.add_argument(
-        "--configs",
-        type=tools.check_config,
-        nargs="+",
-        default=DEFAULT_CONFIGS,
-        help=f"Caches: {tools.CONFIG_HELP}",
-    )
-    parser.add_argument(
-        "--contexts",
-        type=tools.positive_int,
-        nargs="+",
-        default=DEFAULT_CONTEXTS,
-        help="Prompt tokens",
-    )
-    parser.add_argument(
-        "--decode-tokens",
-        type=tools.positive_int,
-        default=DEFAULT_DECODE_TOKENS,
-        help="Tokens decoded per run",
-    )
-    parser.add_argument(
-        "--repeats",
-        type=tools.positive_int,
-        default=DEFAULT_REPEATS,
-        help="Runs per context and config",
-    )
-    parser.add_argument(
-        "--prefill-step-size",
-        type=tools.positive_int,
-        default=DEFAULT_PREFILL_STEP_SIZE,
-        help="Prompt tokens per forward call",
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="A small run: " + ", ".join(f"{k} {v}" for k, v in QUICK.items()),
-    )
-    parser.add_argument(
-        "--json", default="bench_generate.json", help="Write the results to this file"
-    )
-    parser.add_argument(
-        "--plot",
-        default=None,
-        help=f"Write a plot to this PNG; None: the JSON's name with .png (needs {PLOT_EXTRA})",
-    )
+    arg, count, config = parser.add_argument, tools.positive_int, tools.check_config
+    arg("--configs", type=config, nargs="+", default=DEFAULT_CONFIGS, help=tools.CONFIG_HELP)
+    arg("--contexts", type=count, nargs="+", default=DEFAULT_CONTEXTS, help="Prompt tokens")
+    arg("--decode-tokens", type=count, default=DEFAULT_DECODE_TOKENS, help="Tokens decoded per run")
+    arg("--repeats", type=count, default=DEFAULT_REPEATS, help="Runs per context and config")
+    arg("--prefill-step-size", type=count, default=DEFAULT_PREFILL_STEP, help="Tokens per call")
+    arg("--quick", action="store_true", help=f"A small run: {QUICK}")
+    arg("--json", default="bench_generate.json", help="Write the results to this file")
+    arg("--plot", help=f"PNG to write; None: the JSON's name with .png (needs {PLOT_EXTRA})")
     return parser
 
 
@@ -253,8 +217,7 @@ def main(argv=None):
     parser = setup_arg_parser()
     args = parser.parse_args(argv)
     if args.quick:
-        for name, value in QUICK.items():
-            setattr(args, name, value)
+        vars(args).update(QUICK)
     if args.decode_tokens < 2:
         parser.error("--decode-tokens must be at least 2")
     configs = list(dict.fromkeys([tools.REFERENCE] + args.configs))

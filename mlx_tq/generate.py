@@ -39,50 +39,29 @@ def setup_arg_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     tools.add_model_arguments(parser, dtype=False)
-    parser.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="Prompt ('-' for stdin)")
-    parser.add_argument(
-        "--max-tokens",
-        "-m",
-        type=tools.positive_int,
-        default=DEFAULT_MAX_TOKENS,
-        help="Tokens to generate",
-    )
-    parser.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="Sampling temperature")
-    parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="Nucleus sampling")
-    parser.add_argument("--seed", type=int, default=None, help="PRNG seed")
-    parser.add_argument("--system-prompt", default=None, help="System prompt for the chat template")
-    parser.add_argument(
-        "--ignore-chat-template", action="store_true", help="Feed the prompt as raw text"
-    )
-    parser.add_argument(
-        "--max-kv-size",
-        type=tools.positive_int,
-        default=None,
-        help="Keep at most this many tokens per layer (a rotating cache)",
-    )
-    parser.add_argument(
+    arg, count = parser.add_argument, tools.positive_int
+    arg("--prompt", "-p", default=DEFAULT_PROMPT, help="Prompt ('-' for stdin)")
+    arg("--max-tokens", "-m", type=count, default=DEFAULT_MAX_TOKENS, help="Tokens to generate")
+    arg("--temp", type=float, default=DEFAULT_TEMP, help="Sampling temperature")
+    arg("--top-p", type=float, default=DEFAULT_TOP_P, help="Nucleus sampling")
+    arg("--seed", type=int, help="PRNG seed")
+    arg("--system-prompt", help="System prompt for the chat template")
+    arg("--ignore-chat-template", action="store_true", help="Feed the prompt as raw text")
+    arg("--max-kv-size", type=count, help="Keep at most this many tokens per layer (rotating)")
+    arg(
         "--verbose",
         type=lambda s: s.lower() in ("1", "true", "yes"),
         default=True,
         help="Print timing, memory and KV cache figures (true/false)",
     )
-    parser.add_argument(
+    arg(
         "--kv-bits",
         type=kv_bits,
         default=DEFAULT_KV_BITS,
-        help=f"Bit budget of the KV cache, one of {tuple(PRESETS)}; none: mlx-lm's plain cache "
-        "in the model's dtype, the baseline",
+        help=f"KV cache budget, one of {tuple(PRESETS)}, or none: mlx-lm's unquantised cache",
     )
-    parser.add_argument(
-        "--kv-key-bits", type=int, default=None, choices=SUPPORTED_BITS, help="Override key bits"
-    )
-    parser.add_argument(
-        "--kv-value-bits",
-        type=int,
-        default=None,
-        choices=SUPPORTED_BITS,
-        help="Override value bits",
-    )
+    arg("--kv-key-bits", type=int, choices=SUPPORTED_BITS, help="Override the preset's key bits")
+    arg("--kv-value-bits", type=int, choices=SUPPORTED_BITS, help="Override its value bits")
     return parser
 
 

@@ -148,49 +148,20 @@ def setup_arg_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     tools.add_model_arguments(parser)
-    parser.add_argument(
-        "--data",
-        default=os.environ.get(DATA_ENV),
-        help=f"UTF-8 text file, e.g. WikiText-2's wiki.test.raw; ${DATA_ENV} sets the default",
-    )
-    parser.add_argument(
-        "--window", type=tools.positive_int, default=DEFAULT_WINDOW, help="Tokens per window"
-    )
-    parser.add_argument(
-        "--num-windows",
-        type=int,
-        default=DEFAULT_NUM_WINDOWS,
-        help="Consecutive windows from the start of the text (0: all of it)",
-    )
-    parser.add_argument(
-        "--chunk-size",
-        type=tools.positive_int,
-        default=DEFAULT_CHUNK_SIZE,
-        help="Tokens per forward call",
-    )
-    parser.add_argument(
+    arg, count, config = parser.add_argument, tools.positive_int, tools.check_config
+    arg("--data", default=os.environ.get(DATA_ENV), help=f"UTF-8 text file; ${DATA_ENV} sets it")
+    arg("--window", type=count, default=DEFAULT_WINDOW, help="Tokens per window")
+    arg("--num-windows", type=int, default=DEFAULT_NUM_WINDOWS, help="Windows (0: the whole text)")
+    arg("--chunk-size", type=count, default=DEFAULT_CHUNK_SIZE, help="Tokens per forward call")
+    arg(
         "--first-update",
-        type=tools.positive_int,
-        default=None,
-        help="Also evaluate a chat-shaped feed: this many tokens of each window in one call "
-        "(a first turn), then chunks; its rows are added to the table",
+        type=count,
+        help="Also feed each window chat-shaped: this many tokens in one call (a first turn), "
+        "then chunks; the table gets rows for both feeds",
     )
-    parser.add_argument(
-        "--kv-bits",
-        type=int,
-        nargs="*",
-        default=DEFAULT_KV_BITS,
-        choices=PRESETS,
-        help="TurboQuant presets to evaluate (tq<b>)",
-    )
-    parser.add_argument(
-        "--compare",
-        type=tools.check_config,
-        nargs="*",
-        default=DEFAULT_COMPARE,
-        help=f"More configurations: {tools.CONFIG_HELP}",
-    )
-    parser.add_argument("--json", default=None, help="Also write the results to this file")
+    arg("--kv-bits", type=int, nargs="*", choices=PRESETS, default=DEFAULT_KV_BITS, help="As tq<b>")
+    arg("--compare", type=config, nargs="*", default=DEFAULT_COMPARE, help=tools.CONFIG_HELP)
+    arg("--json", help="Also write the results to this file")
     return parser
 
 
@@ -212,25 +183,18 @@ def main():
         model, tokenizer = load(args.model, dtype=getattr(mx, args.dtype) if args.dtype else None)
         windows = load_windows(tokenizer, data, args.window, args.num_windows or None)
     patch()
-    feeds = {0: evaluate(model, windows, configs, args.chunk_size)}
-    if args.first_update:
-        feeds[args.first_update] = evaluate(
-            model, windows, configs, args.chunk_size, args.first_update
-        )
+    feeds = {
+        n: evaluate(model, windows, configs, args.chunk_size, n)
+        for n in dict.fromkeys([0, args.first_update or 0])
+    }
     dtype = tools.model_dtype(model)
     print(f"{windows.shape[0]} windows x {args.window} tokens of {data.name}")
     print(format_table(feeds, str(dtype).removeprefix("mlx.core."), args.chunk_size))
     if args.json:
-        meta = {
-            **tools.run_info("perplexity", dtype),
-            "model": args.model,
-            "data": str(data),
-            "window": args.window,
-            "num_windows": int(windows.shape[0]),
-            "chunk_size": args.chunk_size,
-            "first_update": args.first_update,
-            "results": feeds[0],
-        }
+        meta = {**tools.run_info("perplexity", dtype), "model": args.model, "data": str(data)}
+        meta |= {"window": args.window, "num_windows": int(windows.shape[0])}
+        meta |= {"chunk_size": args.chunk_size, "first_update": args.first_update}
+        meta["results"] = feeds[0]
         if args.first_update:
             meta["first_update_results"] = feeds[args.first_update]
         Path(args.json).write_text(json.dumps(meta, indent=2))
