@@ -9,7 +9,7 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from . import tools
-from .cache import PRESETS, make_prompt_cache
+from .cache import KEEP, PRESETS, make_prompt_cache
 from .codebook import SUPPORTED_BITS
 from .loading import load
 from .patch import patch
@@ -76,10 +76,27 @@ def kv_line(cache) -> str:
     )
 
 
+def plain_cache(model, max_kv_size=None) -> list:
+    """mlx-lm's unquantised caches, each layer capped at `max_kv_size` as `make_prompt_cache`
+    caps TurboQuant's (mlx-lm's own ignores it for models that make their caches)."""
+    cache = lm_cache.make_prompt_cache(model)
+    if max_kv_size is None:
+        return cache
+    return [
+        lm_cache.RotatingKVCache(max_kv_size, keep=KEEP)
+        if type(c) is lm_cache.KVCache or getattr(c, "max_size", 0) > max_kv_size
+        else c
+        for c in cache
+    ]
+
+
 def main():
-    args = setup_arg_parser().parse_args()
+    parser = setup_arg_parser()
+    args = parser.parse_args()
     if args.kv_bits is None and (args.kv_key_bits or args.kv_value_bits):
-        raise SystemExit("error: --kv-key-bits and --kv-value-bits need a --kv-bits budget")
+        parser.error("--kv-key-bits and --kv-value-bits need a --kv-bits budget")
+    if args.max_kv_size is not None and args.max_kv_size <= KEEP:
+        parser.error(f"--max-kv-size must exceed the {KEEP} first tokens a rotating cache keeps")
     if args.seed is not None:
         mx.random.seed(args.seed)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -90,14 +107,7 @@ def main():
     with tools.user_errors():
         model, tokenizer = load(args.model)
         if args.kv_bits is None:
-            cache = lm_cache.make_prompt_cache(model)
-            if args.max_kv_size:  # as make_prompt_cache does (mlx-lm's ignores it for most models)
-                cache = [
-                    lm_cache.RotatingKVCache(args.max_kv_size, keep=4)
-                    if type(c) is lm_cache.KVCache
-                    else c
-                    for c in cache
-                ]
+            cache = plain_cache(model, args.max_kv_size)
         else:
             cache = make_prompt_cache(
                 model,

@@ -1,7 +1,7 @@
 """What the command-line tools share: cache configurations by name, what a cache holds,
 argument types, and one-line errors.
 
-The configuration grammar of `mlx_tq.perplexity`, `mlx_tq.needle` and `mlx_tq.bench`:
+The configuration grammar of `mlx_tq.perplexity`, `mlx_tq.bench` and the benchmarks:
 
 - ``fp16``: mlx-lm's plain caches, unquantised, in the model's dtype (float32 on a CPU).
 - ``affine<b>``: mlx-lm's ``QuantizedKVCache`` (``b`` bits, group 64) on every attention layer.

@@ -80,6 +80,19 @@ def test_rotating_footprint_holds_the_window(model):
     assert f["tokens"] == 32 and f["held"] == 32 * 2 * 2 * 2 * 64 * 4
 
 
+def test_plain_cache_caps_every_layer():
+    gemma = tiny_model("gemma3")  # sliding window 16
+    assert {type(c) for c in generate.plain_cache(gemma)} == {
+        lm_cache.KVCache,
+        lm_cache.RotatingKVCache,
+    }
+    for size, windows in ((8, {8}), (32, {16, 32})):
+        cache = generate.plain_cache(gemma, size)
+        assert {c.max_size for c in cache} == windows and {type(c) for c in cache} == {
+            lm_cache.RotatingKVCache
+        }
+
+
 def test_kv_line_names_the_baseline_dtype(model):
     cache = lm_cache.make_prompt_cache(model)
     feed(model, cache, 46)
@@ -118,6 +131,8 @@ def test_generate_cli_passes_cache_options(model, monkeypatch):
     [
         ("generate", ["--max-kv-size", "0"], "--max-kv-size: 0 is not a positive integer"),
         ("generate", ["--max-kv-size", "-4"], "--max-kv-size: -4 is not a positive integer"),
+        ("generate", ["--max-kv-size", "4"], "--max-kv-size must exceed the 4 first tokens"),
+        ("generate", ["--kv-bits", "none", "--kv-key-bits", "4"], "need a --kv-bits budget"),
         ("generate", ["--kv-bits", "16"], "invalid choice: 16 (choose from 2, 3, 4, 5, 6, 7, 8)"),
         ("perplexity", ["--kv-bits", "9"], "--kv-bits: invalid choice: 9"),
         ("perplexity", ["--compare", "k1v4"], "unknown configuration 'k1v4'"),
