@@ -21,4 +21,22 @@
       }                                                                          \
     }                                                                            \
   }
+// Rows x[r] (r < NR) of D floats, D a power of two, in place: x <- x @ rt for the
+// rotation rt = diag(s) H / sqrt(D) (H: Sylvester Hadamard, symmetric), when each x[r][i]
+// already carries s_i / sqrt(D): log2(D) butterfly stages shared by n threads (O(D log D),
+// not the D^2 of TQ_MATVEC). All threads of the group must run it.
+#define TQ_FWHT(x, NR, tid, n)                                                   \
+  for (int h_ = 1; h_ < D; h_ *= 2) {                                            \
+    for (int f_ = (tid); f_ < (NR) * D / 2; f_ += (n)) {                         \
+      const int p_ = f_ % (D / 2);                                               \
+      const int i_ = (f_ / (D / 2)) * D + (p_ / h_) * 2 * h_ + p_ % h_;          \
+      const float a_ = (x)[i_];                                                  \
+      const float b_ = (x)[i_ + h_];                                             \
+      (x)[i_] = a_ + b_;                                                         \
+      (x)[i_ + h_] = a_ - b_;                                                    \
+    }                                                                            \
+    BARRIER();                                                                   \
+  }
+// s_i / sqrt(D) of that rotation from rt[i][0] = s_i / sqrt(D) (column 0 of H is all ones).
+#define TQ_SIGN(rt_i0) ((rt_i0) > 0.0f ? 1.0f / SQRT(float(D)) : -1.0f / SQRT(float(D)))
 #endif

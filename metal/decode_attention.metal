@@ -45,7 +45,8 @@ auto vp = v + b * v_strides[0] + h * v_strides[1];
 const auto k_row = k_strides[2];
 const auto v_row = v_strides[2];
 
-// Scaled queries in ps, then rotated into qs: each column of rt is read once per block.
+// Scaled queries in ps, then rotated into qs: butterflies when D is a power of two (POW2),
+// else a mat-vec that reads each column of rt once per block.
 for (int f = TID; f < R * D; f += TILE) {
   const int row = row0 + f / D;
   float x = 0.0f;
@@ -57,7 +58,8 @@ for (int f = TID; f < R * D; f += TILE) {
       x *= qscale[b * qscale_strides[0] + h * qscale_strides[1] + (f % D) * qscale_strides[3]];
     }
   }
-  ps[f] = x;
+  // POW2: the sign and 1 / sqrt(D) of the rotation now, the butterflies below.
+  ps[f] = POW2 ? x * TQ_SIGN(rt[(f % D) * D]) : x;
 }
 // Few levels, one per bank: lanes looking up different levels never conflict.
 for (int f = TID; f < (1 << KB); f += TILE) {
@@ -71,14 +73,21 @@ if (TID < R) {
   l_s[TID] = 0.0f;
 }
 BARRIER();
-for (int j = TID; j < D; j += TILE) {
-  float y[R];
-  for (int r = 0; r < R; ++r) {
-    y[r] = 0.0f;
+if (POW2) {
+  TQ_FWHT(ps, R, TID, TILE)
+  for (int f = TID; f < R * D; f += TILE) {
+    qs[f] = ps[f];
   }
-  TQ_MATVEC(y, ps, rt, j, R)
-  for (int r = 0; r < R; ++r) {
-    qs[r * D + j] = y[r];
+} else {
+  for (int j = TID; j < D; j += TILE) {
+    float y[R];
+    for (int r = 0; r < R; ++r) {
+      y[r] = 0.0f;
+    }
+    TQ_MATVEC(y, ps, rt, j, R)
+    for (int r = 0; r < R; ++r) {
+      qs[r * D + j] = y[r];
+    }
   }
 }
 float acc[R][E];

@@ -1,5 +1,6 @@
 // Merges the splits of one query row (rescales each to the common max), rotates the
-// result back (out = z @ rt^T) and casts: one threadgroup per row.
+// result back (out = z @ rt^T; butterflies when D is a power of two, POW2) and casts:
+// one threadgroup of 32 * ceil(D / 32) threads per row.
 // o: [B * Hkv, n_splits, GL, D] float; ml: [B * Hkv, n_splits, GL, 2] (max, sum)
 // rt_t: [D, D] float, the transposed rotation; out: [B * Hkv, GL, D] T (= [B, Hq, L, D])
 SHARED float z[D];
@@ -23,12 +24,20 @@ for (int s = 0; s < n_splits; ++s) {
     num += w * o[i * D + d];
   }
 }
-if (d < D) {
+if (POW2) {
+  // z @ rt^T = (z H) * s / sqrt(D): butterflies, then the signs (rt^T[0][d] = rt[d][0]).
   z[d] = num;
-}
-BARRIER();
-if (d < D) {
-  float acc[1] = {0.0f};
-  TQ_MATVEC(acc, z, rt_t, d, 1)
-  out[(bh * GL + row) * D + d] = static_cast<T>(acc[0] / den);
+  BARRIER();
+  TQ_FWHT(z, 1, d, D)
+  out[(bh * GL + row) * D + d] = static_cast<T>(z[d] * TQ_SIGN(rt_t[d]) / den);
+} else {
+  if (d < D) {
+    z[d] = num;
+  }
+  BARRIER();
+  if (d < D) {
+    float acc[1] = {0.0f};
+    TQ_MATVEC(acc, z, rt_t, d, 1)
+    out[(bh * GL + row) * D + d] = static_cast<T>(acc[0] / den);
+  }
 }

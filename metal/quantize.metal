@@ -2,17 +2,17 @@
 // per coordinate: keys minus their offset and divided by the channel scale (when SCALE),
 // then normalise, rotate, take the nearest level, pack LSB-first, append the scale.
 // Threadgroups [0, blocks) take key rows, [blocks, 2 * blocks) value rows.
-// k, v: [N / P, P, D] T, P rows per offset row; rt: [D, D] float (rotate(x) = x @ rt)
+// k, v: [B, H, P, D] T, P rows per offset row; rt: [D, D] float (rotate(x) = x @ rt)
 // k_levels, k_bounds: [2^KB], [2^KB - 1] float; v_levels, v_bounds: the same for VB
-// offset, scale: [N / P, D] float, for keys (scale read only when SCALE)
+// offset, scale: [B * H, D] float, for keys (scale read only when SCALE)
 // k_out, v_out: [N, WK + 1], [N, WV + 1] uint32
 constexpr int NW = (D + 31) / 32;
 SHARED float us[ROWS * D];
 SHARED uint32_t idx_s[ROWS * D];
 SHARED float red[ROWS * NW];
 
-const int n_rows = k_shape[0] * k_shape[1];
-const int per_offset = k_shape[1];
+const int per_offset = k_shape[2];
+const int n_rows = k_shape[0] * k_shape[1] * per_offset;
 const int blocks = (n_rows + ROWS - 1) / ROWS;
 const bool is_v = static_cast<int>(TGID.x) >= blocks;
 const int row0 = (TGID.x - (is_v ? blocks : 0)) * ROWS;
@@ -57,12 +57,23 @@ for (int r = 0; r < ROWS; ++r) {
 }
 BARRIER();
 
-// z_j = sqrt(D) (u @ rt)_j: each column of rt is read once for the ROWS vectors.
+// z_j = sqrt(D) (u @ rt)_j: butterflies when D is a power of two (POW2), else a mat-vec
+// that reads each column of rt once for the ROWS vectors.
 float z[ROWS];
 for (int r = 0; r < ROWS; ++r) {
   z[r] = 0.0f;
 }
-if (j < D) {
+if (POW2) {
+  // The signs and 1 / sqrt(D) of the rotation, then butterflies (threads == D).
+  for (int r = 0; r < ROWS; ++r) {
+    us[r * D + j] *= TQ_SIGN(rt[j * D]);
+  }
+  BARRIER();
+  TQ_FWHT(us, ROWS, j, D)
+  for (int r = 0; r < ROWS; ++r) {
+    z[r] = us[r * D + j];
+  }
+} else if (j < D) {
   TQ_MATVEC(z, us, rt, j, ROWS)
 }
 const float sqrt_d = SQRT(static_cast<float>(D));

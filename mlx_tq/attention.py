@@ -11,7 +11,7 @@ import mlx.core as mx
 
 from . import kernels
 from .codebook import codebook
-from .quant import TurboQuantized, check_input, decode_rotated, words_per_row
+from .quant import FLOAT_DTYPES, TurboQuantized, check_input, decode_rotated, words_per_row
 from .rotation import rotate, rotation_matrix, unrotate
 
 # Threadgroups the split-K kernel aims for: about one full wave on an H100.
@@ -26,17 +26,19 @@ MIN_BLOCK, MAX_BLOCK = 2**18, 2**24
 
 
 def _check_inputs(queries, keys, values):
-    check_input(queries, "queries")
+    if not isinstance(queries, mx.array) or queries.dtype not in FLOAT_DTYPES:
+        check_input(queries, "queries")
     if queries.ndim != 4:
         raise ValueError(f"queries must have shape (B, Hq, L, D), got {queries.shape}")
-    B, Hq, L, D = queries.shape
-    if keys.shape != values.shape or keys.shape[0] != B or keys.shape[-1] != D:
+    B, Hq, _, D = queries.shape
+    k, v = keys.data.shape, values.data.shape
+    if k[:-1] != v[:-1] or k[0] != B or keys.dim != D or values.dim != D:
         raise ValueError(
             f"queries {queries.shape}, keys {keys.shape} and values {values.shape} must share "
             "B, D, and keys/values their shape"
         )
-    if Hq % keys.shape[1]:
-        raise ValueError(f"{Hq} query heads are not a multiple of {keys.shape[1]} key/value heads")
+    if Hq % k[1]:
+        raise ValueError(f"{Hq} query heads are not a multiple of {k[1]} key/value heads")
     if values.channel_scale is not None or values.offset is not None:
         raise ValueError(
             "values with an offset or channel_scale are not supported: quantise values "
@@ -190,6 +192,7 @@ def _decode_template(dtype, D, key_bits, value_bits, GL, causal, smooth):
         ("R", R),
         ("CAUSAL", causal),
         ("SMOOTH", smooth),
+        ("POW2", D & (D - 1) == 0),
     ]
     return template, tile, R
 
@@ -248,7 +251,7 @@ def _fused_attention(queries, keys, values, scale, causal):
     threads = 32 * -(-D // 32)
     (out,) = merge(
         inputs=[o, ml, _unrotation(D, values.seed)],
-        template=[("T", queries.dtype), ("D", D)],
+        template=[("T", queries.dtype), ("D", D), ("POW2", D & (D - 1) == 0)],
         grid=(threads * B * Hkv * GL, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(B, Hq, L, D)],
@@ -354,7 +357,8 @@ def scaled_dot_product_attention(
     if path == "reference":
         return scaled_dot_product_attention_ops(queries, keys, values, scale, mask, chunk_size)
     _check_inputs(queries, keys, values)
-    _check_mask(mask, *queries.shape[:3], keys.shape[2])
+    if mask is not None:
+        _check_mask(mask, *queries.shape[:3], keys.data.shape[2])
     if path == "decoded":
         return _decoded_attention(queries, keys, values, scale, mask)
     return _fused_attention(queries, keys, values, scale, causal=mask is not None)

@@ -40,15 +40,11 @@ WARMUP_TOKENS = 128
 
 
 class _TurboQuantMixin:
-    # mlx-lm re-quantises caches that have `to_quantized` and batches those with `merge`;
-    # neither applies to packed rows, so hide both from hasattr().
+    # mlx-lm re-quantises caches that have `to_quantized`, which does not apply to packed
+    # rows, so hide it from hasattr(). (`merge`, for batching: see batch.py.)
     @property
     def to_quantized(self):
         raise AttributeError("TurboQuant caches are already quantised")
-
-    @property
-    def merge(self):
-        raise AttributeError("TurboQuant caches do not support batch merging")
 
     def _configure(self, key_bits, value_bits, seed, center_keys, smooth_keys, warmup_tokens):
         check_bits(key_bits, "key_bits")
@@ -64,9 +60,11 @@ class _TurboQuantMixin:
         self.head_dim = self.dtype = None
         self._set_stats()
 
-    def _set_stats(self, offset=None, scale=None):
-        """The frozen key statistics (None before the warm-up ends)."""
+    def _set_stats(self, offset=None, scale=None, tokens=0):
+        """The frozen key statistics (None before the warm-up ends) and the number of tokens
+        they came from (0: unknown): trimmed below that, it differs from a fresh cache."""
         self.key_offset, self.key_scale = offset, scale
+        self.stats_tokens = tokens
         self._rows = None
 
     def _check(self, keys, values):
@@ -122,7 +120,7 @@ class _TurboQuantMixin:
             s = (mx.sqrt(var.sum(axis=2) / count[:, :, 0]) + 1e-6)[:, :, None] ** self.smooth_keys
             scale = s / mx.mean(s, axis=-1, keepdims=True)
         offset = mean if self.center_keys else mx.zeros_like(mean)
-        self._set_stats(offset, scale)
+        self._set_stats(offset, scale, k.shape[2])
         if self.keys is not None:
             self.keys, self.values = quantize_kv(
                 self.keys, self.values, self.key_bits, self.value_bits, self.seed, offset, scale
@@ -135,7 +133,8 @@ class _TurboQuantMixin:
                 return super().update_and_fetch(keys, values)
             self._freeze(keys, values)
         elif (
-            keys.shape[:2] != self.keys.shape[:2]
+            self.keys is None  # statistics set before any row (a batch, see batch.py)
+            or keys.shape[:2] != self.keys.shape[:2]
             or keys.shape[3] != self.head_dim
             or values.shape != keys.shape
             or keys.dtype not in FLOAT_DTYPES
@@ -257,6 +256,12 @@ class TurboQuantKVCache(_TurboQuantMixin, KVCache):
         self._set_meta(v[1:])
         self.offset = int(v[0])
 
+    @classmethod
+    def merge(cls, caches):
+        from .batch import TurboQuantBatchKVCache
+
+        return TurboQuantBatchKVCache.merge(caches)
+
 
 class TurboQuantRotatingKVCache(_TurboQuantMixin, RotatingKVCache):
     """A `RotatingKVCache` (sliding window) holding TurboQuant-packed keys and values.
@@ -301,6 +306,12 @@ class TurboQuantRotatingKVCache(_TurboQuantMixin, RotatingKVCache):
     def meta_state(self, v):
         self._set_meta(v[4:])
         self.keep, self.max_size, self.offset, self._idx = map(int, v[:4])
+
+    @classmethod
+    def merge(cls, caches):
+        from .batch import TurboQuantBatchRotatingKVCache
+
+        return TurboQuantBatchRotatingKVCache.merge(caches)
 
 
 def make_prompt_cache(
@@ -440,7 +451,10 @@ def load_prompt_cache(path: str, return_metadata: bool = False, **expected):
         arrays, header = mx.load(str(path), return_metadata=True)
     except Exception as e:
         raise ValueError(f"{path} is not a readable safetensors file (truncated?): {e}") from e
-    if header.get("format") != FILE_FORMAT:
+    fmt = header.get("format") or ""
+    if fmt.startswith("mlx_tq.prompt_cache/") and fmt != FILE_FORMAT:
+        raise ValueError(f"{path} was written in format {fmt!r}; this mlx_tq reads {FILE_FORMAT!r}")
+    if fmt != FILE_FORMAT:
         raise ValueError(
             f"{path} is not an mlx_tq prompt cache (format {header.get('format')!r}); "
             "files from mlx-lm load with mlx_lm.models.cache.load_prompt_cache"

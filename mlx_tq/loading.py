@@ -284,6 +284,34 @@ def convert_gguf(path: str | Path, dtype=None) -> Path:
     return out
 
 
+def resolve(model: str | None = None, dtype=None) -> str:
+    """The local folder or Hugging Face repo id that ``mlx_lm.load`` reads for `model`.
+
+    Args:
+        model: As for `load`; an alias or a ``.gguf`` file is fetched and converted once.
+        dtype: The weights' dtype of a converted GGUF (see `convert_gguf`).
+
+    Raises:
+        FileNotFoundError: A path (or a ``.gguf`` name) that does not exist.
+        ValueError: A file that is not a ``.gguf``, or a folder without ``config.json``.
+    """
+    model = model or DEFAULT_MODEL
+    if model in _ALIASES:
+        model = _ALIASES[model]()
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(
+                f"{path} is a file but not a .gguf; give a GGUF file or a model folder"
+            )
+        return str(convert_gguf(path, dtype))
+    if path.is_dir() and not (path / "config.json").exists():
+        raise ValueError(f"{path} is not a model folder: it has no config.json")
+    if not path.is_dir() and (path.suffix == ".gguf" or str(model).startswith(("/", ".", "~"))):
+        raise FileNotFoundError(f"No such model file or folder: {path}")
+    return str(model)
+
+
 def load(model: str | None = None, dtype=None):
     """Loads a model and its tokenizer, like ``mlx_lm.load``, from more places.
 
@@ -303,25 +331,12 @@ def load(model: str | None = None, dtype=None):
             GGUF architecture.
         ImportError: The default model's package or a GGUF tokenizer converter is missing.
     """
-    model = model or DEFAULT_MODEL
-    if model in _ALIASES:
-        model = _ALIASES[model]()
-    path = Path(model).expanduser()
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise ValueError(
-                f"{path} is a file but not a .gguf; give a GGUF file or a model folder"
-            )
-        return mlx_lm.load(str(convert_gguf(path, dtype)))
-    if path.is_dir() and not (path / "config.json").exists():
-        raise ValueError(f"{path} is not a model folder: it has no config.json")
-    if not path.is_dir() and (path.suffix == ".gguf" or str(model).startswith(("/", ".", "~"))):
-        raise FileNotFoundError(f"No such model file or folder: {path}")
+    path = resolve(model, dtype)
     try:
-        model, tokenizer = mlx_lm.load(str(model))
+        model, tokenizer = mlx_lm.load(path)
     except OSError as e:  # not on the Hub, no network, a gated repo
         raise FileNotFoundError(
-            f"{model} is not a local path and was not fetched from Hugging Face: {e}"
+            f"{path} is not a local path and was not fetched from Hugging Face: {e}"
         ) from e
     if dtype is not None:
         model.set_dtype(dtype)

@@ -253,6 +253,7 @@ def quantize_template(dtype, dim, key_bits, value_bits, scaled=False):
         ("WV", words_per_row(dim, value_bits) - 1),
         ("ROWS", QUANTIZE_ROWS),
         ("SCALE", scaled),
+        ("POW2", dim & (dim - 1) == 0),
     ]
 
 
@@ -301,23 +302,29 @@ def quantize_kv(
     check_input(values, "values")
     check_bits(key_bits, "key_bits")
     check_bits(value_bits, "value_bits")
-    if keys.shape != values.shape:
-        raise ValueError(f"keys {keys.shape} and values {values.shape} must have one shape")
+    if keys.shape != values.shape or keys.ndim < 2:
+        raise ValueError(f"keys {keys.shape} and values {values.shape} must be one (..., L, D)")
     if kernels.backend() is None or keys.size == 0:
         return quantize_kv_ops(keys, values, key_bits, value_bits, seed, key_offset, key_scale)
-    shape = keys.shape
-    offset = _zeros(shape[-1]) if key_offset is None else key_rows(key_offset, shape)
-    scale = None if key_scale is None else key_rows(key_scale, shape)
-    return quantize_kv_rows(keys, values, key_bits, value_bits, seed, offset, scale)
+    *lead, L, D = keys.shape
+    if key_offset is None and key_scale is None:
+        shape, offset, scale = (1, 1, keys.size // D, D), _zeros(D), None
+    else:
+        shape = (1, math.prod(lead), L, D)
+        offset = _zeros(D) if key_offset is None else key_rows(key_offset, keys.shape)
+        scale = None if key_scale is None else key_rows(key_scale, keys.shape)
+    k, v = quantize_kv_rows(
+        keys.reshape(shape), values.reshape(shape), key_bits, value_bits, seed, offset, scale
+    )
+    return k.reshape(*lead, L, -1), v.reshape(*lead, L, -1)
 
 
 def quantize_kv_rows(keys, values, key_bits, value_bits, seed, offset, scale):
-    """The kernel of `quantize_kv`, inputs checked: `offset` and `scale` (or None) are float32
-    (N / P, D) rows, one per run of P = keys.shape[-2] keys (or one (1, D) row for all)."""
+    """The kernel of `quantize_kv`, inputs checked: keys and values (B, H, L, D), `offset`
+    and `scale` (or None) float32 (B * H, D) rows, or one (1, D) offset row for all when
+    B * H * L keys are passed as (1, 1, N, D)."""
     *lead, dim = keys.shape
     n = keys.size // dim
-    runs = offset.shape[0]
-    x_shape = (runs, n // runs, dim)
     template = quantize_template(keys.dtype, dim, key_bits, value_bits, scale is not None)
     k_levels, k_bounds = codebook(key_bits, dim)
     v_levels, v_bounds = codebook(value_bits, dim)
@@ -329,8 +336,8 @@ def quantize_kv_rows(keys, values, key_bits, value_bits, seed, offset, scale):
     threads = 32 * -(-dim // 32)
     return kernel(
         inputs=[
-            keys.reshape(x_shape),
-            values.reshape(x_shape),
+            keys,
+            values,
             rotation_matrix(dim, seed),
             k_levels,
             k_bounds,
@@ -342,10 +349,7 @@ def quantize_kv_rows(keys, values, key_bits, value_bits, seed, offset, scale):
         template=template,
         grid=(threads * 2 * -(-n // QUANTIZE_ROWS), 1, 1),
         threadgroup=(threads, 1, 1),
-        output_shapes=[
-            (*lead, words_per_row(dim, key_bits)),
-            (*lead, words_per_row(dim, value_bits)),
-        ],
+        output_shapes=[(*lead, words_per_row(dim, b)) for b in (key_bits, value_bits)],
         output_dtypes=[mx.uint32, mx.uint32],
     )
 

@@ -1,5 +1,6 @@
 import mlx.core as mx
 from hypothesis import settings
+from mlx.utils import tree_flatten
 from mlx_lm.models import gemma3_text, llama, qwen2
 
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True)
@@ -34,5 +35,17 @@ def tiny_model(family="llama", **overrides):
     args.update(overrides)
     module = FAMILIES[family]
     model = module.Model(module.ModelArgs.from_dict(args))
+    mx.eval(model.parameters())
+    return model
+
+
+def lively(model, std=0.5):
+    """Gives `model` random weights larger than mlx-lm's initialisation (seeded), so that its
+    greedy text does not repeat one token: a wrong cache then changes the tokens."""
+    params = tree_flatten(model.parameters())
+    keys = mx.random.split(mx.random.key(0), len(params))
+    model.load_weights(
+        [(k, std * mx.random.normal(v.shape, key=keys[i])) for i, (k, v) in enumerate(params)]
+    )
     mx.eval(model.parameters())
     return model

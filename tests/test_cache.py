@@ -176,7 +176,7 @@ def test_unpatched_fetch_returns_dequantised_arrays():
 def test_protocol_and_hidden_attributes():
     cache = TurboQuantKVCache(warmup_tokens=0)
     assert cache.empty() and cache.nbytes == 0 and cache.size() == 0
-    for name in ("bits", "to_quantized", "merge"):
+    for name in ("bits", "to_quantized"):
         assert not hasattr(cache, name)
     k = mx.random.normal((1, 1, 300, 64))
     cache.update_and_fetch(k, k)
@@ -303,4 +303,8 @@ def test_load_errors(tmp_path):
         mlx_tq.load_prompt_cache(other)
     with pytest.raises(FileNotFoundError):
         mlx_tq.load_prompt_cache(tmp_path / "missing.safetensors")
+    old = tmp_path / "old.safetensors"
+    mx.save_safetensors(str(old), {"w": mx.zeros(3)}, {"format": "mlx_tq.prompt_cache/1"})
+    with pytest.raises(ValueError, match="written in format 'mlx_tq.prompt_cache/1'"):
+        mlx_tq.load_prompt_cache(old)
     assert not list(tmp_path.glob(".*tmp*"))  # atomic save leaves no temporary file

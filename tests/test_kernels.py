@@ -78,7 +78,7 @@ def variants():
                     template = _decode_template(dtype, D, bits, value_bits, GL, causal, causal)
                     yield "decode_attention", template[0]
         for dtype in FLOATS:
-            yield "merge", [("T", dtype), ("D", D)]
+            yield "merge", [("T", dtype), ("D", D), ("POW2", D & (D - 1) == 0)]
         for bits in SUPPORTED_BITS:
             for dtype, shift in ((mx.float16, 4), (mx.bfloat16, 0)):
                 yield "dequantize", dequantize_template(dtype, D, bits, shift)
@@ -339,8 +339,8 @@ def test_gpu_dispatch_arguments(monkeypatch):
     assert mx.array_equal(q_in[8], cache.key_scale.reshape(-1, D))  # scale rows
     assert q_grid[0] == 128 * 2 * -(-B * Hkv // 4)  # key blocks, then as many value blocks
     _, a_in, a_t, a_grid, a_tg = RecordingKernel.calls[1]
-    assert a_t["SMOOTH"] and not a_t["CAUSAL"] and (a_t["KB"], a_t["VB"]) == (4, 3)
+    assert a_t["SMOOTH"] and a_t["POW2"] and not a_t["CAUSAL"] and (a_t["KB"], a_t["VB"]) == (4, 3)
     assert a_in[1].shape[2] == S + 1 and a_grid[1] == B * Hkv and a_tg == (a_t["TILE"], 1, 1)
     assert a_in[7] is cache.key_scale  # read in place with its strides, no copy
     _, m_in, m_t, _, _ = RecordingKernel.calls[2]
-    assert m_t == {"T": mx.float16, "D": D} and len(m_in) == 3
+    assert m_t == {"T": mx.float16, "D": D, "POW2": True} and len(m_in) == 3

@@ -1,0 +1,120 @@
+"""Time of one decode step of a whole model, TurboQuant caches against fp16's (issue 15).
+
+At batch 1 a decode step is bound by the host: building the step's graph in Python, then
+launching it. This builds a Llama with Llama-3.1-8B's attention shape (32 query heads, 8 KV
+heads, head_dim 128; `--layers` layers, small MLP and vocabulary: their host cost per layer
+does not depend on width), fills each cache with `--context` random keys and values, and
+times per token:
+- host: `model(token, cache=cache)` alone (the graph is built, nothing runs);
+- step: the same plus `mx.eval` (GPU only);
+interleaving fp16 (mlx-lm's caches + mx.fast SDPA) and TurboQuant `kv_bits=4`.
+With `--stub` (any machine) the custom kernels are replaced by stubs that only return
+arrays of the right shapes, so a CPU measures the Python side of a GPU decode step.
+
+    python benchmarks/decode_step.py [--context 8192] [--layers 8] [--steps 200] [--stub]
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import mlx.core as mx
+from mlx_lm.models import llama
+from mlx_lm.models.cache import make_prompt_cache as fp16_cache
+
+import mlx_tq
+from mlx_tq import kernels
+
+
+def stub_kernels():
+    def stub(inputs, template, grid, threadgroup, output_shapes, output_dtypes, **_):
+        return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes, strict=True)]
+
+    kernels.backend = lambda: "cuda"
+    kernels.kernel = lambda *a, **k: stub
+
+
+def filled(cache, context, dtype):
+    """`cache` holding `context` random tokens (one update per layer, no model)."""
+    for c in cache:
+        k = mx.random.normal((1, 8, context, 128)).astype(dtype)
+        c.update_and_fetch(k, k)
+        mx.eval(*[a for a in (c.keys, c.values, getattr(c, "key_scale", None)) if a is not None])
+    return cache
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--context", type=int, default=8192)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--stub", action="store_true", help="stub kernels (time the host only)")
+    args = parser.parse_args()
+    dtype = mx.float16
+    model = llama.Model(
+        llama.ModelArgs.from_dict(
+            dict(
+                model_type="llama",
+                hidden_size=4096,
+                num_hidden_layers=args.layers,
+                intermediate_size=512,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                head_dim=128,
+                rms_norm_eps=1e-5,
+                vocab_size=1024,
+            )
+        )
+    )
+    model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    caches = {
+        "fp16": filled(fp16_cache(model), args.context, dtype),
+        "tq4": filled(mlx_tq.make_prompt_cache(model, kv_bits=4), args.context, dtype),
+    }
+    if args.stub:
+        stub_kernels()
+    mlx_tq.patch()
+    token = mx.array([[1]])
+    runs = {name: {"host": [], "step": []} for name in caches}
+    for _ in range(args.repeats):  # interleaved, so drift hits both
+        for name, cache in caches.items():
+            host = step = 0.0
+            for i in range(args.steps):
+                t0 = time.perf_counter()
+                out = model(token, cache=cache)
+                t1 = time.perf_counter()
+                if not args.stub:
+                    mx.eval(out)
+                t2 = time.perf_counter()
+                host, step = host + t1 - t0, step + t2 - t0
+                for c in cache:
+                    c.trim(1)
+                if args.stub and i % 50 == 49:  # bound the unevaluated graph
+                    mx.eval([c.keys for c in cache])
+            runs[name]["host"].append(1e3 * host / args.steps)
+            runs[name]["step"].append(1e3 * step / args.steps)
+    report = {
+        "device": "stub kernels" if args.stub else str(mx.default_device()),
+        "context": args.context,
+        "layers": args.layers,
+        **{
+            f"{name}_{kind}_ms": statistics.median(v)
+            for name, r in runs.items()
+            for kind, v in r.items()
+            if not (args.stub and kind == "step")
+        },
+    }
+    for kind in ("host",) if args.stub else ("host", "step"):
+        fp, tq = report[f"fp16_{kind}_ms"], report[f"tq4_{kind}_ms"]
+        report[f"{kind}_us_per_layer"] = {
+            n: 1e3 * report[f"{n}_{kind}_ms"] / args.layers for n in caches
+        }
+        report[f"{kind}_tq4_over_fp16"] = tq / fp
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

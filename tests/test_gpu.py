@@ -1,0 +1,323 @@
+"""The GPU kernels against float64 NumPy on the same packed data (Metal or CUDA).
+
+Run on a GPU: `MLX_ENABLE_TF32=0 python -m pytest -m gpu tests/test_gpu.py` (MLX runs float32
+matmuls as TF32 on CUDA and M5 by default; the decoded path rotates its queries with one).
+Skipped where `mlx_tq.kernels.backend()` is None (CPU, CI): test_kernels.py and
+test_attention.py check the plain-ops references there.
+"""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_tq import kernels, quantize, quantize_kv, scaled_dot_product_attention
+from mlx_tq.attention import FUSED_MAX_ROWS, _decoded_attention, _fused_attention
+from mlx_tq.codebook import codebook
+from mlx_tq.quant import TurboQuantized, decode_rotated
+from mlx_tq.rotation import rotation_matrix
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(kernels.backend() is None, reason="needs a GPU running mlx_tq's kernels"),
+]
+
+TOL_ATTENTION = 1e-3  # max |error| / max |ref| of the fused kernel
+TOL_SCALE = 1e-6  # relative error of a stored scale
+TIE = 1e-5  # |z - midpoint| below which float32 rounding may pick either level
+LAYERS = 32  # Llama-3.1-8B, for the prefill memory bound
+ROUNDING = {mx.float16: 2.0**-10, mx.bfloat16: 2.0**-8}
+
+
+def f64(a):
+    return np.array(a.astype(mx.float32), np.float64)
+
+
+def normal(rng, shape, dtype=mx.float32):
+    return mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
+
+
+def indices64(data, bits, dim):
+    """Codebook indices (..., D) of packed rows (..., W + 1), read from the bit stream in
+    NumPy (element i in bits [i * bits, (i + 1) * bits), LSB first), not by mlx_tq."""
+    words = np.ascontiguousarray(np.array(data[..., :-1]))
+    stream = np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little")
+    fields = stream[..., : dim * bits].reshape(*words.shape[:-1], dim, bits)
+    idx = np.zeros(fields.shape[:-1], np.int64)
+    for b in range(bits):
+        idx |= fields[..., b].astype(np.int64) << b
+    return idx
+
+
+def scales64(data):
+    return np.array(data[..., -1]).view(np.float32).astype(np.float64)
+
+
+def rows64(t: TurboQuantized):
+    """t's vectors in the rotated space, float64 (B, H, S, D)."""
+    levels = f64(codebook(t.bits, t.dim)[0])
+    return levels[indices64(t.data, t.bits, t.dim)] * scales64(t.data)[..., None]
+
+
+def packed_view(rng, B, H, S, D, bits, seed, pad, keys=True, smooth=False):
+    """TurboQuantized (B, H, S, D) whose data is a view into a buffer of S + pad rows, as a
+    cache hands it over: keys with an offset (and a channel scale if `smooth`), values plain."""
+    x = normal(rng, (B, H, S + pad, D))
+    offset = normal(rng, (B, H, 1, D)) if keys else None
+    scale = mx.exp(0.5 * normal(rng, (B, H, 1, D))) if smooth else None
+    t = quantize(x, bits, seed, offset=offset, channel_scale=scale, check_finite=False)
+    mx.eval(t.data)
+    return t.tokens(0, S)
+
+
+def seen_matrix(mask, L, S):
+    """Which keys each query sees, (L, S) bool; mask None, "causal" or a (L, S) array."""
+    if mask is None:
+        return np.ones((L, S), bool)
+    if isinstance(mask, str):
+        return np.arange(S)[None] <= np.arange(S - L, S)[:, None]
+    m = np.array(mask.astype(mx.float32) if mask.dtype != mx.bool_ else mask)
+    return m if m.dtype == bool else m != -np.inf
+
+
+def attention_f64(queries, keys, values, scale, mask):
+    """Softmax attention in float64 on the packed data, in the rotated space. A value row
+    that is not finite spoils (NaN) the queries that see it and adds nothing to the others."""
+    B, Hq, L, D = queries.shape
+    Hkv, S = keys.shape[1:3]
+    G = Hq // Hkv
+    q = f64(queries) * scale
+    if keys.channel_scale is not None:  # <q, s * k'> = <q * s, k'>
+        q = q * np.repeat(f64(keys.channel_scale), G, axis=1)
+    # Query head h * G + g, token i -> row g * L + i of KV head h.
+    q = (q @ f64(rotation_matrix(D, keys.seed))).reshape(B, Hkv, G * L, D)
+    k, v = rows64(keys), rows64(values)
+    seen = np.tile(seen_matrix(mask, L, S), (G, 1))
+    s = np.where(seen, q @ k.swapaxes(-1, -2), -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    bad = ~np.isfinite(v).all(-1)
+    out = (p / p.sum(-1, keepdims=True)) @ np.where(bad[..., None], 0, v)
+    out = np.where((seen & bad[:, :, None]).any(-1)[..., None], np.nan, out)
+    return (out @ f64(rotation_matrix(D, values.seed)).T).reshape(B, Hq, L, D)
+
+
+def rel_err(got, ref):
+    return float(np.abs(f64(got) - ref).max() / np.abs(ref).max())
+
+
+# (key bits, value bits): every width as keys and as values, one launch for both.
+KV_BITS = [(2, 4), (3, 2), (4, 3), (8, 5)]
+DIMS = [64, 80, 128, 256]  # 80: a partial SIMD group
+
+
+def check_quantize_kv(rng, D, key_bits, value_bits, dtype, offset, scale, strided):
+    B, H, L = int(rng.integers(1, 3)), int(rng.integers(1, 9)), int(rng.integers(1, 40))
+    if strided:  # mlx-lm's keys are (B, L, H, D) transposed
+        keys, values = (normal(rng, (B, L, H, D), dtype).swapaxes(1, 2) for _ in range(2))
+    else:
+        keys, values = (normal(rng, (B, H, L, D), dtype) for _ in range(2))
+    offset = normal(rng, (B, H, 1, D)) if offset else None
+    scale = mx.exp(0.5 * normal(rng, (B, H, 1, D))) if scale else None
+    got = quantize_kv(keys, values, key_bits, value_bits, 3, offset, scale)
+    k64 = f64(keys) - (0 if offset is None else f64(offset))
+    k64 = k64 / (1 if scale is None else f64(scale))
+    for data, x64, bits in ((got[0], k64, key_bits), (got[1], f64(values), value_bits)):
+        assert data.dtype == mx.uint32 and data.shape == (B, H, L, -(-D * bits // 32) + 1)
+        norms = np.linalg.norm(x64, axis=-1, keepdims=True)
+        z = x64 / norms @ f64(rotation_matrix(D, 3)) * math.sqrt(D)
+        levels, bounds = (f64(a) for a in codebook(bits, D))
+        want = np.searchsorted(bounds, z)  # #{boundaries < z}
+        idx = indices64(data, bits, D)
+        diff = idx != want
+        # A tie: one level apart, z within TIE of the midpoint between them.
+        lo = np.minimum(np.minimum(idx, want)[diff], len(bounds) - 1)
+        tie = (np.abs(idx - want)[diff] == 1) & (np.abs(z[diff] - bounds[lo]) < TIE)
+        assert tie.all(), f"{int((~tie).sum())} of {idx.size} indices off, away from a midpoint"
+        scale64 = norms[..., 0] / np.linalg.norm(levels[idx], axis=-1)
+        err = np.abs(scales64(data) - scale64) / scale64
+        assert err.max() <= TOL_SCALE, f"scale error {err.max():.2e}"
+
+
+# Each case builds one kernel variant (on CUDA each costs a compile): the dtype and the key
+# scale alternate across cases, so every D and every width meets both.
+@pytest.mark.parametrize("key_bits, value_bits", KV_BITS)
+@pytest.mark.parametrize("D", DIMS)
+def test_quantize_kv_matches_float64(D, key_bits, value_bits):
+    """Indices are float64's nearest levels except at a midpoint (to float32 rounding);
+    scales norm / |c[idx]| within 1e-6 of float64; keys with and without their offset and
+    key scale, contiguous and transposed."""
+    i, j = DIMS.index(D), KV_BITS.index((key_bits, value_bits))
+    dtype = mx.float16 if j % 2 == 0 else mx.bfloat16
+    scaled = (i + j) % 2 == 1
+    rng = np.random.default_rng([D, key_bits])
+    for offset, strided in ((scaled, False), (True, True)):
+        check_quantize_kv(rng, D, key_bits, value_bits, dtype, offset, scaled, strided)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("D", DIMS)
+def test_decode_rotated_matches_float64(D, bits):
+    """The dequantise kernel (prefill's decoded keys and values): c[idx] * scale / 2^shift,
+    within one rounding of the dtype of float64 (a view of a larger buffer, read in place);
+    float16 with the decoded path's shift, or bfloat16, alternating."""
+    fp16 = (DIMS.index(D) + [2, 3, 4, 8].index(bits)) % 2 == 0
+    dtype = mx.float16 if fp16 else mx.bfloat16
+    shift = math.ceil(math.log2(D) / 2) if fp16 else 0
+    rng = np.random.default_rng([D, bits])
+    t = packed_view(rng, 2, 3, int(rng.integers(1, 3000)), D, bits, 0, pad=17)
+    got = decode_rotated(t, dtype, shift)
+    assert got.shape == t.shape and got.dtype == dtype
+    ref = rows64(t) * 2.0**-shift
+    err = np.abs(f64(got) - ref) / np.abs(ref)
+    assert err.max() <= ROUNDING[dtype], f"relative error {err.max():.2e}"
+
+
+FIXED = [  # (B, Hkv, G, L, S, D, key bits, value bits)
+    (1, 8, 4, 1, 4096, 128, 4, 4),
+    (1, 8, 4, 1, 4096, 128, 3, 3),
+    (1, 2, 4, 1, 131072, 128, 4, 4),
+    (1, 1, 8, 1, 131072, 256, 3, 2),
+    (1, 2, 1, 1, 131071, 64, 4, 3),
+    (1, 1, 8, 8, 32769, 128, 4, 4),
+    (2, 2, 4, 1, 1, 128, 3, 4),
+    (1, 2, 4, 300, 5000, 128, 4, 4),
+    (1, 2, 4, 3, 4097, 80, 4, 4),
+    (2, 1, 2, 1, 1000, 192, 3, 4),
+]
+
+
+def random_configs(n=12, seed=0):
+    """A seeded sample of shapes, key counts straddling the SIMD width and the tiles."""
+    rng = np.random.default_rng(seed)
+    sizes = [1, 2, 31, 63, 64, 65, 127, 128, 129, 1000, 4095, 4097, 8193, 32767]
+    configs = []
+    for _ in range(n):
+        B, Hkv, G = int(rng.integers(1, 3)), int(rng.choice([1, 2, 8])), int(rng.choice([1, 4, 8]))
+        L, S = int(rng.choice([1, 1, 2, 5, 8])), int(rng.choice(sizes))
+        D, kb, vb = int(rng.choice([64, 128, 256])), *(int(b) for b in rng.choice([2, 3, 4], 2))
+        configs.append((B, Hkv, G, min(L, S), S, D, kb, vb))  # causal rows need a key: L <= S
+    return configs
+
+
+CONFIGS = [
+    (*c, mx.float16 if i % 2 == 0 else mx.bfloat16, (i // 2) % 2 == 1)
+    for i, c in enumerate(FIXED + random_configs())
+]
+
+
+def config_id(c):
+    B, Hkv, G, L, S, D, kb, vb, dtype, smooth = c
+    kind = "fp16" if dtype == mx.float16 else "bf16"
+    return f"B{B}-H{Hkv}-G{G}-L{L}-S{S}-D{D}-k{kb}v{vb}-{kind}" + ("-smooth" if smooth else "")
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[config_id(c) for c in CONFIGS])
+def test_attention_matches_float64(config):
+    """The fused kernel (split-K + merge) on float32 queries within 1e-3 of float64; the
+    decoded path (mx.fast SDPA) within 6 roundings of the query dtype (queries, keys and values
+    each rounded to it, as in an fp16 cache); the public call within the path it takes."""
+    B, Hkv, G, L, S, D, kb, vb, dtype, smooth = config
+    rng = np.random.default_rng([B, Hkv, G, L, S, D, kb, vb])
+    keys = packed_view(rng, B, Hkv, S, D, kb, 0, int(rng.integers(1, 300)), smooth=smooth)
+    values = packed_view(rng, B, Hkv, S, D, vb, 1, int(rng.integers(1, 300)), keys=False)
+    queries = normal(rng, (B, Hkv * G, L, D), dtype)
+    scale, causal = D**-0.5, L > 1
+    mask = "causal" if causal else None
+    q32 = queries.astype(mx.float32)
+    ref = attention_f64(q32, keys, values, scale, mask)
+    err = rel_err(_fused_attention(q32, keys, values, scale, causal), ref)
+    err_decoded = rel_err(_decoded_attention(queries, keys, values, scale, mask), ref)
+    public = scaled_dot_product_attention(queries, keys, values, scale, mask)
+    assert public.dtype == dtype and public.shape == queries.shape
+    err_public = rel_err(public, ref)
+    tol_decoded = 6 * ROUNDING[dtype]
+    tol_public = tol_decoded if L > FUSED_MAX_ROWS else TOL_ATTENTION + ROUNDING[dtype]
+    errors = f"fused {err:.2e}, decoded {err_decoded:.2e}, public {err_public:.2e}"
+    assert err <= TOL_ATTENTION and err_decoded <= tol_decoded, errors
+    assert err_public <= tol_public, errors
+
+
+# Keys S and the bad value row j, chosen so that some queries cannot see j: with L = 8 and
+# S = 129 (two tiles) the split holding j = 128 is entirely masked for queries 0-6.
+NON_FINITE_ROWS = [(2, 1), (129, 128), (1000, 995)]
+NON_FINITE_PATHS = [
+    ("fused", "causal"),
+    ("fused", None),
+    ("decoded", "causal"),
+    ("decoded", "bool"),
+    ("decoded", "additive"),
+]
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("S, j", NON_FINITE_ROWS, ids=[f"S{s}-j{j}" for s, j in NON_FINITE_ROWS])
+@pytest.mark.parametrize(
+    "path, mask", NON_FINITE_PATHS, ids=[f"{p}-{m}" for p, m in NON_FINITE_PATHS]
+)
+def test_masked_non_finite_value_adds_nothing(path, mask, S, j, bad):
+    """A key that a query cannot see adds nothing to it, whatever its value; the queries that
+    see a non-finite value come out non-finite, as in an fp16 cache. The bad row is quantised
+    by the kernel, as the cache does; KV head 1 is clean."""
+    B, Hkv, G, L, D = 1, 2, 2, min(8, S), 128
+    rng = np.random.default_rng([S, j, path == "fused"])
+    v = np.array(normal(rng, (B, Hkv, S, D), mx.float16))
+    v[0, 0, j, 5] = bad
+    k, v = quantize_kv(normal(rng, (B, Hkv, S, D), mx.float16), mx.array(v), 4, 3)
+    keys, values = TurboQuantized(k, 4, D, 0, mx.float16), TurboQuantized(v, 3, D, 0, mx.float16)
+    bad_rows = np.argwhere(~np.isfinite(scales64(v))).tolist()
+    assert bad_rows == [[0, 0, j]], f"non-finite scales at {bad_rows}, the bad value at {j}"
+    if mask in ("bool", "additive"):  # j hidden from the first half of the queries
+        seen = np.ones((L, S), bool)
+        seen[: L // 2, j] = False
+        hidden = mx.array(seen)
+        mask = hidden if mask == "bool" else mx.where(hidden, 0, -mx.inf).astype(mx.float16)
+    queries = normal(rng, (B, Hkv * G, L, D), mx.float16)
+    scale = D**-0.5
+    if path == "fused":
+        out = _fused_attention(queries, keys, values, scale, mask is not None)
+    else:
+        out = _decoded_attention(queries, keys, values, scale, mask)
+    out = f64(out)
+    sees = seen_matrix(mask, L, S)[:, j]
+    assert sees.any()
+    assert np.isfinite(out[:, G:]).all(), "a clean KV head came out non-finite"
+    assert np.isfinite(out[:, :G, ~sees]).all(), "a masked bad value reached a query"
+    assert not np.isfinite(out[:, :G, sees]).any(), "a query that sees the bad value is finite"
+    ref = attention_f64(queries.astype(mx.float32), keys, values, scale, mask)
+    finite = np.isfinite(ref)
+    tol = TOL_ATTENTION + ROUNDING[mx.float16] if path == "fused" else 6 * ROUNDING[mx.float16]
+    err = np.abs(out[finite] - ref[finite]).max() / np.abs(ref[finite]).max()
+    assert err <= tol, f"error {err:.2e} on the queries that do not see the bad value"
+
+
+def test_prefill_memory_bound():
+    """L = 2048 causal queries over 32K TQ4 keys: the decoded path peaks below a quarter of
+    the fp16 L x S scores (it never forms them), and over a 32-layer model, with every layer's
+    packed cache held, stays below the fp16 cache of the same tokens. The fused kernel holds
+    O(L D): its peak plus the packed layer stays below the fp16 layer."""
+    S, L, Hkv, G, D = 32768, 2048, 8, 4, 128
+    rng = np.random.default_rng(0)
+    keys = packed_view(rng, 1, Hkv, S, D, 4, 0, pad=0)
+    values = packed_view(rng, 1, Hkv, S, D, 4, 1, pad=0, keys=False)
+    q = normal(rng, (1, Hkv * G, L, D), mx.float16)
+    mx.eval(q, keys.data, values.data)
+
+    def peak_above_inputs(attend):
+        mx.synchronize()
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        mx.eval(attend())
+        return mx.get_peak_memory() - base
+
+    peak = peak_above_inputs(
+        lambda: scaled_dot_product_attention(q, keys, values, D**-0.5, "causal")
+    )
+    peak_fused = peak_above_inputs(lambda: _fused_attention(q, keys, values, D**-0.5, True))
+    fp16_bytes = 2 * Hkv * S * D * 2
+    packed = keys.data.nbytes + values.data.nbytes
+    scores_bytes = Hkv * G * L * S * 2
+    mb = f"decoded peak {peak / 2**20:.0f} MB, fused {peak_fused / 2**20:.0f} MB"
+    assert peak < scores_bytes / 4, mb
+    assert peak + LAYERS * packed < LAYERS * fp16_bytes, mb
+    assert peak_fused + packed < fp16_bytes, mb
