@@ -28,7 +28,7 @@ DEFAULT_DECODE_TOKENS = 32
 DEFAULT_REPEATS = 2
 DEFAULT_PREFILL_STEP = 2048
 QUICK = {"contexts": [256, 1024], "decode_tokens": 8, "repeats": 1}
-WARMUP_TOKENS = 256
+COMPILE_TOKENS = 256  # the untimed first run of each configuration
 PROMPT_SEED = 0
 FIELDS = ("prompt_tps", "decode_tps", "peak_memory", "kv_bytes", "kv_bits")
 PLOT_EXTRA = "pip install 'mlx-tq[bench]'"
@@ -117,7 +117,7 @@ def run(
         "errors": [],
     }
     # Warm-up: compile every configuration's kernels before timing.
-    warm = mx.random.randint(0, vocab, (min(*contexts, WARMUP_TOKENS),))
+    warm = mx.random.randint(0, vocab, (min(*contexts, COMPILE_TOKENS),))
     for name in configs:
         try:
             measure(model, name, warm, 2, prefill_step_size)
