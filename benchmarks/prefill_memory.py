@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+from gpu_bench import default_dtype, random_model
 
-from mlx_tq.bench import default_dtype, make_cache, random_model
 from mlx_tq.patch import patch
+from mlx_tq.tools import make_cache
 
 GB = 1e9
 

@@ -9,13 +9,16 @@ import sys
 from mlx_lm import stream_generate
 
 import mlx_tq
+from mlx_tq.tools import kv_footprint
 
 model, tokenizer = mlx_tq.load(sys.argv[1] if len(sys.argv) > 1 else None)
 cache = mlx_tq.make_prompt_cache(model, kv_bits=4)  # 4-bit keys and values
 mlx_tq.patch()  # mlx-lm's attention now reads TurboQuant caches directly
 
 prompt = tokenizer.encode("Three facts about the Moon:")
-for response in stream_generate(model, tokenizer, prompt, max_tokens=64, prompt_cache=cache):
+# The first mlx_tq.cache.WARMUP_TOKENS tokens are held exact, then compressed with the rest.
+for response in stream_generate(model, tokenizer, prompt, max_tokens=200, prompt_cache=cache):
     print(response.text, end="", flush=True)
-held = sum(c.nbytes for c in cache)
-print(f"\n{response.generation_tps:.1f} tok/s, KV cache {held / 1e6:.2f} MB")
+kv = kv_footprint(cache)  # the rows holding tokens, not the slots allocated ahead
+print(f"\n{response.generation_tps:.1f} tok/s; KV cache: {kv['tokens']} tokens, ", end="")
+print(f"{kv['bits']:.2f} bits per element, {kv['held'] / 1e6:.2f} MB")

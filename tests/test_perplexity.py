@@ -1,3 +1,4 @@
+import argparse
 import json
 import sys
 
@@ -7,9 +8,10 @@ from conftest import tiny_model
 from mlx.utils import tree_map
 
 import mlx_tq
-from mlx_tq import needle, perplexity
+from mlx_tq import perplexity
 from mlx_tq.patch import is_patched
-from mlx_tq.perplexity import evaluate, kv_bits_per_element, load_windows, parse_config
+from mlx_tq.perplexity import evaluate, load_windows
+from mlx_tq.tools import kv_footprint, make_cache
 
 VOCAB = 256
 
@@ -40,16 +42,16 @@ def windows():
 
 
 def test_fp16_against_itself(model, windows):
-    r = evaluate(model, windows, [parse_config("fp16")], chunk_size=16)["fp16"]
+    r = evaluate(model, windows, ["fp16"], chunk_size=16)["fp16"]
     assert r["kl"] == 0 and r["top1"] == 1 and r["delta_ppl"] == 0
     assert r["tokens"] == 2 * 64 and r["ppl"] > 1
 
 
 def test_more_bits_less_divergence(model, windows):
-    r = evaluate(model, windows, [parse_config("k8v8"), parse_config("k3v3")], chunk_size=16)
-    assert 0 < r["k8v8"]["kl"] < r["k3v3"]["kl"] / 10
-    assert r["k8v8"]["top1"] >= r["k3v3"]["top1"]
-    assert abs(r["k8v8"]["delta_ppl"]) < abs(r["k3v3"]["delta_ppl"])
+    r = evaluate(model, windows, ["k8v8-w0", "k3v3-w0"], chunk_size=16)
+    assert 0 < r["k8v8-w0"]["kl"] < r["k3v3-w0"]["kl"] / 10
+    assert r["k8v8-w0"]["top1"] >= r["k3v3-w0"]["top1"]
+    assert abs(r["k8v8-w0"]["delta_ppl"]) < abs(r["k3v3-w0"]["delta_ppl"])
 
 
 def test_chunk_size_does_not_change_fp16(model, windows):
@@ -58,15 +60,16 @@ def test_chunk_size_does_not_change_fp16(model, windows):
 
 
 def test_bits_per_element(model, windows):
-    caches = {n: parse_config(n).make_cache(model) for n in ("fp16", "k4v3", "affine8")}
+    caches = {n: make_cache(model, n) for n in ("fp16", "k4v3-w0", "affine8")}
     for cache in caches.values():
         model(windows[:1, :64], cache=cache)
-    ref = caches["fp16"]
-    assert kv_bits_per_element(ref, ref) == 32  # float32 weights: the plain cache is fp32
-    # 3.5 bits of indices + a float32 scale per 64-element row + the key offset per head
-    offset_bits = 8 * 2 * 64 * 4 / (2 * 256 * 2 * 64)
-    assert kv_bits_per_element(caches["k4v3"], ref) == pytest.approx(3.5 + 0.5 + offset_bits)
-    assert kv_bits_per_element(caches["affine8"], ref) == pytest.approx(8 + 2 * 32 / 64)
+    bits = {n: kv_footprint(cache)["bits"] for n, cache in caches.items()}
+    assert bits["fp16"] == 32  # float32 weights: the plain cache is fp32
+    # 3.5 bits of indices + a float32 scale per 64-element row + the key offset per head,
+    # over the 64 rows that hold tokens (not the 256 allocated)
+    offset_bits = 8 * 2 * 64 * 4 / (2 * 64 * 2 * 64)
+    assert bits["k4v3-w0"] == pytest.approx(3.5 + 0.5 + offset_bits)
+    assert bits["affine8"] == pytest.approx(8 + 2 * 32 / 64)
 
 
 def test_load_windows(tmp_path):
@@ -81,8 +84,8 @@ def test_load_windows(tmp_path):
 
 
 def test_parse_config_errors():
-    with pytest.raises(ValueError, match="unknown configuration"):
-        parse_config("q4")
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown configuration"):
+        make_cache(None, "q4")
 
 
 def test_cli_json(model, tmp_path, monkeypatch, capsys):
@@ -93,8 +96,8 @@ def test_cli_json(model, tmp_path, monkeypatch, capsys):
         perplexity, "load", lambda path, dtype=None: asked.append(dtype) or (model, ByteTokenizer())
     )
     argv = ["mlx_tq.perplexity", "--data", str(data), "--window", "32", "--num-windows", "2"]
-    argv += ["--chunk-size", "8", "--kv-bits", "4", "--kv-key-bits", "5", "--kv-value-bits", "3"]
-    argv += ["--compare", "affine4", "--dtype", "float32", "--json", str(out)]
+    argv += ["--chunk-size", "8", "--kv-bits", "4", "--compare", "k5v3", "affine4"]
+    argv += ["--dtype", "float32", "--json", str(out)]
     monkeypatch.setattr(sys, "argv", argv)
     was_patched = is_patched()
     try:
@@ -115,21 +118,10 @@ def test_cli_json(model, tmp_path, monkeypatch, capsys):
     assert "| k5v3 |" in table and "| affine4 |" in table
 
 
-def test_needle_prompt_and_retrieve(model):
-    tok = ByteTokenizer()
-    prompt = needle.make_prompt(tok, 400, 0.5, "12345")
-    text = tok.decode(prompt[1:])
-    assert prompt[0] == 1 and abs(len(prompt) - 401) <= 1
-    assert text.index("12345") == pytest.approx(len(text) / 2, abs=100)
-    assert text.endswith(needle.QUESTION)
-    out = needle.retrieve(model, parse_config("k4v4").make_cache(model), prompt, chunk_size=64)
-    assert len(out) == needle.DECODE_TOKENS and all(0 <= t < VOCAB for t in out)
-
-
 def test_smooth_keys(model, windows, tmp_path):
-    r = evaluate(model, windows, [parse_config("k8v8-s0.5"), parse_config("k3v3-s0.5")], 16)
-    assert 0 < r["k8v8-s0.5"]["kl"] < r["k3v3-s0.5"]["kl"] / 10
-    cache = parse_config("k4v4-s0.5").make_cache(model)
+    r = evaluate(model, windows, ["k8v8-s0.5-w0", "k3v3-s0.5-w0"], 16)
+    assert 0 < r["k8v8-s0.5-w0"]["kl"] < r["k3v3-s0.5-w0"]["kl"] / 10
+    cache = make_cache(model, "k4v4-s0.5-w0")
     model(windows[:1, :40], cache=cache)
     assert cache[0].key_scale.shape == (1, 2, 1, 64)
     path = tmp_path / "cache.safetensors"
@@ -141,22 +133,59 @@ def test_smooth_keys(model, windows, tmp_path):
     assert mx.array_equal(model(x, cache=cache), model(x, cache=loaded))
 
 
-def test_generate_cli_passes_cache_options(model, monkeypatch):
-    from mlx_tq import generate
+def test_first_update_feeds_a_short_first_call(model, windows):
+    lengths = []
 
-    seen = {}
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(model, name)
 
-    class Stop(Exception):
-        pass
+        def __call__(self, x, cache):
+            lengths.append(x.shape[1])
+            return model(x, cache=cache)
 
-    def record(model, **kwargs):
-        seen.update(kwargs)
-        raise Stop
+    chat = evaluate(Recording(), windows, ["k4v4-w0"], chunk_size=16, first_update=5)
+    # two windows of 64, each: 5 tokens, then chunks of 16, for fp16 and k4v4 (without the
+    # 1-token probe make_prompt_cache sends through the model)
+    assert [n for n in lengths if n != 1] == [n for n in (5, 16, 16, 16, 11) for _ in range(2)] * 2
+    chunked = evaluate(model, windows, ["k4v4-w0"], chunk_size=16)
+    assert chat["fp16"]["kl"] == 0 and chat["k4v4-w0"]["tokens"] == chunked["k4v4-w0"]["tokens"]
+    # without a warm-up, the key statistics come from the first call: 5 tokens or 16
+    assert chat["k4v4-w0"]["kl"] != chunked["k4v4-w0"]["kl"]
 
-    monkeypatch.setattr(generate, "load", lambda path: (model, ByteTokenizer()))
-    monkeypatch.setattr(generate, "make_prompt_cache", record)
-    for argv, sink in ((["--kv-exact-sink"], True), ([], None)):
-        monkeypatch.setattr(sys, "argv", ["mlx_tq.generate", "--kv-bits", "3", *argv])
-        with pytest.raises(Stop):
-            generate.main()
-        assert seen["exact_sink"] is sink and seen["kv_bits"] == 3
+
+def test_cli_first_update_and_data_errors(model, tmp_path, monkeypatch, capsys):
+    data, out = tmp_path / "text.txt", tmp_path / "out.json"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    monkeypatch.setattr(perplexity, "load", lambda path, dtype=None: (model, ByteTokenizer()))
+    # a window longer than the warm-up (128), so the feeds freeze statistics differently
+    argv = ["mlx_tq.perplexity", "--data", str(data), "--window", "160", "--num-windows", "1"]
+    argv += ["--chunk-size", "8", "--kv-bits", "4", "--compare", "--first-update", "3"]
+    monkeypatch.setattr(sys, "argv", argv + ["--json", str(out)])
+    was_patched = is_patched()
+    try:
+        perplexity.main()
+    finally:
+        if not was_patched:
+            mlx_tq.unpatch()
+    r = json.loads(out.read_text())
+    assert r["first_update"] == 3
+    assert list(r["results"]) == list(r["first_update_results"]) == ["fp16", "tq4"]
+    assert r["first_update_results"]["tq4"]["kl"] != r["results"]["tq4"]["kl"]
+    table = capsys.readouterr().out
+    assert "| tq4 | 3, then 8s |" in table and "| tq4 | chunks of 8 |" in table
+    assert "| float32 (unquantised) |" in table
+    monkeypatch.delenv("MLX_TQ_PPL_DATA", raising=False)
+    monkeypatch.setattr(perplexity, "load", lambda *a, **k: pytest.fail("loaded a model"))
+    for bad, message in (
+        ([], "give a text file with --data or $MLX_TQ_PPL_DATA"),
+        (["--data", str(tmp_path / "nope.txt")], "no text file at"),
+        (["--data", str(data), "--first-update", "512"], "shorter than the window"),
+        (["--data", str(data), "--kv-bits", "9"], "invalid choice: 9"),
+        (["--data", str(data), "--window", "0"], "0 is not a positive integer"),
+        (["--data", str(data), "--compare", "affine7"], "unknown configuration 'affine7'"),
+    ):
+        monkeypatch.setattr(sys, "argv", ["mlx_tq.perplexity", *bad])
+        with pytest.raises(SystemExit) as info:
+            perplexity.main()
+        assert info.value.code == 2 and message in capsys.readouterr().err

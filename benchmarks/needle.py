@@ -1,4 +1,4 @@
-"""Pass-key retrieval through a compressed KV cache: `mlx_tq.needle --kv-bits 4 3`.
+"""Pass-key retrieval through a compressed KV cache: `python benchmarks/needle.py --kv-bits 4 3`.
 
 A five-digit pass key is hidden at several depths of filler text and asked for at the end;
 the prompt is prefilled through each configuration's cache, a few tokens are decoded
@@ -14,9 +14,21 @@ from pathlib import Path
 import mlx.core as mx
 from tqdm import tqdm
 
-from .bench import header
-from .patch import patch
-from .perplexity import REFERENCE, add_dtype_argument, load_model, model_dtype, parse_config
+from mlx_tq.cache import PRESETS
+from mlx_tq.loading import load
+from mlx_tq.patch import patch
+from mlx_tq.tools import (
+    CONFIG_HELP,
+    REFERENCE,
+    add_model_arguments,
+    blas_hint,
+    check_config,
+    make_cache,
+    model_dtype,
+    positive_int,
+    run_info,
+    user_errors,
+)
 
 DEFAULT_LENGTHS = [1024, 2048]
 DEFAULT_DEPTHS = [0.1, 0.3, 0.5, 0.7, 0.9]
@@ -51,14 +63,20 @@ def make_prompt(tokenizer, length: int, depth: float, key: str) -> list[int]:
     return ([bos] if bos is not None else []) + ids
 
 
-def retrieve(model, cache, prompt: list[int], chunk_size=DEFAULT_CHUNK_SIZE) -> list[int]:
-    """Prefills `prompt` through `cache` in chunks and greedily decodes `DECODE_TOKENS`."""
+def retrieve(model, cache, prompt: list[int], chunk_size=DEFAULT_CHUNK_SIZE, bar=None) -> list[int]:
+    """Prefills `prompt` through `cache` in chunks and greedily decodes `DECODE_TOKENS`.
+
+    Args:
+        bar: A tqdm bar advanced by the tokens of each chunk, if given.
+    """
     x = mx.array(prompt)[None]
     body = getattr(model, "model", None)
     for start in range(0, x.shape[1] - 1, chunk_size):
         chunk = x[:, start : min(start + chunk_size, x.shape[1] - 1)]
         # Only the last position's logits are needed: skip the (large) vocabulary projection.
         mx.eval(body(chunk, cache=cache) if body is not None else model(chunk, cache=cache))
+        if bar is not None:
+            bar.update(chunk.shape[1])
     y, out = x[:, -1:], []
     for _ in range(DECODE_TOKENS):
         y = mx.argmax(model(y, cache=cache)[:, -1], axis=-1, keepdims=True)
@@ -75,16 +93,19 @@ def run(model, tokenizer, configs, lengths, depths, trials, chunk_size, seed=0):
         for d in depths
         for _ in range(trials)
     ]
-    hits = {c.name: {} for c in configs}
-    answers = {c.name: [] for c in configs}
-    for n, d, key in tqdm(cases, desc="prompts"):
-        prompt = make_prompt(tokenizer, n, d, key)
-        for c in configs:
-            text = tokenizer.decode(retrieve(model, c.make_cache(model), prompt, chunk_size))
-            digits = re.findall(r"\d+", text)
-            ok = bool(digits) and digits[0] == key
-            hits[c.name].setdefault(f"{n}@{d:.0%}", []).append(ok)
-            answers[c.name].append({"length": n, "depth": d, "key": key, "text": text})
+    hits = {c: {} for c in configs}
+    answers = {c: [] for c in configs}
+    prompts = [make_prompt(tokenizer, n, d, key) for n, d, key in cases]
+    total = sum(len(p) - 1 for p in prompts) * len(configs)
+    with tqdm(total=total, desc="prompt tokens x configs", unit="tok") as bar:
+        for (n, d, key), prompt in zip(cases, prompts, strict=True):
+            for c in configs:
+                out = retrieve(model, make_cache(model, c), prompt, chunk_size, bar)
+                text = tokenizer.decode(out)
+                digits = re.findall(r"\d+", text)
+                ok = bool(digits) and digits[0] == key
+                hits[c].setdefault(f"{n}@{d:.0%}", []).append(ok)
+                answers[c].append({"length": n, "depth": d, "key": key, "text": text})
     return {
         name: {
             "accuracy": sum(sum(v) for v in cells.values()) / len(cases),
@@ -95,8 +116,9 @@ def run(model, tokenizer, configs, lengths, depths, trials, chunk_size, seed=0):
     }
 
 
-def format_table(results: dict) -> str:
-    """Markdown: one row per configuration, one column per (length, depth), then the total."""
+def format_table(results: dict, dtype: str) -> str:
+    """Markdown: one row per configuration (fp16 named by `dtype`), one column per
+    (length, depth), then the total."""
     cells = list(next(iter(results.values()))["cells"])
     lines = [
         "| config | " + " | ".join(cells) + " | all |",
@@ -104,40 +126,68 @@ def format_table(results: dict) -> str:
     ]
     for name, r in results.items():
         row = " | ".join(f"{100 * r['cells'][k]:.0f}%" for k in cells)
+        name = f"{dtype} (unquantised)" if name == REFERENCE else name
         lines.append(f"| {name} | {row} | {100 * r['accuracy']:.0f}% |")
     return "\n".join(lines)
 
 
+def depth(text: str) -> float:
+    """An argparse ``type``: a fraction of the filler, 0 to 1."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a depth between 0 and 1")
+    return value
+
+
 def setup_arg_parser():
-    parser = argparse.ArgumentParser(description="Pass-key retrieval through a KV cache.")
-    parser.add_argument(
-        "--model", default=None, help="HF repo, local mlx folder or .gguf (default: Gemma-3-270M)"
+    parser = argparse.ArgumentParser(
+        description="Pass-key retrieval through each KV cache, against mlx-lm's unquantised one.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS)
-    parser.add_argument("--depths", type=float, nargs="+", default=DEFAULT_DEPTHS)
-    parser.add_argument("--trials", type=int, default=DEFAULT_TRIALS, help="Keys per cell")
-    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
-    parser.add_argument("--kv-bits", type=int, nargs="*", default=DEFAULT_KV_BITS)
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--lengths", type=positive_int, nargs="+", default=DEFAULT_LENGTHS, help="Prompt tokens"
+    )
+    parser.add_argument(
+        "--depths",
+        type=depth,
+        nargs="+",
+        default=DEFAULT_DEPTHS,
+        help="Where the pass key sits, as a fraction of the filler",
+    )
+    parser.add_argument("--trials", type=positive_int, default=DEFAULT_TRIALS, help="Keys per cell")
+    parser.add_argument(
+        "--chunk-size",
+        type=positive_int,
+        default=DEFAULT_CHUNK_SIZE,
+        help="Prefill tokens per call",
+    )
+    parser.add_argument(
+        "--kv-bits",
+        type=int,
+        nargs="*",
+        default=DEFAULT_KV_BITS,
+        choices=PRESETS,
+        help="TurboQuant presets to evaluate (tq<b>)",
+    )
     parser.add_argument(
         "--compare",
+        type=check_config,
         nargs="*",
         default=DEFAULT_COMPARE,
-        help="More configurations: affine<b>, tq<b>, k<b>v<b>",
+        help=f"More configurations: {CONFIG_HELP}",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the pass keys")
-    add_dtype_argument(parser)
     parser.add_argument("--json", default=None, help="Also write the results to this file")
     return parser
 
 
 def main():
     args = setup_arg_parser().parse_args()
-    names = [REFERENCE] + [f"tq{b}" for b in args.kv_bits] + args.compare
-    try:
-        configs = [parse_config(n) for n in dict.fromkeys(names)]
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from e
-    model, tokenizer = load_model(args)
+    configs = list(dict.fromkeys([REFERENCE] + [f"tq{b}" for b in args.kv_bits] + args.compare))
+    blas_hint()
+    with user_errors():
+        model, tokenizer = load(args.model, dtype=getattr(mx, args.dtype) if args.dtype else None)
     patch()
     results = run(
         model,
@@ -149,9 +199,10 @@ def main():
         args.chunk_size,
         args.seed,
     )
-    print(format_table(results))
+    dtype = model_dtype(model)
+    print(format_table(results, str(dtype).removeprefix("mlx.core.")))
     if args.json:
-        meta = header("needle", model_dtype(model))
+        meta = run_info("needle", dtype)
         meta |= {"lengths": args.lengths, "depths": args.depths, "trials": args.trials}
         Path(args.json).write_text(json.dumps({**meta, "results": results}, indent=2))
 

