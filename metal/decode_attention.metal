@@ -10,6 +10,7 @@
 // rt: [D, D] float (rotate(x) = x @ rt); scale: [1] float
 // qscale: [B, Hkv, 1, D] float (strided), read only when SMOOTH: keys stored divided by it
 // k_levels, v_levels: [2^KB], [2^VB] float
+// starts: [B] int32, each batch row's first visible key (a batch's left padding; else 0)
 // o: [B * Hkv, n_splits, GL, D] float, unnormalised; ml: [B * Hkv, n_splits, GL, 2] (max, sum)
 constexpr int NW = TILE / 32;
 constexpr int E = (D + 31) / 32;
@@ -38,6 +39,7 @@ const int per_split = TILE * ((tiles + n_splits - 1) / n_splits);
 const int split = TGID.x;
 const int bh = TGID.y;
 const int b = bh / n_kv;
+const int first = starts[b];
 const int h = bh % n_kv;
 const int row0 = TGID.z * R;
 auto kp = k + b * k_strides[0] + h * k_strides[1];
@@ -147,7 +149,8 @@ for (int t0 = begin; t0 < end; t0 += TILE) {
     }
     for (int r = 0; r < R; ++r) {
       // Causal: query i of L sees keys [0, S - L + i].
-      const bool seen = t < nk && (!CAUSAL || t0 + t <= S - L + (row0 + r) % L);
+      const bool seen =
+          t < nk && t0 + t >= first && (!CAUSAL || t0 + t <= S - L + (row0 + r) % L);
       ps[r * TILE + t] = seen ? sc[r] * scale_k : NEG_INF;
     }
   }

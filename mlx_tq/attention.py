@@ -213,8 +213,14 @@ def _unrotation(dim, seed):
     return mx.contiguous(rotation_matrix(dim, seed).T)
 
 
-def _fused_attention(queries, keys, values, scale, causal):
-    """The split-K kernel, then the merge kernel that also rotates back; (B, Hq, L, D)."""
+@cache
+def _no_starts(B):
+    return mx.zeros((B,), mx.int32)
+
+
+def _fused_attention(queries, keys, values, scale, causal, starts=None):
+    """The split-K kernel, then the merge kernel that also rotates back; (B, Hq, L, D).
+    `starts`: (B,) int32, the first key each batch row sees (left padding), else 0."""
     B, Hq, L, D = queries.shape
     Hkv, S = keys.data.shape[1:3]
     GL = Hq // Hkv * L
@@ -226,7 +232,7 @@ def _fused_attention(queries, keys, values, scale, causal):
     splits = min(-(-S // tile), max(1, TARGET_GROUPS // (B * Hkv * blocks)))
     attend = kernels.kernel(
         "decode_attention",
-        ("q", "k", "v", "rt", "scale", "k_levels", "v_levels", "qscale"),
+        ("q", "k", "v", "rt", "scale", "k_levels", "v_levels", "qscale", "starts"),
         ("o", "ml"),
         contiguous=False,
     )
@@ -240,6 +246,7 @@ def _fused_attention(queries, keys, values, scale, causal):
             codebook(keys.bits, D)[0],
             codebook(values.bits, D)[0],
             keys.channel_scale if smooth else _ones4(D),  # read with its strides
+            _no_starts(B) if starts is None else starts.astype(mx.int32),
         ],
         template=template,
         grid=(tile * splits, B * Hkv, blocks),

@@ -20,7 +20,7 @@ def is_patched() -> bool:
 
 
 def _attention(queries, keys, values, cache, scale, mask, sinks=None):
-    from .attention import scaled_dot_product_attention
+    from . import attention
     from .quant import TurboQuantized
 
     if not isinstance(keys, TurboQuantized):
@@ -30,7 +30,14 @@ def _attention(queries, keys, values, cache, scale, mask, sinks=None):
     reached = getattr(_probe, "reached", None)
     if reached is not None:
         reached.add(id(cache))
-    return scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+    # A batch of left-padded rows (not a sliding window): its mask is causal from each row's
+    # first token, which the fused kernel applies itself instead of decoding for an array mask.
+    pads = None if hasattr(cache, "max_size") else getattr(cache, "left_padding", None)
+    if pads is not None and attention._path(queries, keys, values, "causal") == "fused":
+        attention._check_inputs(queries, keys, values)
+        causal = queries.shape[2] > 1
+        return attention._fused_attention(queries, keys, values, scale, causal, starts=pads)
+    return attention.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
 
 
 def _swap(old, new):

@@ -321,3 +321,25 @@ def test_prefill_memory_bound():
     assert peak < scores_bytes / 4, mb
     assert peak + LAYERS * packed < LAYERS * fp16_bytes, mb
     assert peak_fused + packed < fp16_bytes, mb
+
+
+@pytest.mark.parametrize("L", [1, 3])
+def test_fused_left_padding_matches_float64(L):
+    """A batch's left padding passed as each row's first visible key (as mlx_tq.patch does for
+    TurboQuantBatchKVCache) against float64 with the same mask as an array."""
+    rng = np.random.default_rng(L)
+    B, Hkv, G, S, D = 3, 2, 4, 300, 128
+    starts = [0, 5, 137]
+    keys = packed_view(rng, B, Hkv, S, D, 4, 0, 7, smooth=True)
+    values = packed_view(rng, B, Hkv, S, D, 4, 1, 7, keys=False)
+    q = normal(rng, (B, Hkv * G, L, D))
+    got = _fused_attention(q, keys, values, D**-0.5, L > 1, starts=mx.array(starts))
+    for b, start in enumerate(starts):
+        mask = mx.array(seen_matrix("causal", L, S) & (np.arange(S) >= start)[None])
+        kb = TurboQuantized(
+            keys.data[b : b + 1], 4, D, 0, offset=keys.offset[b : b + 1],
+            channel_scale=keys.channel_scale[b : b + 1],
+        )  # fmt: skip
+        vb = TurboQuantized(values.data[b : b + 1], 4, D, 1)
+        ref = attention_f64(q[b : b + 1], kb, vb, D**-0.5, mask)
+        assert rel_err(got[b : b + 1], ref) <= TOL_ATTENTION, b

@@ -54,6 +54,7 @@ SIGNATURES = {
             ("k_levels", mx.float32, 16),
             ("v_levels", mx.float32, 16),
             ("qscale", mx.float32, 128),
+            ("starts", mx.int32, 2),
         ],
         [("o", mx.float32), ("ml", mx.float32)],
     ),
