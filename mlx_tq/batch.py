@@ -12,8 +12,10 @@ along the sequence axis, so they run unchanged on our rows. What a batch adds:
   attends packed rows. The cost: meanwhile every row is held in the model's dtype, so a
   warming request joining packed ones (a prompt under `warmup_tokens`) decodes them all.
 
-Padded rows need an array mask, so packed batches take the non-fused attention paths: on a
-GPU each layer's keys and values are decoded every step, on a CPU the plain-ops reference.
+Padded rows need a mask: on a GPU, packed `TurboQuantBatchKVCache` decode runs the fused
+kernel with each row's left padding as its first visible key (`patch.py`); sliding-window
+batches take the decoded path (each layer's keys and values decoded every step), a CPU the
+plain-ops reference.
 """
 
 import copy
