@@ -42,7 +42,7 @@ def setup_arg_parser():
     arg, count = parser.add_argument, tools.positive_int
     arg("--prompt", "-p", default=DEFAULT_PROMPT, help="Prompt ('-' for stdin)")
     arg("--max-tokens", "-m", type=count, default=DEFAULT_MAX_TOKENS, help="Tokens to generate")
-    arg("--temp", type=float, default=DEFAULT_TEMP, help="Sampling temperature")
+    arg("--temp", type=tools.non_negative_float, default=DEFAULT_TEMP, help="Sampling temperature")
     arg("--top-p", type=float, default=DEFAULT_TOP_P, help="Nucleus sampling")
     arg("--seed", type=int, help="PRNG seed")
     arg("--system-prompt", help="System prompt for the chat template")
@@ -69,10 +69,16 @@ def kv_line(cache) -> str:
     """The KV cache figures: tokens, bits per element against an unquantised cache, bytes."""
     f = tools.kv_footprint(cache)
     name = str(f["dtype"]).removeprefix("mlx.core.")
+    warming = [c.warmup_tokens for c in cache if getattr(c, "key_bits", 0) and c.key_offset is None]
+    note = (
+        f" (each layer holds its first {warming[0]} tokens exactly, then quantises them)"
+        if warming
+        else ""
+    )
     return (
         f"KV cache: {f['tokens']} tokens, {f['bits']:.2f} bits per element "
         f"({f['bits'] / (8 * f['dtype'].size):.3f}x an unquantised {name} cache); "
-        f"{f['held'] / 1e6:.3f} MB held, {f['allocated'] / 1e6:.3f} MB allocated"
+        f"{f['held'] / 1e6:.3f} MB held, {f['allocated'] / 1e6:.3f} MB allocated{note}"
     )
 
 
@@ -123,6 +129,10 @@ def main():
         messages.append({"role": "user", "content": prompt})
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     else:
+        if args.system_prompt:
+            print(
+                "warning: --system-prompt ignored: the model has no chat template", file=sys.stderr
+            )
         prompt = tokenizer.encode(prompt)
 
     sampler = make_sampler(args.temp, args.top_p)

@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import tools
-from .cache import PRESETS
+from .cache import PRESETS, WARMUP_TOKENS
 from .loading import load
 from .patch import patch
 
@@ -178,6 +179,12 @@ def main():
     if not data.is_file():
         parser.error(f"no text file at {data}: give one with --data or ${DATA_ENV}")
     configs = list(dict.fromkeys([f"tq{b}" for b in args.kv_bits] + args.compare))
+    if args.window <= WARMUP_TOKENS:
+        print(
+            f"note: TurboQuant caches hold their first {WARMUP_TOKENS} tokens exactly: a window "
+            f"of {args.window} measures none of their quantisation (see -w<n> in --compare)",
+            file=sys.stderr,
+        )
     tools.blas_hint()
     with tools.user_errors():
         model, tokenizer = load(args.model, dtype=getattr(mx, args.dtype) if args.dtype else None)

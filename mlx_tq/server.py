@@ -39,7 +39,8 @@ def setup_arg_parser():
         type=int,
         default=DEFAULT_KV_BITS,
         choices=PRESETS,
-        help=f"Bit budget of the TurboQuant KV cache, one of {tuple(PRESETS)}",
+        help=f"Bit budget of the TurboQuant KV cache, one of {tuple(PRESETS)} "
+        f"(default: {DEFAULT_KV_BITS})",
     )
     parser.add_argument(
         "--kv-key-bits", type=int, default=None, choices=SUPPORTED_BITS, help="Override key bits"

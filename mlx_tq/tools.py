@@ -157,6 +157,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """An argparse ``type``: a float of at least 0."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 0")
+    return value
+
+
 def add_model_arguments(parser, dtype: bool = True):
     """``--model`` and (with `dtype`) ``--dtype``, as every tool spells them."""
     parser.add_argument(

@@ -44,6 +44,10 @@ def test_cli_lines_parse(line):
         parser.parse_args(argv)
 
 
+def test_no_placeholder_left():
+    assert not re.search(r"^[A-Z][A-Z_]{5,}$", README, re.M)
+
+
 def test_python_snippets_compile():
     assert len(blocks("python")) == 2
     for i, code in enumerate(blocks("python")):
