@@ -34,9 +34,10 @@ FILE_FORMAT = "mlx_tq.prompt_cache/2"
 # beat every key/value split at the same bits (K4/V4-s0.5 KL 0.026 vs K5/V3 0.038; K3/V3-s0.5
 # 0.113 vs K4/V2 0.151: benchmarks/RESULTS.md, issue 5), and 2-4 bits run on the fused kernel.
 PRESETS = {b: (b, b, 0.5) for b in SUPPORTED_BITS}
-# Tokens a cache holds exactly before it freezes its key statistics on them and quantises:
-# statistics of a chat's first few tokens cost Gemma-3-270M 6.6x the KL (benchmarks/RESULTS.md).
-WARMUP_TOKENS = 128
+# Tokens a cache holds exactly before it freezes its key statistics on them and quantises. On
+# Gemma-3-270M with a first update of 1-8 tokens, KL is 2.8-22x that of statistics from the whole
+# 512-token window with none, 1.2-1.3x with 128, 0.99-1.06x with 256 (benchmarks/RESULTS.md).
+WARMUP_TOKENS = 256
 
 
 class _TurboQuantMixin:

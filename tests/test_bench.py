@@ -29,8 +29,8 @@ def model(monkeypatch):
 
 def run_generate(tmp_path, *extra):
     out = tmp_path / "gen.json"
-    # longer than the TurboQuant warm-up (128 tokens held exactly)
-    argv = ["--contexts", "144", "200"]
+    # longer than the TurboQuant warm-up (256 tokens held exactly)
+    argv = ["--contexts", "272", "320"]
     argv += ["--decode-tokens", "3", "--repeats", "1", "--json", str(out), *extra]
     bench.main(argv)
     return json.loads(out.read_text())
@@ -41,18 +41,18 @@ def test_generate_writes_json_plot_and_table(tmp_path, capsys):
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     for field in ("date", "device", "mlx", "mlx_lm", "dtype", "model", "prompt", "runs"):
         assert field in report
-    assert report["configs"] == CONFIGS and report["contexts"] == [144, 200]
+    assert report["configs"] == CONFIGS and report["contexts"] == [272, 320]
     rows = report["results"]
     assert [(r["context"], r["config"]) for r in rows] == [
-        (n, c) for n in (144, 200) for c in CONFIGS
+        (n, c) for n in (272, 320) for c in CONFIGS
     ]
     fields = ("prompt_tps", "decode_tps", "peak_memory", "kv_bytes", "kv_bits")
     for r in rows:
         assert all(r[f] > 0 for f in fields)
     assert len(table) == 1 + len(rows)
-    assert table[1].startswith("| 144 | float32 (unquantised) |")
+    assert table[1].startswith("| 272 | float32 (unquantised) |")
     by = {(r["context"], r["config"]): r for r in rows}
-    for n in (144, 200):
+    for n in (272, 320):
         # the KV bytes of the rows holding the n + 3 tokens, not mlx-lm's 256-row steps
         assert by[n, "fp16"]["kv_bits"] == 32
         assert by[n, "fp16"]["kv_bytes"] == (n + 3) * 2 * 2 * 2 * 64 * 4

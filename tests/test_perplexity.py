@@ -90,7 +90,7 @@ def test_parse_config_errors():
 
 def test_cli_json(model, tmp_path, monkeypatch, capsys):
     data, out = tmp_path / "text.txt", tmp_path / "out.json"
-    data.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     asked = []
     monkeypatch.setattr(
         perplexity, "load", lambda path, dtype=None: asked.append(dtype) or (model, ByteTokenizer())
@@ -156,10 +156,10 @@ def test_first_update_feeds_a_short_first_call(model, windows):
 
 def test_cli_first_update_and_data_errors(model, tmp_path, monkeypatch, capsys):
     data, out = tmp_path / "text.txt", tmp_path / "out.json"
-    data.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     monkeypatch.setattr(perplexity, "load", lambda path, dtype=None: (model, ByteTokenizer()))
-    # a window longer than the warm-up (128), so the feeds freeze statistics differently
-    argv = ["mlx_tq.perplexity", "--data", str(data), "--window", "160", "--num-windows", "1"]
+    # a window longer than the warm-up (256), so the feeds freeze statistics differently
+    argv = ["mlx_tq.perplexity", "--data", str(data), "--window", "300", "--num-windows", "1"]
     argv += ["--chunk-size", "8", "--kv-bits", "4", "--compare", "--first-update", "3"]
     monkeypatch.setattr(sys, "argv", argv + ["--json", str(out)])
     was_patched = is_patched()
