@@ -206,23 +206,6 @@ def quantize(
     return TurboQuantized(data, mse_bits, dim, seed, x.dtype, offset, sketch, channel_scale)
 
 
-def quantize_rows_ops(
-    x: mx.array,
-    bits: int,
-    seed: int = 0,
-    offset: mx.array | None = None,
-    channel_scale: mx.array | None = None,
-) -> mx.array:
-    """Reference of `quantize_rows`, in plain MLX ops."""
-    xf = x.astype(mx.float32)
-    if offset is not None:
-        xf = xf - offset.astype(mx.float32)
-    if channel_scale is not None:
-        xf = xf / channel_scale.astype(mx.float32)
-    _, _, idx, _, scales = _encode(xf, bits, seed)
-    return mx.concatenate([pack(idx, bits), scales.view(mx.uint32)], axis=-1)
-
-
 # Rows per threadgroup of quantize.metal: they share each read of rt.
 QUANTIZE_ROWS = 4
 
