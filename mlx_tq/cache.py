@@ -382,15 +382,23 @@ def make_prompt_cache(
 KEEP = 4
 
 
-def _layers(model, max_kv_size, quantize_sliding, options, warmup_tokens):
+def capped_cache(model, max_kv_size: int | None = None) -> list:
+    """mlx-lm's unquantised caches of `model`, each layer (sliding ones too) capped at
+    min(its window, `max_kv_size`) tokens; mlx-lm's own `make_prompt_cache` leaves the
+    layers of models that make their caches uncapped."""
     caches = lm_cache.make_prompt_cache(model, max_kv_size=max_kv_size)
-    if max_kv_size is not None:
-        caches = [
-            RotatingKVCache(max_kv_size, keep=KEEP)
-            if type(c) is KVCache or (type(c) is RotatingKVCache and c.max_size > max_kv_size)
-            else c
-            for c in caches
-        ]
+    if max_kv_size is None:
+        return caches
+    return [
+        RotatingKVCache(max_kv_size, keep=KEEP)
+        if type(c) is KVCache or (type(c) is RotatingKVCache and c.max_size > max_kv_size)
+        else c
+        for c in caches
+    ]
+
+
+def _layers(model, max_kv_size, quantize_sliding, options, warmup_tokens):
+    caches = capped_cache(model, max_kv_size)
     out = []
     for c in caches:
         if type(c) is KVCache:

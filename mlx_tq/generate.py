@@ -4,12 +4,11 @@ import argparse
 import sys
 
 import mlx.core as mx
-import mlx_lm.models.cache as lm_cache
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from . import tools
-from .cache import KEEP, PRESETS, make_prompt_cache
+from .cache import KEEP, PRESETS, capped_cache, make_prompt_cache
 from .codebook import SUPPORTED_BITS
 from .loading import load
 from .patch import patch
@@ -82,20 +81,6 @@ def kv_line(cache) -> str:
     )
 
 
-def plain_cache(model, max_kv_size=None) -> list:
-    """mlx-lm's unquantised caches, each layer capped at `max_kv_size` as `make_prompt_cache`
-    caps TurboQuant's (mlx-lm's own ignores it for models that make their caches)."""
-    cache = lm_cache.make_prompt_cache(model)
-    if max_kv_size is None:
-        return cache
-    return [
-        lm_cache.RotatingKVCache(max_kv_size, keep=KEEP)
-        if type(c) is lm_cache.KVCache or getattr(c, "max_size", 0) > max_kv_size
-        else c
-        for c in cache
-    ]
-
-
 def main():
     parser = setup_arg_parser()
     args = parser.parse_args()
@@ -113,7 +98,7 @@ def main():
     with tools.user_errors():
         model, tokenizer = load(args.model)
         if args.kv_bits is None:
-            cache = plain_cache(model, args.max_kv_size)
+            cache = capped_cache(model, args.max_kv_size)
         else:
             cache = make_prompt_cache(
                 model,

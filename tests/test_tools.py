@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_model
 
 from mlx_tq import bench, generate, perplexity, tools
-from mlx_tq.cache import WARMUP_TOKENS
+from mlx_tq.cache import WARMUP_TOKENS, capped_cache
 
 CLIS = {"generate": generate, "perplexity": perplexity}
 
@@ -80,14 +80,14 @@ def test_rotating_footprint_holds_the_window(model):
     assert f["tokens"] == 32 and f["held"] == 32 * 2 * 2 * 2 * 64 * 4
 
 
-def test_plain_cache_caps_every_layer():
+def test_capped_cache_caps_every_layer():
     gemma = tiny_model("gemma3")  # sliding window 16
-    assert {type(c) for c in generate.plain_cache(gemma)} == {
+    assert {type(c) for c in capped_cache(gemma)} == {
         lm_cache.KVCache,
         lm_cache.RotatingKVCache,
     }
     for size, windows in ((8, {8}), (32, {16, 32})):
-        cache = generate.plain_cache(gemma, size)
+        cache = capped_cache(gemma, size)
         assert {c.max_size for c in cache} == windows and {type(c) for c in cache} == {
             lm_cache.RotatingKVCache
         }
@@ -108,13 +108,13 @@ class Stop(Exception):
 def test_generate_cli_passes_cache_options(model, monkeypatch):
     seen = {}
 
-    def record(model, **kwargs):
+    def record(model, *args, **kwargs):
         seen.update(kwargs)
         raise Stop
 
     monkeypatch.setattr(generate, "load", lambda path: (model, None))
     monkeypatch.setattr(generate, "make_prompt_cache", record)
-    monkeypatch.setattr(generate.lm_cache, "make_prompt_cache", record)
+    monkeypatch.setattr(generate, "capped_cache", record)
     for argv, expected in (
         (["--kv-bits", "3", "--max-kv-size", "64"], dict(kv_bits=3, max_kv_size=64)),
         (["--kv-bits", "none"], {}),
