@@ -212,16 +212,10 @@ QUANTIZE_ROWS = 4
 
 def quantize_kv_ops(keys, values, key_bits, value_bits, seed=0, key_offset=None, key_scale=None):
     """Reference of `quantize_kv`, in plain MLX ops."""
-    k = keys.astype(mx.float32)
-    if key_offset is not None:
-        k = k - key_offset.astype(mx.float32)
-    if key_scale is not None:
-        k = k / key_scale.astype(mx.float32)
-    out = []
-    for x, bits in ((k, key_bits), (values.astype(mx.float32), value_bits)):
-        _, _, idx, _, scales = _encode(x, bits, seed)
-        out.append(mx.concatenate([pack(idx, bits), scales.view(mx.uint32)], axis=-1))
-    return tuple(out)
+    k = quantize(
+        keys, key_bits, seed, offset=key_offset, channel_scale=key_scale, check_finite=False
+    )
+    return k.data, quantize(values, value_bits, seed, check_finite=False).data
 
 
 @cache
