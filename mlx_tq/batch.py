@@ -24,22 +24,10 @@ import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache
 
 from .cache import WARMUP_TOKENS, TurboQuantKVCache, TurboQuantRotatingKVCache, _TurboQuantMixin
-from .quant import TurboQuantized, dequantize, quantize_kv
 
 
 def _config(c):
     return (c.key_bits, c.value_bits, c.seed, c.center_keys, c.smooth_keys, c.warmup_tokens)
-
-
-def _decode(c, k, v):
-    """Packed rows k, v of cache `c` (its bits, seed, dtype and key statistics), decoded."""
-    dtype = getattr(mx, c.dtype)
-    k = TurboQuantized(k, c.key_bits, c.head_dim, c.seed, dtype, c.key_offset, None, c.key_scale)
-    return dequantize(k), dequantize(TurboQuantized(v, c.value_bits, c.head_dim, c.seed, dtype))
-
-
-def _encode(c, k, v, stats):
-    return quantize_kv(k, v, c.key_bits, c.value_bits, c.seed, *stats)
 
 
 def _stack(rows):
@@ -91,7 +79,7 @@ class _BatchMixin(_TurboQuantMixin):
             caches = [c if r is None else copy.copy(c) for c, r in zip(caches, rows, strict=True)]
             for c, r in zip(caches, rows, strict=True):
                 if r is not None:
-                    c.keys, c.values = _decode(c, c.keys, c.values)
+                    c.keys, c.values = c._decode(c.keys, c.values)
         batch = cls._base.merge.__func__(cls, caches)
         if not isinstance(batch, cls):  # mlx-lm's BatchKVCache.merge of empty caches
             batch = cls([0] * len(caches))
@@ -134,7 +122,7 @@ class _BatchMixin(_TurboQuantMixin):
                 self._freeze_rows(keys)
             if all(self.stats_tokens):
                 if self.keys is not None:
-                    self.keys, self.values = _encode(self, self.keys, self.values, self._stats())
+                    self.keys, self.values = self._encode(self.keys, self.values, self._stats())
                 self.packed = True
         if self.packed:
             return super().update_and_fetch(keys, values)
@@ -144,13 +132,13 @@ class _BatchMixin(_TurboQuantMixin):
 
     def _read_back(self, keys, values, rows):
         """keys, values (B, H, L, D) with the given rows quantised and decoded."""
-        k, v = _decode(self, *_encode(self, keys, values, self._stats()))
+        k, v = self._decode(*self._encode(keys, values, self._stats()))
         mask = mx.array([bool(r) for r in rows])[:, None, None, None]
         return mx.where(mask, k, keys), mx.where(mask, v, values)
 
     def _unpack(self):
         if self.packed and self.keys is not None:
-            self.keys, self.values = _decode(self, self.keys, self.values)
+            self.keys, self.values = self._decode(self.keys, self.values)
         self.packed = False
 
     def filter(self, batch_indices):
@@ -181,7 +169,7 @@ class _BatchMixin(_TurboQuantMixin):
         row = self._row(idx)
         if row is not None:
             if not self.packed:
-                one.keys, one.values = _encode(self, one.keys, one.values, row)
+                one.keys, one.values = self._encode(one.keys, one.values, row)
             one._set_stats(*row, self.stats_tokens[idx])
         return one
 

@@ -27,7 +27,6 @@ from .quant import (
     quantize_kv_ops,
     quantize_kv_rows,
 )
-from .rotation import check_head_dim
 
 FILE_FORMAT = "mlx_tq.prompt_cache/2"
 # kv_bits budget -> (key_bits, value_bits, smooth_keys). On Gemma-3-270M key smoothing 0.5
@@ -123,9 +122,7 @@ class _TurboQuantMixin:
         offset = mean if self.center_keys else mx.zeros_like(mean)
         self._set_stats(offset, scale, k.shape[2])
         if self.keys is not None:
-            self.keys, self.values = quantize_kv(
-                self.keys, self.values, self.key_bits, self.value_bits, self.seed, offset, scale
-            )
+            self.keys, self.values = self._encode(self.keys, self.values, self._stats())
 
     def update_and_fetch(self, keys, values):
         if self.key_offset is None:
@@ -151,14 +148,22 @@ class _TurboQuantMixin:
             k, v = quantize_kv_rows(keys, values, *bits, *self._rows)
         return self._wrap(*super().update_and_fetch(k, v))
 
+    def _encode(self, k, v, stats):
+        """Plain (B, H, L, D) keys and values as packed rows, keys with `stats` (offset, scale)."""
+        return quantize_kv(k, v, self.key_bits, self.value_bits, self.seed, *stats)
+
+    def _decode(self, k, v):
+        """Packed rows of this cache, with its key statistics, as plain (B, H, L, D) arrays."""
+        return tuple(map(dequantize, self._packed(k, v)))
+
+    def _packed(self, k, v):
+        args = (self.head_dim, self.seed, getattr(mx, self.dtype))
+        k = TurboQuantized(k, self.key_bits, *args, self.key_offset, None, self.key_scale)
+        return k, TurboQuantized(v, self.value_bits, *args)
+
     def _wrap(self, k, v):
         """Packed keys and values for the patched attention, else dequantised for any."""
-        dtype = getattr(mx, self.dtype)
-        k = TurboQuantized(
-            k, self.key_bits, self.head_dim, self.seed, dtype, self.key_offset, None, self.key_scale
-        )
-        v = TurboQuantized(v, self.value_bits, self.head_dim, self.seed, dtype)
-        return (k, v) if is_patched() else (dequantize(k), dequantize(v))
+        return self._packed(k, v) if is_patched() else self._decode(k, v)
 
     def _stats(self):
         return (self.key_offset, self.key_scale)
@@ -190,6 +195,16 @@ class _TurboQuantMixin:
         self._configure(int(kb), int(vb), int(seed), bool(int(center)), float(smooth), int(warmup))
         self.head_dim = None if head_dim == "None" else int(head_dim)
         self.dtype = None if dtype == "None" else dtype
+
+    @property
+    def meta_state(self):
+        return (*(str(getattr(self, a)) for a in self._META), *self._meta())
+
+    @meta_state.setter
+    def meta_state(self, v):
+        self._set_meta(v[len(self._META) :])
+        for a, x in zip(self._META, v, strict=False):
+            setattr(self, a, int(x))
 
     @classmethod
     def from_state(cls, state, meta_state):
@@ -223,6 +238,8 @@ class TurboQuantKVCache(_TurboQuantMixin, KVCache):
             first update, whatever its size).
     """
 
+    _META = ("offset",)  # mlx-lm's attributes in meta_state, before ours
+
     def __init__(
         self,
         key_bits: int = 4,
@@ -248,15 +265,6 @@ class TurboQuantKVCache(_TurboQuantMixin, KVCache):
         self.offset = 0 if self.keys is None else self.keys.shape[2]
         self._set_stats(*stats)
 
-    @property
-    def meta_state(self):
-        return (str(self.offset), *self._meta())
-
-    @meta_state.setter
-    def meta_state(self, v):
-        self._set_meta(v[1:])
-        self.offset = int(v[0])
-
     @classmethod
     def merge(cls, caches):
         from .batch import TurboQuantBatchKVCache
@@ -273,6 +281,8 @@ class TurboQuantRotatingKVCache(_TurboQuantMixin, RotatingKVCache):
         key_bits, value_bits, seed, center_keys, smooth_keys, warmup_tokens: As for
             `TurboQuantKVCache`.
     """
+
+    _META = ("keep", "max_size", "offset", "_idx")
 
     def __init__(
         self,
@@ -298,15 +308,6 @@ class TurboQuantRotatingKVCache(_TurboQuantMixin, RotatingKVCache):
     def state(self, v):
         self.keys, self.values, *stats = v if v else (None, None)
         self._set_stats(*stats)
-
-    @property
-    def meta_state(self):
-        return (str(self.keep), str(self.max_size), str(self.offset), str(self._idx), *self._meta())
-
-    @meta_state.setter
-    def meta_state(self, v):
-        self._set_meta(v[4:])
-        self.keep, self.max_size, self.offset, self._idx = map(int, v[:4])
 
     @classmethod
     def merge(cls, caches):
@@ -359,19 +360,12 @@ def make_prompt_cache(
     kb = kb if key_bits is None else key_bits
     vb = vb if value_bits is None else value_bits
     smooth_keys = smooth if smooth_keys is None else smooth_keys
-    check_bits(kb, "key_bits")
-    check_bits(vb, "value_bits")
     if max_kv_size is not None and max_kv_size <= KEEP:
         raise ValueError(
             f"max_kv_size={max_kv_size} is too small: it must exceed the {KEEP} first tokens "
             "a rotating cache always keeps"
         )
-    args = getattr(model, "args", None)
-    head_dim = getattr(args, "head_dim", None)
-    if head_dim is None and hasattr(args, "hidden_size") and hasattr(args, "num_attention_heads"):
-        head_dim = args.hidden_size // args.num_attention_heads
-    if isinstance(head_dim, int):
-        check_head_dim(head_dim)
+    # The probe's caches (warm-up 0) check the bits, and the head dim on its keys.
     options = dict(key_bits=kb, value_bits=vb, seed=seed, center_keys=center_keys)
     options.update(smooth_keys=smooth_keys)
     check_routing(model, lambda: _layers(model, max_kv_size, quantize_sliding, options, 0))
