@@ -43,14 +43,8 @@ def measure(model, name, prompt, decode_tokens, prefill_step_size) -> dict:
     mx.clear_cache()
     mx.reset_peak_memory()
     tic = time.perf_counter()
-    steps = generate_step(
-        prompt,
-        model,
-        max_tokens=decode_tokens,
-        prompt_cache=cache,
-        prefill_step_size=prefill_step_size,
-    )
-    for i, _ in enumerate(steps):
+    options = dict(max_tokens=decode_tokens, prefill_step_size=prefill_step_size)
+    for i, _ in enumerate(generate_step(prompt, model, prompt_cache=cache, **options)):
         if i == 0:
             prompt_tps = prompt.size / (time.perf_counter() - tic)
             tic = time.perf_counter()
@@ -58,29 +52,20 @@ def measure(model, name, prompt, decode_tokens, prefill_step_size) -> dict:
     # generate_step has queued one more step: let it finish before the next run starts.
     mx.synchronize()
     f = tools.kv_footprint(cache)
-    return dict(
-        prompt_tps=prompt_tps,
-        decode_tps=decode_tps,
-        peak_memory=mx.get_peak_memory(),
-        kv_bytes=f["held"],
-        kv_bits=f["bits"],
-    )
+    values = (prompt_tps, decode_tps, mx.get_peak_memory(), f["held"], f["bits"])
+    return dict(zip(FIELDS, values, strict=True))
 
 
 def summarize(runs: list[dict]) -> list[dict]:
     """Medians per (context, config) and the decode speed relative to the fp16 row."""
-    rows = []
+    rows = {}
     for context, config in dict.fromkeys((r["context"], r["config"]) for r in runs):
         mine = [r for r in runs if r["context"] == context and r["config"] == config]
         row = {"context": context, "config": config, "repeats": len(mine)}
-        row.update({f: statistics.median(r[f] for r in mine) for f in FIELDS})
-        rows.append(row)
-    for row in rows:
-        base = next(
-            r for r in rows if r["context"] == row["context"] and r["config"] == tools.REFERENCE
-        )
-        row["decode_vs_fp16"] = row["decode_tps"] / base["decode_tps"]
-    return rows
+        rows[context, config] = row | {f: statistics.median(r[f] for r in mine) for f in FIELDS}
+    for (context, _), row in rows.items():
+        row["decode_vs_fp16"] = row["decode_tps"] / rows[context, tools.REFERENCE]["decode_tps"]
+    return list(rows.values())
 
 
 def run(
@@ -183,10 +168,9 @@ def plot(path: str, report: dict):
             name = f"{report['dtype']} (unquantised)" if name == tools.REFERENCE else name
             ax.plot([r["context"] for r in mine], [r[field] / unit for r in mine], "o-", label=name)
         xs = sorted({r["context"] for r in rows})
-        ax.set_xscale("log")
+        ax.set(xscale="log", xlabel="context length (tokens)", ylabel=ylabel)
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.minorticks_off()
-        ax.set(xlabel="context length (tokens)", ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"{report['model']} on {report['device']}, {report['dtype']}", fontsize=9)
