@@ -31,10 +31,9 @@ def setup_arg_parser():
         "all others are mlx_lm.server's (listed next), whose --kv-group-size has no effect here.",
         add_help=False,
     )
-    parser.add_argument(
-        "--model", default=None, help="HF repo, local mlx folder or .gguf (default: Gemma-3-270M)"
-    )
-    parser.add_argument(
+    arg = parser.add_argument
+    arg("--model", help="HF repo, local mlx folder or .gguf (default: Gemma-3-270M)")
+    arg(
         "--kv-bits",
         type=int,
         default=DEFAULT_KV_BITS,
@@ -42,17 +41,9 @@ def setup_arg_parser():
         help=f"Bit budget of the TurboQuant KV cache, one of {tuple(PRESETS)} "
         f"(default: {DEFAULT_KV_BITS})",
     )
-    parser.add_argument(
-        "--kv-key-bits", type=int, default=None, choices=SUPPORTED_BITS, help="Override key bits"
-    )
-    parser.add_argument(
-        "--kv-value-bits",
-        type=int,
-        default=None,
-        choices=SUPPORTED_BITS,
-        help="Override value bits",
-    )
-    parser.add_argument(
+    arg("--kv-key-bits", type=int, choices=SUPPORTED_BITS, help="Override key bits")
+    arg("--kv-value-bits", type=int, choices=SUPPORTED_BITS, help="Override value bits")
+    arg(
         "--quantized-kv-start",
         type=int,
         default=WARMUP_TOKENS,
@@ -117,7 +108,7 @@ class ResponseGenerator(lm_server.ResponseGenerator):
 def main():
     args, rest = setup_arg_parser().parse_known_args()
     options = dict(kv_bits=args.kv_bits, key_bits=args.kv_key_bits, value_bits=args.kv_value_bits)
-    options.update(warmup_tokens=args.quantized_kv_start)
+    options["warmup_tokens"] = args.quantized_kv_start
     if {"-h", "--help"} & set(rest):
         setup_arg_parser().print_help()
         print()
