@@ -49,8 +49,17 @@ def _stack(rows):
 class _BatchMixin(_TurboQuantMixin):
     _base = _single = None  # the mlx-lm batch class and our one-request class
 
-    def _init_batch(self, B, *config):
-        self._setup(*config)
+    def _init_batch(
+        self,
+        B,
+        key_bits=4,
+        value_bits=4,
+        seed=0,
+        center_keys=True,
+        smooth_keys=0.0,
+        warmup_tokens=WARMUP_TOKENS,
+    ):
+        self._setup(key_bits, value_bits, seed, center_keys, smooth_keys, warmup_tokens)
         self._set_rows([None] * B, [0] * B)
         self.packed = False  # rows packed (every row frozen), else plain
         self._lengths = getattr(self, "_lengths", None)
@@ -185,19 +194,9 @@ class TurboQuantBatchKVCache(_BatchMixin, BatchKVCache):
 
     _base, _single = BatchKVCache, TurboQuantKVCache
 
-    def __init__(
-        self,
-        left_padding,
-        key_bits=4,
-        value_bits=4,
-        seed=0,
-        center_keys=True,
-        smooth_keys=0.0,
-        warmup_tokens=WARMUP_TOKENS,
-    ):
+    def __init__(self, left_padding, *config, **options):
         BatchKVCache.__init__(self, left_padding)
-        config = (key_bits, value_bits, seed, center_keys, smooth_keys, warmup_tokens)
-        self._init_batch(len(left_padding), *config)
+        self._init_batch(len(left_padding), *config, **options)
 
     def prepare(self, *, left_padding=None, lengths=None, right_padding=None):
         super().prepare(left_padding=left_padding, lengths=lengths, right_padding=right_padding)
@@ -223,17 +222,6 @@ class TurboQuantBatchRotatingKVCache(_BatchMixin, BatchRotatingKVCache):
 
     _base, _single = BatchRotatingKVCache, TurboQuantRotatingKVCache
 
-    def __init__(
-        self,
-        max_size,
-        left_padding,
-        key_bits=4,
-        value_bits=4,
-        seed=0,
-        center_keys=True,
-        smooth_keys=0.0,
-        warmup_tokens=WARMUP_TOKENS,
-    ):
+    def __init__(self, max_size, left_padding, *config, **options):
         BatchRotatingKVCache.__init__(self, max_size, left_padding)
-        config = (key_bits, value_bits, seed, center_keys, smooth_keys, warmup_tokens)
-        self._init_batch(len(left_padding), *config)
+        self._init_batch(len(left_padding), *config, **options)

@@ -82,29 +82,22 @@ class _TurboQuantMixin:
                 f"keys {keys.shape} and values {values.shape} must be (B, H, L, D) "
                 "with the same B, H and L"
             )
-        if self.keys is not None and (*keys.shape[:2], keys.shape[3]) != self._bhd():
+        bhd = None if self.keys is None else (*self.keys.shape[:2], self.head_dim)
+        if bhd is not None and (*keys.shape[:2], keys.shape[3]) != bhd:
             raise ValueError(
-                f"keys {keys.shape} do not fit this cache of (B, H, D) = {self._bhd()}: "
+                f"keys {keys.shape} do not fit this cache of (B, H, D) = {bhd}: "
                 "use one cache per layer and sequence batch"
             )
         self.head_dim = keys.shape[3]
         # A dtype name, not an mx.Dtype, so that copy.deepcopy works.
         self.dtype = self.dtype or str(keys.dtype).removeprefix("mlx.core.")
 
-    def _bhd(self):
-        return (*self.keys.shape[:2], self.head_dim)
-
-    def _held(self):
-        """The exact keys and values held so far (warm-up), (B, H, n, D)."""
-        n = min(self.offset, self.keys.shape[2])
-        return self.keys[..., :n, :], self.values[..., :n, :]
-
     def _freeze(self, keys, values):
         """Takes the key statistics from the tokens held and the new ones, then quantises
         the held buffer in place (same slots, so mlx-lm's bookkeeping stays valid)."""
         k = keys
-        if self.keys is not None:
-            k = mx.concatenate([self._held()[0], keys], axis=2)
+        if self.keys is not None:  # the exact keys held so far (warm-up)
+            k = mx.concatenate([self.keys[..., : min(self.offset, self.keys.shape[2]), :], k], 2)
         k = k.astype(mx.float32)
         # Finite, so that a NaN key spoils its own token only, as in an fp16 cache.
         finite = mx.isfinite(k)
@@ -178,31 +171,18 @@ class _TurboQuantMixin:
             return 0  # a wrapped window: the tokens to drop are no longer at its end
         return super().trim(n)
 
-    def _meta(self):
-        return (
-            str(self.key_bits),
-            str(self.value_bits),
-            str(self.seed),
-            str(int(self.center_keys)),
-            str(self.head_dim),
-            str(self.dtype),
-            str(self.smooth_keys),
-            str(self.warmup_tokens),
-        )
-
-    def _set_meta(self, v):
-        kb, vb, seed, center, head_dim, dtype, smooth, warmup = v
-        self._configure(int(kb), int(vb), int(seed), bool(int(center)), float(smooth), int(warmup))
-        self.head_dim = None if head_dim == "None" else int(head_dim)
-        self.dtype = None if dtype == "None" else dtype
-
     @property
     def meta_state(self):
-        return (*(str(getattr(self, a)) for a in self._META), *self._meta())
+        mine = (self.key_bits, self.value_bits, self.seed, int(self.center_keys), self.head_dim)
+        mine += (self.dtype, self.smooth_keys, self.warmup_tokens)
+        return tuple(map(str, (*(getattr(self, a) for a in self._META), *mine)))
 
     @meta_state.setter
     def meta_state(self, v):
-        self._set_meta(v[len(self._META) :])
+        kb, vb, seed, center, head_dim, dtype, smooth, warmup = v[len(self._META) :]
+        self._configure(int(kb), int(vb), int(seed), bool(int(center)), float(smooth), int(warmup))
+        self.head_dim = None if head_dim == "None" else int(head_dim)
+        self.dtype = None if dtype == "None" else dtype
         for a, x in zip(self._META, v, strict=False):
             setattr(self, a, int(x))
 
