@@ -7,6 +7,7 @@ unchanged on them: the subclasses only encode on the way in and wrap on the way 
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -347,9 +348,10 @@ def make_prompt_cache(
         )
     # The probe's caches (warm-up 0) check the bits, and the head dim on its keys.
     options = dict(key_bits=kb, value_bits=vb, seed=seed, center_keys=center_keys)
-    options.update(smooth_keys=smooth_keys)
-    check_routing(model, lambda: _layers(model, max_kv_size, quantize_sliding, options, 0))
-    return _layers(model, max_kv_size, quantize_sliding, options, warmup_tokens)
+    options.update(smooth_keys=smooth_keys, warmup_tokens=warmup_tokens)
+    layers = partial(_layers, model, max_kv_size, quantize_sliding)
+    check_routing(model, lambda: layers({**options, "warmup_tokens": 0}))
+    return layers(options)
 
 
 # mlx-lm's rotating caches for max_kv_size keep the first tokens (attention sinks).
@@ -371,16 +373,13 @@ def capped_cache(model, max_kv_size: int | None = None) -> list:
     ]
 
 
-def _layers(model, max_kv_size, quantize_sliding, options, warmup_tokens):
-    caches = capped_cache(model, max_kv_size)
+def _layers(model, max_kv_size, quantize_sliding, options):
     out = []
-    for c in caches:
+    for c in capped_cache(model, max_kv_size):
         if type(c) is KVCache:
-            c = TurboQuantKVCache(**options, warmup_tokens=warmup_tokens)
+            c = TurboQuantKVCache(**options)
         elif type(c) is RotatingKVCache and quantize_sliding:
-            c = TurboQuantRotatingKVCache(
-                c.max_size, c.keep, **options, warmup_tokens=warmup_tokens
-            )
+            c = TurboQuantRotatingKVCache(c.max_size, c.keep, **options)
         out.append(c)
     if not any(isinstance(c, _TurboQuantMixin) for c in out):
         raise ValueError("the model has no KV cache layer that TurboQuant can compress")
