@@ -29,10 +29,8 @@ def pack(indices: mx.array, bits: int) -> mx.array:
     *lead, dim = indices.shape
     n_words = -(-dim * bits // 32)
     planes = (indices.astype(mx.uint32)[..., None] >> mx.arange(bits, dtype=mx.uint32)) & 1
-    planes = planes.reshape(*lead, dim * bits)
-    if n_words * 32 > dim * bits:
-        pad = mx.zeros((*lead, n_words * 32 - dim * bits), dtype=mx.uint32)
-        planes = mx.concatenate([planes, pad], axis=-1)
+    pad = [(0, 0)] * len(lead) + [(0, n_words * 32 - dim * bits)]
+    planes = mx.pad(planes.reshape(*lead, dim * bits), pad)
     planes = planes.reshape(*lead, n_words, 32) << mx.arange(32, dtype=mx.uint32)
     return planes.sum(axis=-1).astype(mx.uint32)
 
@@ -140,18 +138,6 @@ def _qjl_matrix(dim: int, seed: int) -> mx.array:
     return mx.array(np.random.default_rng(seed + 7919).standard_normal((dim, dim), np.float32))
 
 
-def _encode(xf: mx.array, bits: int, seed: int):
-    """Reference quantiser of float32 rows: (z, norms, idx, zq, scales)."""
-    dim = xf.shape[-1]
-    norms = mx.linalg.norm(xf, axis=-1, keepdims=True)
-    z = rotate(xf / mx.where(norms > 0, norms, 1), seed) * math.sqrt(dim)
-    idx = quantize_indices(z, bits)
-    levels, _ = codebook(bits, dim)
-    zq = levels[idx]
-    # Norm correction: the reconstruction keeps the exact norm (lower MSE than norm / sqrt(D)).
-    return z, norms, idx, zq, norms / mx.linalg.norm(zq, axis=-1, keepdims=True)
-
-
 def quantize(
     x: mx.array,
     bits: int,
@@ -182,10 +168,9 @@ def quantize(
     check_bits(bits)
     if qjl and bits < 3:
         raise ValueError("qjl needs bits >= 3 (bits - 1 for the codebook, 1 for the sketch)")
-    if check_finite and not mx.all(mx.isfinite(x)).item():
-        raise ValueError("x contains NaN or inf: TurboQuant only stores finite vectors")
-    if check_finite and offset is not None and not mx.all(mx.isfinite(offset)).item():
-        raise ValueError("offset contains NaN or inf: TurboQuant only stores finite vectors")
+    for name, a in (("x", x), ("offset", offset)):
+        if check_finite and a is not None and not mx.all(mx.isfinite(a)).item():
+            raise ValueError(f"{name} contains NaN or inf: TurboQuant only stores finite vectors")
     dim = x.shape[-1]
     mse_bits = bits - 1 if qjl else bits
     xf = x.astype(mx.float32)
@@ -195,7 +180,12 @@ def quantize(
     if channel_scale is not None:
         channel_scale = channel_scale.astype(mx.float32)
         xf = xf / channel_scale
-    z, norms, idx, zq, scales = _encode(xf, mse_bits, seed)
+    norms = mx.linalg.norm(xf, axis=-1, keepdims=True)
+    z = rotate(xf / mx.where(norms > 0, norms, 1), seed) * math.sqrt(dim)
+    idx = quantize_indices(z, mse_bits)
+    zq = codebook(mse_bits, dim)[0][idx]
+    # Norm correction: the reconstruction keeps the exact norm (lower MSE than norm / sqrt(D)).
+    scales = norms / mx.linalg.norm(zq, axis=-1, keepdims=True)
     data = mx.concatenate([pack(idx, mse_bits), scales.view(mx.uint32)], axis=-1)
     sketch = None
     if qjl:
