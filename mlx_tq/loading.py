@@ -75,9 +75,6 @@ def fetch_gemma() -> Path:
     return path
 
 
-_ALIASES = {DEFAULT_MODEL: fetch_gemma}
-
-
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     # llama.cpp interleaves each head's rotary halves for its rope; mlx-lm rotates halves
     return (
@@ -296,9 +293,7 @@ def resolve(model: str | None = None, dtype=None) -> str:
         ValueError: A file that is not a ``.gguf``, or a folder without ``config.json``.
     """
     model = model or DEFAULT_MODEL
-    if model in _ALIASES:
-        model = _ALIASES[model]()
-    path = Path(model).expanduser()
+    path = Path(fetch_gemma() if model == DEFAULT_MODEL else model).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(
