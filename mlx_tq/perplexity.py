@@ -68,8 +68,7 @@ def evaluate(
         ``bits_per_element`` (of the rows held after the last window) and ``tokens``.
     """
     configs = [tools.REFERENCE] + [c for c in configs if c != tools.REFERENCE]
-    nll, kl, top1 = ({c: [] for c in configs} for _ in range(3))
-    bits = {}
+    per_chunk, bits = {c: [] for c in configs}, {}  # (nll, kl, top-1) arrays per chunk
     N, L = windows.shape[0], windows.shape[1] - 1
     starts = ([0] if first_update else []) + list(range(first_update, L, chunk_size))
     ends = starts[1:] + [L]
@@ -88,19 +87,16 @@ def evaluate(
                     d = mx.sum(mx.exp(ref) * (ref - logp), axis=-1)
                     t = mx.argmax(logp, axis=-1) == ref_top
                     n = -mx.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
-                    mx.eval(d, t, n)
-                    nll[c].append(np.array(n))
-                    kl[c].append(np.array(d))
-                    top1[c].append(np.array(t))
+                    mx.eval(n, d, t)
+                    per_chunk[c].append((np.array(n), np.array(d), np.array(t)))
                     bar.update()
             for c, cache in zip(configs, caches, strict=True):
                 bits[c] = tools.kv_footprint(cache)["bits"]
-    ref_nll = np.concatenate(nll[tools.REFERENCE]).astype(np.float64)
+    ref_nll = np.concatenate([a[0] for a in per_chunk[tools.REFERENCE]]).astype(np.float64)
     results = {}
     for c in configs:
-        n = np.concatenate(nll[c]).astype(np.float64)
+        n, k, top1 = (np.concatenate(a).astype(np.float64) for a in zip(*per_chunk[c], strict=True))
         d = n - ref_nll
-        k = np.concatenate(kl[c]).astype(np.float64)
         ppl, ratio = math.exp(n.mean()), math.exp(d.mean())
         sqrt_n = math.sqrt(len(n))
         results[c] = {
@@ -110,7 +106,7 @@ def evaluate(
             "delta_ppl_se": ratio * d.std() / sqrt_n,
             "kl": max(k.mean(), 0.0),
             "kl_se": k.std() / sqrt_n,
-            "top1": float(np.concatenate(top1[c]).mean()),
+            "top1": float(top1.mean()),
             "bits_per_element": bits[c],
             "tokens": len(n),
         }
