@@ -136,22 +136,12 @@ def scaled_dot_product_attention_ops(
     mask: mx.array | str | None = None,
     chunk_size: int | None = None,
 ) -> mx.array:
-    """Softmax attention over TurboQuant keys and values (reference, plain MLX ops).
+    """Reference of `scaled_dot_product_attention` (same arguments), in plain MLX ops.
 
     Queries are taken in blocks and keys in chunks merged with log-sum-exp, so no
     L x S score matrix is formed; with a causal mask each block skips the keys it cannot see.
-
-    Args:
-        queries: (B, Hq, L, D) float array.
-        keys, values: `TurboQuantized` of shape (B, Hkv, S, D) with Hq a multiple of Hkv.
-        scale: Multiplies the scores.
-        mask: None, "causal" (the L queries are the last L positions), or a boolean
-            or additive array broadcastable to (B, Hq, L, S).
-        chunk_size: Keys per chunk; by default sized so that a block of scores takes
-            1/16 of the bytes of an fp16 cache of the same keys (clamped to 2^18-2^24 floats).
-
-    Returns:
-        (B, Hq, L, D) array in the queries' dtype.
+    By default `chunk_size` makes a block of scores take 1/16 of the bytes of an fp16 cache
+    of the same keys (clamped to 2^18-2^24 floats).
     """
     _check_inputs(queries, keys, values)
     queries = _smooth_queries(queries, keys)

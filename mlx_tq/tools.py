@@ -30,6 +30,7 @@ from . import kernels
 from .cache import make_prompt_cache
 from .codebook import SUPPORTED_BITS
 from .loading import DEFAULT_MODEL
+from .quant import FLOAT_DTYPES
 
 REFERENCE = "fp16"
 AFFINE_GROUP_SIZE = 64
@@ -37,7 +38,6 @@ AFFINE_BITS = (2, 3, 4, 5, 6, 8)  # mx.quantize's
 CONFIG_HELP = (
     "fp16, affine<b>, tq<b> or k<kb>v<vb>, the last two optionally -s<smooth_keys>-w<warmup_tokens>"
 )
-FLOATS = (mx.float16, mx.bfloat16, mx.float32)
 _PATTERN = re.compile(r"fp16|affine(\d)|(?:tq(\d)|k(\d)v(\d))(?:-s(\d*\.?\d+))?(?:-w(\d+))?")
 
 
@@ -111,15 +111,12 @@ def kv_footprint(cache: list) -> dict:
         held += c.nbytes - per_row * (capacity - n)
         allocated += c.nbytes
         width = rows[0].shape[-1]
-        head_dim = getattr(c, "head_dim", None) or (
-            width * 32 // c.bits if hasattr(c, "bits") else width
-        )
+        head_dim = getattr(c, "head_dim", None) or width * 32 // getattr(c, "bits", 32)
         elements += 2 * B * H * n * head_dim
         tokens = max(tokens, n)
         # TurboQuant records it by name; mlx-lm's plain values and affine scales are in it
-        dtype = (
-            getattr(mx, c.dtype) if isinstance(getattr(c, "dtype", None), str) else rows[1].dtype
-        )
+        dtype = getattr(c, "dtype", None)
+        dtype = getattr(mx, dtype) if isinstance(dtype, str) else rows[1].dtype
     return dict(
         tokens=tokens,
         held=round(held),
@@ -132,7 +129,7 @@ def kv_footprint(cache: list) -> dict:
 
 def model_dtype(model):
     """The dtype of a model's activations: its first floating-point parameter's."""
-    return next(a.dtype for _, a in tree_flatten(model.parameters()) if a.dtype in FLOATS)
+    return next(a.dtype for _, a in tree_flatten(model.parameters()) if a.dtype in FLOAT_DTYPES)
 
 
 def run_info(mode: str, dtype) -> dict:
