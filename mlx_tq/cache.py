@@ -188,6 +188,12 @@ class _TurboQuantMixin:
             setattr(self, a, int(x))
 
     @classmethod
+    def merge(cls, caches):
+        from . import batch
+
+        return getattr(batch, cls._batch).merge(caches)
+
+    @classmethod
     def from_state(cls, state, meta_state):
         obj = cls.__new__(cls)
         obj.state = state
@@ -220,6 +226,7 @@ class TurboQuantKVCache(_TurboQuantMixin, KVCache):
     """
 
     _META = ("offset",)  # mlx-lm's attributes in meta_state, before ours
+    _batch = "TurboQuantBatchKVCache"  # its class in batch.py (`merge`)
 
     def __init__(
         self,
@@ -246,12 +253,6 @@ class TurboQuantKVCache(_TurboQuantMixin, KVCache):
         self.offset = 0 if self.keys is None else self.keys.shape[2]
         self._set_stats(*stats)
 
-    @classmethod
-    def merge(cls, caches):
-        from .batch import TurboQuantBatchKVCache
-
-        return TurboQuantBatchKVCache.merge(caches)
-
 
 class TurboQuantRotatingKVCache(_TurboQuantMixin, RotatingKVCache):
     """A `RotatingKVCache` (sliding window) holding TurboQuant-packed keys and values.
@@ -264,6 +265,7 @@ class TurboQuantRotatingKVCache(_TurboQuantMixin, RotatingKVCache):
     """
 
     _META = ("keep", "max_size", "offset", "_idx")
+    _batch = "TurboQuantBatchRotatingKVCache"
 
     def __init__(
         self,
@@ -289,12 +291,6 @@ class TurboQuantRotatingKVCache(_TurboQuantMixin, RotatingKVCache):
     def state(self, v):
         self.keys, self.values, *stats = v if v else (None, None)
         self._set_stats(*stats)
-
-    @classmethod
-    def merge(cls, caches):
-        from .batch import TurboQuantBatchRotatingKVCache
-
-        return TurboQuantBatchRotatingKVCache.merge(caches)
 
 
 def make_prompt_cache(

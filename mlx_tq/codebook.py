@@ -67,12 +67,11 @@ def lloyd_max(bits: int, dim: int, tol: float = 1e-10, max_iter: int = 100_000):
     levels = levels.clip(-0.99 * root, 0.99 * root)
     for _ in range(max_iter):
         edges = np.concatenate([[-root], (levels[1:] + levels[:-1]) / 2, [root]])
-        mass = np.diff(cdf(edges))
-        new = np.diff(moment1(edges)) / mass
-        if np.max(np.abs(new - levels)) < tol:
-            levels = new
-            break
+        new = np.diff(moment1(edges)) / np.diff(cdf(edges))
+        converged = np.max(np.abs(new - levels)) < tol
         levels = new
+        if converged:
+            break
     edges = np.concatenate([[-root], (levels[1:] + levels[:-1]) / 2, [root]])
     mass = np.diff(cdf(edges))
     m1 = np.diff(moment1(edges))
