@@ -1,0 +1,153 @@
+"""Runs mlx_tq's kernel bodies on the CPU: each is compiled as C++ with `emu_prelude.h`
+(threads, barriers and SIMD-group exchanges emulated), so the kernels' logic is tested
+where there is no GPU. `emulate()` makes `mlx_tq.kernels` hand these out.
+
+Differences from a GPU, by design: every float input and output is float32 (T = float);
+inputs are passed contiguous (their strides describe that copy); one threadgroup runs at a
+time. Small sizes only (a threadgroup costs ~1 ms of thread start-up).
+"""
+
+import hashlib
+import subprocess
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_tq import kernels
+
+HERE = Path(__file__).resolve().parent
+BUILD = Path(tempfile.gettempdir()) / "mlx_tq_emulator"
+CTYPES = {mx.uint32: "uint32_t", mx.int32: "int32_t"}
+
+
+def _ctype(dtype):
+    return CTYPES.get(dtype, "float")
+
+
+def _npdtype(dtype):
+    return {mx.uint32: np.uint32, mx.int32: np.int32}.get(dtype, np.float32)
+
+
+def _source(name, inputs, outputs, in_dtypes, out_dtypes, template):
+    body = kernels.source(f"{name}.metal")
+    consts = "".join(
+        f"  using {k} = float;\n"
+        if isinstance(v, mx.Dtype)
+        else f"  constexpr {'bool' if isinstance(v, bool) else 'int'} {k} = {int(v)};\n"
+        for k, v in template
+    )
+    params = []
+    for arg, dtype in zip(inputs, in_dtypes, strict=True):
+        params += [f"const {_ctype(dtype)}* {arg}", f"const int* {arg}_shape"]
+        params.append(f"const int64_t* {arg}_strides")
+    params += [f"{_ctype(d)}* {arg}" for arg, d in zip(outputs, out_dtypes, strict=True)]
+    # main(): argv = threads per group, groups x/y/z, then one file per input and output.
+    loads = []
+    call = []
+    for i, dtype in enumerate(in_dtypes):
+        loads.append(f"  auto a{i} = read<{_ctype(dtype)}>(argv[5 + {i}]);")
+        call += [f"a{i}.data.data()", f"a{i}.shape.data()", f"a{i}.strides.data()"]
+    n_in = len(inputs)
+    for j, dtype in enumerate(out_dtypes):
+        loads.append(f"  auto o{j} = read<{_ctype(dtype)}>(argv[5 + {n_in + j}]);")
+        call.append(f"o{j}.data.data()")
+    writes = "".join(f"  write(argv[5 + {n_in + j}], o{j});\n" for j in range(len(outputs)))
+    return f"""#include "emu_prelude.h"
+#include "common.h"
+#include <fstream>
+#include <thread>
+#include <vector>
+template <typename X> struct Arr {{ std::vector<int> shape; std::vector<int64_t> strides;
+  std::vector<X> data; }};
+template <typename X> Arr<X> read(const char* path) {{
+  std::ifstream f(path, std::ios::binary); int nd; f.read((char*)&nd, 4); Arr<X> a;
+  a.shape.resize(8); a.strides.resize(8); f.read((char*)a.shape.data(), 4 * nd);
+  int64_t n = 1; for (int i = nd - 1; i >= 0; --i) {{ a.strides[i] = n; n *= a.shape[i]; }}
+  a.data.resize(n); f.read((char*)a.data.data(), sizeof(X) * n); return a; }}
+template <typename X> void write(const char* path, const Arr<X>& a) {{
+  std::ofstream f(path, std::ios::binary); int nd = 0; f.write((char*)&nd, 4);
+  f.write((const char*)a.data.data(), sizeof(X) * a.data.size()); }}
+void kernel_fn({", ".join(params)}) {{
+{consts}{body}
+}}
+int main(int argc, char** argv) {{
+  const unsigned n = std::atoi(argv[1]);
+  tq_ntg = {{unsigned(std::atoi(argv[2])), unsigned(std::atoi(argv[3])),
+            unsigned(std::atoi(argv[4]))}};
+{chr(10).join(loads)}
+  std::barrier<> block(n);
+  for (unsigned w = 0; w < (n + 31) / 32; ++w) tq_warps[w] = new std::barrier<>(32);
+  tq_block = &block;
+  std::vector<std::thread> threads;  // the group's threads, one threadgroup after another
+  for (unsigned t = 0; t < n; ++t) threads.emplace_back([&, t] {{
+    tq_tid = t;
+    for (unsigned z = 0; z < tq_ntg.z; ++z) for (unsigned y = 0; y < tq_ntg.y; ++y)
+      for (unsigned x = 0; x < tq_ntg.x; ++x) {{
+        tq_tgid = {{x, y, z}};
+        kernel_fn({", ".join(call)});
+        block.arrive_and_wait();
+      }}
+  }});
+  for (auto& th : threads) th.join();
+{writes}  return 0;
+}}
+"""
+
+
+def _binary(source: str) -> Path:
+    key = hashlib.sha256(source.encode()).hexdigest()[:16]
+    exe = BUILD / f"k_{key}"
+    if not exe.exists():
+        BUILD.mkdir(parents=True, exist_ok=True)
+        src = BUILD / f"k_{key}.cpp"
+        src.write_text(source)
+        package = Path(kernels.__file__).resolve().parent
+        metal = next(p for p in (package / "metal", package.parent / "metal") if p.is_dir())
+        cmd = ["g++", "-std=c++20", "-O1", "-pthread", "-w", f"-I{HERE}", f"-I{metal}"]
+        subprocess.run(cmd + ["-o", str(exe) + ".tmp", str(src)], check=True, capture_output=True)
+        Path(str(exe) + ".tmp").rename(exe)
+    return exe
+
+
+def _write(path, a: np.ndarray):
+    with open(path, "wb") as f:
+        f.write(np.int32(a.ndim).tobytes())
+        f.write(np.array(a.shape, np.int32).tobytes())
+        f.write(np.ascontiguousarray(a).tobytes())
+
+
+def kernel(name, inputs, outputs, contiguous=True):
+    """A stand-in for `mlx_tq.kernels.kernel(name, ...)` that runs on the CPU."""
+
+    def call(inputs: list, template, grid, threadgroup, output_shapes, output_dtypes, **_):
+        arrays = [np.array(a.astype(mx.float32) if a.dtype not in CTYPES else a) for a in inputs]
+        in_dtypes = [a.dtype for a in inputs]
+        src = _source(name, call.inputs, call.outputs, in_dtypes, output_dtypes, template)
+        exe = _binary(src)
+        n = threadgroup[0] * threadgroup[1] * threadgroup[2]
+        groups = [g // t for g, t in zip(grid, threadgroup, strict=True)]
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = []
+            for i, a in enumerate(arrays):
+                paths.append(f"{tmp}/in{i}")
+                _write(paths[-1], a)
+            for j, (shape, dtype) in enumerate(zip(output_shapes, output_dtypes, strict=True)):
+                paths.append(f"{tmp}/out{j}")
+                _write(paths[-1], np.zeros(shape, _npdtype(dtype)))
+            subprocess.run([str(exe), str(n), *map(str, groups), *paths], check=True, timeout=600)
+            outs = []
+            for j, (shape, dtype) in enumerate(zip(output_shapes, output_dtypes, strict=True)):
+                raw = np.fromfile(paths[len(arrays) + j], np.uint8)[4:]
+                outs.append(mx.array(raw.view(_npdtype(dtype)).reshape(shape)).astype(dtype))
+        return outs
+
+    call.inputs, call.outputs = list(inputs), list(outputs)
+    return call
+
+
+def emulate(monkeypatch):
+    """Makes mlx_tq dispatch its kernels (as on CUDA) to the CPU emulation."""
+    monkeypatch.setattr(kernels, "backend", lambda: "cuda")
+    monkeypatch.setattr(kernels, "kernel", kernel)

@@ -1,0 +1,57 @@
+"""The GPU kernels' bodies run on the CPU (tests/emulator.py) against the float64 checks of
+test_gpu.py, on shapes small enough for an emulation: so a kernel's logic (tiles, barriers,
+splits, masks, SIMD-group exchanges) is tested in CI, not only on a lent GPU."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import test_gpu
+from emulator import emulate
+
+from mlx_tq import attention
+
+pytestmark = pytest.mark.skipif(
+    __import__("shutil").which("g++") is None, reason="needs g++ (C++20) for the emulation"
+)
+
+ATTENTION = [  # (B, Hkv, G, L, S, D, key bits, value bits, dtype, smooth): straddling tiles
+    (1, 2, 4, 1, 300, 128, 4, 4, mx.float16, False),
+    (2, 1, 2, 1, 1000, 192, 3, 4, mx.bfloat16, True),
+    (1, 1, 8, 3, 129, 64, 2, 3, mx.float16, True),
+    (2, 2, 4, 1, 1, 128, 3, 4, mx.float16, False),
+    (1, 1, 2, 5, 517, 80, 4, 2, mx.bfloat16, False),
+    (1, 1, 1, 1, 65, 256, 4, 4, mx.float16, True),
+]
+
+
+@pytest.fixture(autouse=True)
+def emulated(monkeypatch):
+    emulate(monkeypatch)
+
+
+@pytest.mark.parametrize("groups", [640, 3], ids=["splits", "few-splits"])
+@pytest.mark.parametrize("config", ATTENTION, ids=[test_gpu.config_id(c) for c in ATTENTION])
+def test_attention_matches_float64(config, groups, monkeypatch):
+    """With the default threadgroup target (one tile per split at these sizes) and with
+    three threadgroups, so that each split runs several tiles (online softmax, prefetch)."""
+    monkeypatch.setattr(attention, "TARGET_GROUPS", groups)
+    test_gpu.test_attention_matches_float64(config)
+
+
+@pytest.mark.parametrize("L", [1, 3])
+def test_left_padding_matches_float64(L):
+    test_gpu.test_fused_left_padding_matches_float64(L)
+
+
+@pytest.mark.parametrize("path, mask", [("fused", "causal"), ("fused", None)])
+def test_masked_non_finite_value_adds_nothing(path, mask):
+    test_gpu.test_masked_non_finite_value_adds_nothing(path, mask, 129, 128, np.nan)
+
+
+@pytest.mark.parametrize("D, key_bits, value_bits", [(128, 4, 3), (80, 2, 4)])
+def test_quantize_kv_matches_float64(D, key_bits, value_bits):
+    test_gpu.test_quantize_kv_matches_float64(D, key_bits, value_bits)
+
+
+def test_decode_rotated_matches_float64():
+    test_gpu.test_decode_rotated_matches_float64(64, 3)
