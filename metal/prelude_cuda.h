@@ -12,7 +12,6 @@
 #define BARRIER() __syncthreads()
 #define WARP_SUM(x) tq_warp_sum(x)
 #define WARP_MAX(x) tq_warp_max(x)
-#define SHFL_XOR(x, m) __shfl_xor_sync(0xffffffffu, x, m)
 #define AS_UINT(x) __float_as_uint(x)
 #define AS_FLOAT(x) __uint_as_float(x)
 #define EXP(x) expf(x)

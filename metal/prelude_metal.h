@@ -10,7 +10,6 @@
 #define BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define WARP_SUM(x) simd_sum(x)
 #define WARP_MAX(x) simd_max(x)
-#define SHFL_XOR(x, m) simd_shuffle_xor(x, ushort(m))
 #define AS_UINT(x) as_type<uint32_t>(x)
 #define AS_FLOAT(x) as_type<float>(x)
 #define EXP(x) metal::exp(x)

@@ -169,11 +169,8 @@ def _decode_template(dtype, D, key_bits, value_bits, GL, causal, smooth):
     wk, wv = words_per_row(D, key_bits) - 1, words_per_row(D, value_bits) - 1
     # Keys per tile, one per thread: the K and V tiles stay within 20 KB of threadgroup memory.
     tile = 128 if (wk + wv + 2) * 128 * 4 <= 20480 else 64
-    # Query rows per threadgroup: a lane holds R * VE accumulators (VE dims of one key in
-    # the value phase: 8 where D / 8 lanes split a SIMD-group evenly, else ceil(D / 32)).
-    ve = max(8, -(-D // 32))
-    ve = ve if D % ve == 0 and 32 % (D // ve) == 0 else -(-D // 32)
-    R = min(GL, max(1, 32 // -(-D // 32)), 64 // ve)
+    # Query rows per threadgroup: a lane holds R * ceil(D / 32) accumulators.
+    R = min(GL, max(1, 32 // -(-D // 32)))
     template = [
         ("T", dtype),
         ("D", D),

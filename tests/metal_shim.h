@@ -10,7 +10,6 @@
 #define threadgroup
 
 using uint = unsigned int;
-using ushort = unsigned short;
 struct uint3 {
   uint x, y, z;
 };
@@ -30,7 +29,6 @@ enum class mem_flags { mem_none, mem_device, mem_threadgroup };
 void threadgroup_barrier(mem_flags);
 float simd_sum(float);
 float simd_max(float);
-float simd_shuffle_xor(float, ushort);
 
 template <typename T, typename U>
 T as_type(U x) {
