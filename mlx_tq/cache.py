@@ -7,7 +7,6 @@ unchanged on them: the subclasses only encode on the way in and wrap on the way 
 
 import json
 import os
-from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -30,10 +29,12 @@ from .quant import (
 )
 
 FILE_FORMAT = "mlx_tq.prompt_cache/2"
-# kv_bits budget -> (key_bits, value_bits, smooth_keys). On Gemma-3-270M key smoothing 0.5
-# beat every key/value split at the same bits (K4/V4-s0.5 KL 0.026 vs K5/V3 0.038; K3/V3-s0.5
-# 0.113 vs K4/V2 0.151: benchmarks/RESULTS.md, issue 5), and 2-4 bits run on the fused kernel.
-PRESETS = {b: (b, b, 0.5) for b in SUPPORTED_BITS}
+# kv_bits budget -> (key_bits, value_bits, smooth_keys, key bits of sliding-window layers). On
+# Gemma-3-270M key smoothing 0.5 beat every key/value split at the same bits (K4/V4-s0.5 KL 0.026
+# vs K5/V3 0.038; K3/V3-s0.5 0.113 vs K4/V2 0.151: benchmarks/RESULTS.md, issue 5). A sliding
+# layer holds at most its window, so a bit more for its keys is a fixed cost: 0.52x the 4-bit KL
+# and 0.42x the 3-bit KL for +0.29 bits/elem at 2,048 tokens, less beyond (issue 18).
+PRESETS = {b: (b, b, 0.5, b + 1 if b in (3, 4) else b) for b in SUPPORTED_BITS}
 # Tokens a cache holds exactly before it freezes its key statistics on them and quantises. On
 # Gemma-3-270M with a first update of 1-8 tokens, KL is 2.8-22x that of statistics from the whole
 # 512-token window with none, 1.2-1.3x with 128, 0.99-1.06x with 256 (benchmarks/RESULTS.md).
@@ -304,6 +305,7 @@ def make_prompt_cache(
     center_keys: bool = True,
     smooth_keys: float | None = None,
     warmup_tokens: int = WARMUP_TOKENS,
+    sliding_key_bits: int | None = None,
 ) -> list:
     """Builds the model's cache with TurboQuant layers, like mlx-lm's `make_prompt_cache`.
 
@@ -314,7 +316,8 @@ def make_prompt_cache(
     Args:
         model: An mlx-lm model whose attention calls
             `mlx_lm.models.base.scaled_dot_product_attention` (checked with a 1-token probe).
-        kv_bits: The bit budget; picks the recommended (key_bits, value_bits, smooth_keys).
+        kv_bits: The bit budget; picks the recommended (key_bits, value_bits, smooth_keys,
+            sliding_key_bits).
         key_bits, value_bits: Override the preset.
         max_kv_size: Every layer keeps at most this many tokens (at most its own window), in
             a rotating cache that always keeps the first 4, as mlx-lm's; must be > 4.
@@ -323,6 +326,8 @@ def make_prompt_cache(
         center_keys: Store keys minus their per-head mean.
         smooth_keys: Per-channel key smoothing exponent (0: off; default: the preset).
         warmup_tokens: Tokens each layer holds exactly before it freezes its key statistics.
+        sliding_key_bits: Key bits of the model's sliding-window layers (default: the preset's,
+            or `key_bits` when that is given).
 
     Returns:
         A list with one cache per layer.
@@ -333,10 +338,13 @@ def make_prompt_cache(
     """
     if kv_bits not in PRESETS:
         raise ValueError(f"kv_bits={kv_bits} is not supported: choose one of {tuple(PRESETS)}")
-    kb, vb, smooth = PRESETS[kv_bits]
+    kb, vb, smooth, sliding_kb = PRESETS[kv_bits]
+    if sliding_key_bits is None:
+        sliding_key_bits = sliding_kb if key_bits is None else key_bits
     kb = kb if key_bits is None else key_bits
     vb = vb if value_bits is None else value_bits
     smooth_keys = smooth if smooth_keys is None else smooth_keys
+    check_bits(sliding_key_bits, "sliding_key_bits")  # the probe's caches check the others
     if max_kv_size is not None and max_kv_size <= KEEP:
         raise ValueError(
             f"max_kv_size={max_kv_size} is too small: it must exceed the {KEEP} first tokens "
@@ -344,10 +352,10 @@ def make_prompt_cache(
         )
     # The probe's caches (warm-up 0) check the bits, and the head dim on its keys.
     options = dict(key_bits=kb, value_bits=vb, seed=seed, center_keys=center_keys)
-    options.update(smooth_keys=smooth_keys, warmup_tokens=warmup_tokens)
-    layers = partial(_layers, model, max_kv_size, quantize_sliding)
-    check_routing(model, lambda: layers({**options, "warmup_tokens": 0}))
-    return layers(options)
+    options.update(smooth_keys=smooth_keys)
+    layers = (model, max_kv_size, quantize_sliding, options, sliding_key_bits)
+    check_routing(model, lambda: _layers(*layers, 0))
+    return _layers(*layers, warmup_tokens)
 
 
 # mlx-lm's rotating caches for max_kv_size keep the first tokens (attention sinks).
@@ -369,13 +377,18 @@ def capped_cache(model, max_kv_size: int | None = None) -> list:
     ]
 
 
-def _layers(model, max_kv_size, quantize_sliding, options):
+def _layers(model, max_kv_size, quantize_sliding, options, sliding_key_bits, warmup_tokens):
+    # The model's own sliding layers, not those that max_kv_size caps.
+    own = lm_cache.make_prompt_cache(model)
     out = []
-    for c in capped_cache(model, max_kv_size):
+    for c, o in zip(capped_cache(model, max_kv_size), own, strict=True):
+        layer = dict(options, warmup_tokens=warmup_tokens)
+        if type(o) is RotatingKVCache:
+            layer["key_bits"] = sliding_key_bits
         if type(c) is KVCache:
-            c = TurboQuantKVCache(**options)
+            c = TurboQuantKVCache(**layer)
         elif type(c) is RotatingKVCache and quantize_sliding:
-            c = TurboQuantRotatingKVCache(c.max_size, c.keep, **options)
+            c = TurboQuantRotatingKVCache(c.max_size, c.keep, **layer)
         out.append(c)
     if not any(isinstance(c, _TurboQuantMixin) for c in out):
         raise ValueError("the model has no KV cache layer that TurboQuant can compress")
@@ -414,7 +427,8 @@ def load_prompt_cache(path: str, return_metadata: bool = False, **expected):
     Args:
         path: The .safetensors file.
         return_metadata: Also return the metadata dict given at save time.
-        **expected: Settings the caller relies on (key_bits, value_bits, seed, head_dim);
+        **expected: Settings the caller relies on in every layer (key_bits, value_bits, seed,
+            head_dim; the 3- and 4-bit presets give sliding-window layers one more key bit);
             a file written with others raises ValueError.
     """
     unknown = set(expected) - {"key_bits", "value_bits", "seed", "head_dim"}

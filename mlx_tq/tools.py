@@ -7,8 +7,10 @@ The configuration grammar of `mlx_tq.perplexity`, `mlx_tq.bench` and the benchma
 - ``affine<b>``: mlx-lm's ``QuantizedKVCache`` (``b`` bits, group 64) on every attention layer.
   mlx-lm cannot quantise a ``RotatingKVCache``, so sliding-window layers keep every token and
   the mask does the windowing: all layers are compressed, as with ``tq<b>``.
-- ``tq<b>``: TurboQuant's preset for ``kv_bits=b`` (`PRESETS`).
-- ``k<kb>v<vb>``: TurboQuant with ``kb``-bit keys and ``vb``-bit values, no key smoothing.
+- ``tq<b>``: TurboQuant's preset for ``kv_bits=b`` (`PRESETS`; at 3 and 4 bits, sliding-window
+  layers get one more key bit).
+- ``k<kb>v<vb>``: TurboQuant with ``kb``-bit keys and ``vb``-bit values in every layer, no key
+  smoothing.
 - ``tq<b>`` and ``k<kb>v<vb>`` take suffixes ``-s<x>`` for ``smooth_keys=x``, then ``-w<n>`` for
   ``warmup_tokens=n`` (tokens held exactly before the key statistics are frozen).
 """
@@ -76,11 +78,21 @@ def make_cache(model, name: str) -> list:
 
 
 def describe(cache: list) -> str:
-    """What a cache is, e.g. "TurboQuant K4/V4, key smoothing 0.5"."""
+    """What a cache is, e.g. "TurboQuant K4/V4, K5 keys in 15 of 18 layers, key smoothing 0.5"."""
+    tq = [c for c in cache if hasattr(c, "key_bits")]
+    if tq:
+        c = next((c for c in tq if not hasattr(c, "max_size")), tq[0])
+        other = [
+            f", K{b} keys in {n} of {len(tq)} layers"
+            for b in sorted({d.key_bits for d in tq} - {c.key_bits})
+            if (n := sum(d.key_bits == b for d in tq))
+        ]
+        smooth = f", key smoothing {c.smooth_keys}" if c.smooth_keys else ""
+        return (
+            f"TurboQuant K{c.key_bits}/V{c.value_bits}{''.join(other)}{smooth}, "
+            f"warm-up {c.warmup_tokens}"
+        )
     for c in cache:
-        if hasattr(c, "key_bits"):
-            smooth = f", key smoothing {c.smooth_keys}" if c.smooth_keys else ""
-            return f"TurboQuant K{c.key_bits}/V{c.value_bits}{smooth}, warm-up {c.warmup_tokens}"
         if hasattr(c, "bits"):
             return f"mlx-lm QuantizedKVCache {c.bits}-bit, group {c.group_size}"
     return "mlx-lm " + ", ".join(sorted({type(c).__name__ for c in cache}))

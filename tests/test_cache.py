@@ -146,6 +146,28 @@ def test_sliding_layers_can_stay_fp16():
     assert [type(c) for c in cache] == [RotatingKVCache] * 2 + [TurboQuantKVCache]
 
 
+@pytest.mark.parametrize(
+    "options, key_bits",
+    [
+        (dict(kv_bits=4), [5, 5, 4]),
+        (dict(kv_bits=3), [4, 4, 3]),
+        (dict(kv_bits=8), [8, 8, 8]),
+        (dict(kv_bits=4, key_bits=4), [4, 4, 4]),
+        (dict(kv_bits=4, sliding_key_bits=6), [6, 6, 4]),
+        (dict(kv_bits=4, max_kv_size=24), [5, 5, 4]),  # a capped global layer is not sliding
+    ],
+)
+def test_sliding_layers_get_the_presets_key_bits(options, key_bits, patched):
+    model = tiny_model("gemma3")  # two sliding-window layers, then a global one
+    cache = mlx_tq.make_prompt_cache(model, warmup_tokens=0, **options)
+    assert [c.key_bits for c in cache] == key_bits
+    assert [c.value_bits for c in cache] == [options["kv_bits"]] * 3
+    ref = run(model, lm_make_prompt_cache(model), TOKENS, 7)
+    assert rel_rms(run(model, cache, TOKENS, 7), ref) < TOLERANCE["gemma3"].get(
+        options["kv_bits"], 1
+    )
+
+
 def test_max_kv_size_gives_rotating_caches():
     cache = mlx_tq.make_prompt_cache(tiny_model("llama"), max_kv_size=32, warmup_tokens=0)
     assert all(type(c) is TurboQuantRotatingKVCache and c.max_size == 32 for c in cache)

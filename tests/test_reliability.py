@@ -281,7 +281,7 @@ def test_saved_prompt_continues_like_never_saved(tmp_path, patched):
     cache = mlx_tq.make_prompt_cache(model, warmup_tokens=0)
     model(prompt[None, :-1], cache=cache)
     mlx_tq.save_prompt_cache(tmp_path / "p.safetensors", cache)
-    loaded = mlx_tq.load_prompt_cache(tmp_path / "p.safetensors", key_bits=4, head_dim=64)
+    loaded = mlx_tq.load_prompt_cache(tmp_path / "p.safetensors", value_bits=4, head_dim=64)
     assert [type(c) for c in loaded] == [TurboQuantRotatingKVCache] * 2 + [TurboQuantKVCache]
     assert [c.offset for c in loaded] == [19] * 3
     resumed_tokens, resumed_logprobs = greedy(model, prompt[-1:], loaded)

@@ -52,6 +52,9 @@ def test_affine_compresses_sliding_window_layers_too():
     assert tools.describe(tools.make_cache(gemma, "k4v3")) == (
         f"TurboQuant K4/V3, warm-up {WARMUP_TOKENS}"
     )
+    assert tools.describe(tools.make_cache(gemma, "tq4")) == (
+        f"TurboQuant K4/V4, K5 keys in 2 of 3 layers, key smoothing 0.5, warm-up {WARMUP_TOKENS}"
+    )
 
 
 def test_footprint_counts_rows_holding_tokens(model):

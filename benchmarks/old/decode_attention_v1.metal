@@ -1,0 +1,240 @@
+// Split-K attention in the rotated space. One threadgroup of TILE threads takes one
+// (batch, KV head), one split of the keys and R of the GL = G * L query rows that share
+// the KV head, so each packed word is read once for all of them (decode: all rows in one
+// block; prefill: many blocks, and no L x S scores held anywhere). The block first
+// rotates its queries; then per tile of TILE keys: one key per thread for the scores,
+// online softmax per row, and each SIMD-group accumulates its share of the tile's
+// values with each lane owning E dims.
+// q: [B, Hq, L, D] T (strided); row = g * L + i of KV head h holds query head h * G + g
+// k, v: [B, Hkv, S, WK + 1], [B, Hkv, S, WV + 1] uint32 views (strided along S)
+// rt: [D, D] float (rotate(x) = x @ rt); scale: [1] float
+// qscale: [B, Hkv, 1, D] float (strided), read only when SMOOTH: keys stored divided by it
+// k_levels, v_levels: [2^KB], [2^VB] float
+// starts: [B] int32, each batch row's first visible key (a batch's left padding; else 0)
+// o: [B * Hkv, n_splits, GL, D] float, unnormalised; ml: [B * Hkv, n_splits, GL, 2] (max, sum)
+constexpr int NW = TILE / 32;
+constexpr int E = (D + 31) / 32;
+constexpr int RK = WK + 1;
+constexpr int RV = WV + 1;
+constexpr int PS = R * (TILE > D ? TILE : D);
+SHARED uint32_t ks[TILE * RK];
+SHARED uint32_t vs[TILE * RV];
+SHARED float4 qs4[R * D / 4];
+SHARED float ps[PS];
+SHARED float lk[1 << KB];
+SHARED float lv[1 << VB];
+SHARED float m_s[R];
+SHARED float l_s[R];
+SHARED float a_s[R];
+SHARED_PTR(float) qs = reinterpret_cast<SHARED_PTR(float)>(qs4);
+
+const int n_kv = k_shape[1];
+const int S = k_shape[2];
+const int G = q_shape[1] / n_kv;
+const int L = q_shape[2];
+const int GL = G * L;
+const int n_splits = NTG.x;
+const int tiles = (S + TILE - 1) / TILE;
+const int per_split = TILE * ((tiles + n_splits - 1) / n_splits);
+const int split = TGID.x;
+const int bh = TGID.y;
+const int b = bh / n_kv;
+const int first = starts[b];
+const int h = bh % n_kv;
+const int row0 = TGID.z * R;
+auto kp = k + b * k_strides[0] + h * k_strides[1];
+auto vp = v + b * v_strides[0] + h * v_strides[1];
+const auto k_row = k_strides[2];
+const auto v_row = v_strides[2];
+
+// Scaled queries in ps, then rotated into qs: butterflies when D is a power of two (POW2),
+// else a mat-vec that reads each column of rt once per block.
+for (int f = TID; f < R * D; f += TILE) {
+  const int row = row0 + f / D;
+  float x = 0.0f;
+  if (row < GL) {
+    const auto qi = b * q_strides[0] + (h * G + row / L) * q_strides[1] + (row % L) * q_strides[2];
+    x = static_cast<float>(q[qi + (f % D) * q_strides[3]]) * scale[0];
+    if (SMOOTH) {
+      // <q, s * k'> = <q * s, k'>: keys were divided by the channel scale s.
+      x *= qscale[b * qscale_strides[0] + h * qscale_strides[1] + (f % D) * qscale_strides[3]];
+    }
+  }
+  // POW2: the sign and 1 / sqrt(D) of the rotation now, the butterflies below.
+  ps[f] = POW2 ? x * TQ_SIGN(rt[(f % D) * D]) : x;
+}
+// Few levels, one per bank: lanes looking up different levels never conflict.
+for (int f = TID; f < (1 << KB); f += TILE) {
+  lk[f] = k_levels[f];
+}
+for (int f = TID; f < (1 << VB); f += TILE) {
+  lv[f] = v_levels[f];
+}
+if (TID < R) {
+  m_s[TID] = NEG_INF;
+  l_s[TID] = 0.0f;
+}
+BARRIER();
+if (POW2) {
+  TQ_FWHT(ps, R, TID, TILE)
+  for (int f = TID; f < R * D; f += TILE) {
+    qs[f] = ps[f];
+  }
+} else {
+  for (int j = TID; j < D; j += TILE) {
+    float y[R];
+    for (int r = 0; r < R; ++r) {
+      y[r] = 0.0f;
+    }
+    TQ_MATVEC(y, ps, rt, j, R)
+    for (int r = 0; r < R; ++r) {
+      qs[r * D + j] = y[r];
+    }
+  }
+}
+float acc[R][E];
+for (int r = 0; r < R; ++r) {
+  for (int e = 0; e < E; ++e) {
+    acc[r][e] = 0.0f;
+  }
+}
+BARRIER();
+
+const int begin = split * per_split;
+int end = begin + per_split < S ? begin + per_split : S;
+if (CAUSAL) {
+  // Stop after the last key any of the block's rows sees (query i sees [0, S - L + i]).
+  int stop = 0;
+  for (int row = row0; row < row0 + R && row < GL; ++row) {
+    stop = S - L + row % L + 1 > stop ? S - L + row % L + 1 : stop;
+  }
+  end = stop < end ? stop : end;
+}
+for (int t0 = begin; t0 < end; t0 += TILE) {
+  const int nk = end - t0 < TILE ? end - t0 : TILE;
+  // Coalesced copy of the tile: consecutive threads read consecutive words.
+  for (int f = TID; f < nk * RK; f += TILE) {
+    const int t = f / RK;
+    ks[f] = kp[(t0 + t) * k_row + (f - t * RK)];
+  }
+  for (int f = TID; f < nk * RV; f += TILE) {
+    const int t = f / RV;
+    vs[f] = vp[(t0 + t) * v_row + (f - t * RV)];
+  }
+  BARRIER();
+
+  {
+    const int t = TID;
+    float sc[R];
+    for (int r = 0; r < R; ++r) {
+      sc[r] = 0.0f;
+    }
+    float scale_k = 0.0f;
+    if (t < nk) {
+      uint32_t kw[RK];
+      UNROLL for (int w = 0; w < RK; ++w) {
+        kw[w] = ks[t * RK + w];
+      }
+      UNROLL for (int d = 0; d < D; d += 4) {
+        const float z0 = lk[TQ_FIELD(kw, d * KB, KB)];
+        const float z1 = lk[TQ_FIELD(kw, (d + 1) * KB, KB)];
+        const float z2 = lk[TQ_FIELD(kw, (d + 2) * KB, KB)];
+        const float z3 = lk[TQ_FIELD(kw, (d + 3) * KB, KB)];
+        UNROLL for (int r = 0; r < R; ++r) {
+          const float4 qv = qs4[r * (D / 4) + d / 4];
+          sc[r] += qv.x * z0 + qv.y * z1 + qv.z * z2 + qv.w * z3;
+        }
+      }
+      scale_k = AS_FLOAT(kw[WK]);
+    }
+    for (int r = 0; r < R; ++r) {
+      // Causal: query i of L sees keys [0, S - L + i].
+      const bool seen =
+          t < nk && t0 + t >= first && (!CAUSAL || t0 + t <= S - L + (row0 + r) % L);
+      ps[r * TILE + t] = seen ? sc[r] * scale_k : NEG_INF;
+    }
+  }
+  BARRIER();
+
+  for (int r = WARP; r < R; r += NW) {
+    float mt = NEG_INF;
+    for (int t = LANE; t < TILE; t += 32) {
+      mt = ps[r * TILE + t] > mt ? ps[r * TILE + t] : mt;
+    }
+    mt = WARP_MAX(mt);
+    const float m_old = m_s[r];
+    const float m_new = mt > m_old ? mt : m_old;
+    // A row that has seen no key keeps m = -inf; shift by 0 so exp gives 0, not NaN.
+    const float shift = m_new == NEG_INF ? 0.0f : m_new;
+    float sum = 0.0f;
+    for (int t = LANE; t < TILE; t += 32) {
+      const float p = EXP(ps[r * TILE + t] - shift);
+      sum += p;
+      // Fold the value scale into the weight; a masked key or one past the tile's end
+      // (stale words) adds nothing, not 0 * a non-finite scale.
+      const bool seen = t < nk && ps[r * TILE + t] != NEG_INF;
+      ps[r * TILE + t] = seen ? p * AS_FLOAT(vs[t * RV + WV]) : 0.0f;
+    }
+    sum = WARP_SUM(sum);
+    if (LANE == 0) {
+      const float alpha = EXP(m_old - shift);
+      a_s[r] = alpha;
+      l_s[r] = alpha * l_s[r] + sum;
+      m_s[r] = m_new;
+    }
+  }
+  BARRIER();
+
+  for (int r = 0; r < R; ++r) {
+    for (int e = 0; e < E; ++e) {
+      acc[r][e] *= a_s[r];
+    }
+  }
+  if (LANE * E < D) {
+    constexpr uint32_t mask = (1u << VB) - 1;
+    // The lane's E * VB bits: within one word when they divide 32, else a 64-bit window.
+    constexpr bool one_word = 32 % (E * VB) == 0;
+    const int bit = LANE * E * VB;
+    const int t_end = (WARP + 1) * (TILE / NW) < nk ? (WARP + 1) * (TILE / NW) : nk;
+    for (int t = WARP * (TILE / NW); t < t_end; ++t) {
+      uint64_t win = vs[t * RV + bit / 32];
+      if (!one_word) {
+        win |= static_cast<uint64_t>(vs[t * RV + bit / 32 + 1]) << 32;
+      }
+      win >>= bit % 32;
+      UNROLL for (int e = 0; e < E; ++e) {
+        const float z = lv[(win >> (e * VB)) & mask];
+        UNROLL for (int r = 0; r < R; ++r) {
+          acc[r][e] += ps[r * TILE + t] * z;
+        }
+      }
+    }
+  }
+  BARRIER();
+}
+
+// Sum the SIMD-groups' accumulators in qs, one group at a time.
+for (int w = 0; w < NW; ++w) {
+  if (WARP == w) {
+    for (int r = 0; r < R; ++r) {
+      for (int e = 0; e < E; ++e) {
+        const int d = LANE * E + e;
+        if (d < D) {
+          qs[r * D + d] = (w == 0 ? 0.0f : qs[r * D + d]) + acc[r][e];
+        }
+      }
+    }
+  }
+  BARRIER();
+}
+const int base = (bh * n_splits + split) * GL;
+for (int f = TID; f < R * D; f += TILE) {
+  const int row = row0 + f / D;
+  if (row < GL) {
+    o[(base + row) * D + f % D] = qs[f];
+  }
+}
+if (TID < R && row0 + TID < GL) {
+  ml[(base + row0 + TID) * 2] = m_s[TID];
+  ml[(base + row0 + TID) * 2 + 1] = l_s[TID];
+}
