@@ -313,7 +313,8 @@ def _path(queries, keys, values, mask) -> str:
         and queries.shape[2] <= FUSED_MAX_ROWS
         and keys.qjl is None
         and values.qjl is None
-        and max(keys.bits, values.bits) <= 4
+        and keys.bits <= 8
+        and values.bits <= 4
     ):
         return "fused"
     if causal_or_none or (isinstance(mask, mx.array) and mask.ndim >= 2):
@@ -332,8 +333,8 @@ def scaled_dot_product_attention(
     """Softmax attention over TurboQuant keys and values.
 
     On a GPU (Metal or CUDA):
-    - up to `FUSED_MAX_ROWS` query rows (decode) with mask None or "causal", 2-4 bit keys
-      and values and no QJL sketch: a fused split-K kernel reads the packed data in place
+    - up to `FUSED_MAX_ROWS` query rows (decode) with mask None or "causal", 2-8 bit keys,
+      2-4 bit values and no QJL sketch: a fused split-K kernel reads the packed data in place
       (views of a larger buffer sliced along the sequence axis need no copy);
     - longer chunks (prefill), other bits, or a mask array: `mx.fast.scaled_dot_product_attention`
       on this layer's keys and values decoded in the rotated space (see `_decoded_attention`).

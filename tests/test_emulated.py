@@ -21,6 +21,8 @@ ATTENTION = [  # (B, Hkv, G, L, S, D, key bits, value bits, dtype, smooth): stra
     (2, 2, 4, 1, 1, 128, 3, 4, mx.float16, False),
     (1, 1, 2, 5, 517, 80, 4, 2, mx.bfloat16, False),
     (1, 1, 1, 1, 65, 256, 4, 4, mx.float16, True),
+    (1, 1, 4, 1, 700, 256, 5, 4, mx.float16, True),  # Gemma's sliding layers (tq4)
+    (1, 2, 6, 2, 300, 128, 8, 3, mx.bfloat16, False),
 ]
 
 

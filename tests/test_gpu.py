@@ -184,6 +184,7 @@ FIXED = [  # (B, Hkv, G, L, S, D, key bits, value bits)
     (1, 2, 4, 300, 5000, 128, 4, 4),
     (1, 2, 4, 3, 4097, 80, 4, 4),
     (2, 1, 2, 1, 1000, 192, 3, 4),
+    (1, 1, 4, 1, 4097, 256, 5, 4),  # Gemma-3's sliding layers under kv_bits=4 (K5 V4)
 ]
 
 

@@ -73,7 +73,7 @@ def variants():
             for dtype in FLOATS:
                 value_bits = SUPPORTED_BITS[-1 - SUPPORTED_BITS.index(bits)]
                 yield "quantize", quantize_template(dtype, D, bits, value_bits, dtype == mx.float32)
-        for bits in (2, 3, 4):
+        for bits in (2, 3, 4, 5, 8):
             for value_bits in (2, 3, 4):
                 for GL, causal, dtype in ((1, False, mx.float16), (32, True, mx.bfloat16)):
                     template = _decode_template(dtype, D, bits, value_bits, GL, causal, causal)
