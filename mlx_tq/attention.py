@@ -188,24 +188,48 @@ def _decode_template(dtype, D, key_bits, value_bits, GL, causal, smooth):
 
 
 @cache
-def _scalar(value):
-    return mx.array([value], mx.float32)
-
-
-@cache
-def _ones4(dim):
-    return mx.ones((1, 1, 1, dim), mx.float32)
-
-
-@cache
-def _unrotation(dim, seed):
-    """Rt^T, contiguous: the merge kernel rotates its output back with it."""
-    return mx.contiguous(rotation_matrix(dim, seed).T)
-
-
-@cache
-def _no_starts(B):
-    return mx.zeros((B,), mx.int32)
+def _fused_plan(dtype, B, Hq, Hkv, L, D, key_bits, value_bits, seeds, causal, smooth, scale):
+    """What a fused call needs besides its queries and keys, built once per layer shape:
+    (kernels, template, tile, blocks, the constant inputs, the merge call's arguments)."""
+    GL = Hq // Hkv * L
+    template, tile, R = _decode_template(dtype, D, key_bits, value_bits, GL, causal, smooth)
+    attend = kernels.kernel(
+        "decode_attention",
+        ("q", "k", "v", "rt", "scale", "k_levels", "v_levels", "qscale", "starts"),
+        ("o", "ml"),
+        contiguous=False,
+    )
+    constants = [
+        rotation_matrix(D, seeds[0]),
+        mx.array([scale], mx.float32),
+        codebook(key_bits, D)[0],
+        codebook(value_bits, D)[0],
+    ]
+    ones, no_starts = mx.ones((1, 1, 1, D), mx.float32), mx.zeros((B,), mx.int32)
+    threads = 32 * -(-D // 32)
+    merge = dict(
+        template=[("T", dtype), ("D", D), ("POW2", D & (D - 1) == 0)],
+        grid=(threads * B * Hkv * GL, 1, 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[(B, Hq, L, D)],
+        output_dtypes=[dtype],
+    )
+    # Rt^T, contiguous: the merge kernel rotates its output back with it.
+    unrotation = mx.contiguous(rotation_matrix(D, seeds[1]).T)
+    mx.eval(constants, ones, no_starts, unrotation)
+    merge_kernel = kernels.kernel("merge", ("o", "ml", "rt_t"), ("out",))
+    return (
+        attend,
+        template,
+        tile,
+        -(-GL // R),
+        constants,
+        ones,
+        no_starts,
+        merge_kernel,
+        merge,
+        unrotation,
+    )
 
 
 def _fused_attention(queries, keys, values, scale, causal, starts=None):
@@ -213,30 +237,23 @@ def _fused_attention(queries, keys, values, scale, causal, starts=None):
     `starts`: (B,) int32, the first key each batch row sees (left padding), else 0."""
     B, Hq, L, D = queries.shape
     Hkv, S = keys.data.shape[1:3]
-    GL = Hq // Hkv * L
     smooth = keys.channel_scale is not None
-    template, tile, R = _decode_template(
-        queries.dtype, D, keys.bits, values.bits, GL, causal, smooth
-    )
-    blocks = -(-GL // R)
+    attend, template, tile, blocks, constants, ones, no_starts, merge, merge_args, rt_t = (
+        _fused_plan(
+            queries.dtype, B, Hq, Hkv, L, D, keys.bits, values.bits,
+            (keys.seed, values.seed), causal, smooth, float(scale),
+        )
+    )  # fmt: skip
     splits = min(-(-S // tile), max(1, TARGET_GROUPS // (B * Hkv * blocks)))
-    attend = kernels.kernel(
-        "decode_attention",
-        ("q", "k", "v", "rt", "scale", "k_levels", "v_levels", "qscale", "starts"),
-        ("o", "ml"),
-        contiguous=False,
-    )
+    GL = Hq // Hkv * L
     o, ml = attend(
         inputs=[
             queries,
             keys.data,
             values.data,
-            rotation_matrix(D, keys.seed),
-            _scalar(float(scale)),
-            codebook(keys.bits, D)[0],
-            codebook(values.bits, D)[0],
-            keys.channel_scale if smooth else _ones4(D),  # read with its strides
-            _no_starts(B) if starts is None else starts.astype(mx.int32),
+            *constants,
+            keys.channel_scale if smooth else ones,  # read with its strides
+            no_starts if starts is None else starts.astype(mx.int32),
         ],
         template=template,
         grid=(tile * splits, B * Hkv, blocks),
@@ -244,17 +261,7 @@ def _fused_attention(queries, keys, values, scale, causal, starts=None):
         output_shapes=[(B * Hkv, splits, GL, D), (B * Hkv, splits, GL, 2)],
         output_dtypes=[mx.float32, mx.float32],
     )
-    merge = kernels.kernel("merge", ("o", "ml", "rt_t"), ("out",))
-    threads = 32 * -(-D // 32)
-    (out,) = merge(
-        inputs=[o, ml, _unrotation(D, values.seed)],
-        template=[("T", queries.dtype), ("D", D), ("POW2", D & (D - 1) == 0)],
-        grid=(threads * B * Hkv * GL, 1, 1),
-        threadgroup=(threads, 1, 1),
-        output_shapes=[(B, Hq, L, D)],
-        output_dtypes=[queries.dtype],
-    )
-    return out
+    return merge(inputs=[o, ml, rt_t], **merge_args)[0]
 
 
 def _spoilt(bad, mask, Hq, L):

@@ -192,8 +192,17 @@ def setup_arg_parser():
     arg("--repeats", type=count, default=DEFAULT_REPEATS, help="Runs per context and config")
     arg("--prefill-step-size", type=count, default=DEFAULT_PREFILL_STEP, help="Tokens per call")
     arg("--quick", action="store_true", help=f"A small run: {QUICK}")
-    arg("--json", default="bench_generate.json", help="Write the results to this file")
-    arg("--plot", help=f"PNG to write; None: the JSON's name with .png (needs {PLOT_EXTRA})")
+    arg(
+        "--json",
+        type=tools.output_file,
+        default="bench_generate.json",
+        help="Write the results to this file",
+    )
+    arg(
+        "--plot",
+        type=tools.output_file,
+        help=f"PNG to write; None: the JSON's name with .png (needs {PLOT_EXTRA})",
+    )
     return parser
 
 

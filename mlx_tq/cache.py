@@ -388,6 +388,8 @@ def _layers(model, max_kv_size, quantize_sliding, options, sliding_key_bits, war
         if type(c) is KVCache:
             c = TurboQuantKVCache(**layer)
         elif type(c) is RotatingKVCache and quantize_sliding:
+            # A window shorter than the warm-up would never quantise: freeze when it is full.
+            layer["warmup_tokens"] = min(warmup_tokens, c.max_size)
             c = TurboQuantRotatingKVCache(c.max_size, c.keep, **layer)
         out.append(c)
     if not any(isinstance(c, _TurboQuantMixin) for c in out):

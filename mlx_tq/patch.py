@@ -10,6 +10,9 @@ import threading
 import mlx.core as mx
 import mlx_lm.models.base as base
 
+from . import attention
+from .quant import TurboQuantized
+
 _original = None  # mlx-lm's function while patched
 _probe = threading.local()  # .reached: ids of the caches a routing probe saw attended
 _probe_lock = threading.Lock()
@@ -20,9 +23,6 @@ def is_patched() -> bool:
 
 
 def _attention(queries, keys, values, cache, scale, mask, sinks=None):
-    from . import attention
-    from .quant import TurboQuantized
-
     if not isinstance(keys, TurboQuantized):
         return _original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
     if sinks is not None:

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -49,7 +50,12 @@ def load_windows(tokenizer, path, window: int, num_windows: int | None = None) -
 
 
 def evaluate(
-    model, windows: mx.array, configs: list[str], chunk_size=DEFAULT_CHUNK_SIZE, first_update=0
+    model,
+    windows: mx.array,
+    configs: list[str],
+    chunk_size=DEFAULT_CHUNK_SIZE,
+    first_update=0,
+    deadline=None,
 ):
     """Feeds every window through each configuration's cache and compares it with fp16.
 
@@ -60,20 +66,27 @@ def evaluate(
         chunk_size: Tokens per forward call; each call's logits are its predictions.
         first_update: If > 0, the first `first_update` tokens of each window go in one call,
             as a chat's first turn, then the rest in chunks of `chunk_size`.
+        deadline: A `time.monotonic()` value: no window starts after it (at least one runs);
+            the results are those of the windows done.
 
     Returns:
         A dict per configuration name: ``ppl``, ``ppl_se``, ``delta_ppl`` (relative, from
         the paired per-token log-likelihood differences), ``delta_ppl_se``, ``kl`` (mean
         KL(fp16 || config) over the vocabulary), ``kl_se``, ``top1`` (agreement of argmax),
-        ``bits_per_element`` (of the rows held after the last window) and ``tokens``.
+        ``bits_per_element`` (of the rows held after the last window), ``tokens`` and
+        ``windows`` (evaluated).
     """
     configs = [tools.REFERENCE] + [c for c in configs if c != tools.REFERENCE]
     per_chunk, bits = {c: [] for c in configs}, {}  # (nll, kl, top-1) arrays per chunk
     N, L = windows.shape[0], windows.shape[1] - 1
     starts = ([0] if first_update else []) + list(range(first_update, L, chunk_size))
     ends = starts[1:] + [L]
+    done = 0
     with tqdm(total=N * len(starts) * len(configs), desc="windows x chunks x configs") as bar:
         for w in range(N):
+            if w and deadline is not None and time.monotonic() > deadline:
+                break
+            done = w + 1
             caches = [tools.make_cache(model, c) for c in configs]
             for start, end in zip(starts, ends, strict=True):
                 x = windows[w : w + 1, start:end]
@@ -109,6 +122,7 @@ def evaluate(
             "top1": float(top1.mean()),
             "bits_per_element": bits[c],
             "tokens": len(n),
+            "windows": done,
         }
     return results
 
@@ -158,7 +172,12 @@ def setup_arg_parser():
     )
     arg("--kv-bits", type=int, nargs="*", choices=PRESETS, default=DEFAULT_KV_BITS, help="As tq<b>")
     arg("--compare", type=config, nargs="*", default=DEFAULT_COMPARE, help=tools.CONFIG_HELP)
-    arg("--json", help="Also write the results to this file")
+    arg("--json", type=tools.output_file, help="Also write the results to this file")
+    arg(
+        "--time-limit",
+        type=count,
+        help="Seconds: start no window after this (per feed) and report the windows done",
+    )
     return parser
 
 
@@ -186,16 +205,17 @@ def main():
         model, tokenizer = load(args.model, dtype=getattr(mx, args.dtype) if args.dtype else None)
         windows = load_windows(tokenizer, data, args.window, args.num_windows or None)
     patch()
-    feeds = {
-        n: evaluate(model, windows, configs, args.chunk_size, n)
-        for n in dict.fromkeys([0, args.first_update or 0])
-    }
+    feeds = {}
+    for n in dict.fromkeys([0, args.first_update or 0]):
+        deadline = args.time_limit and time.monotonic() + args.time_limit
+        feeds[n] = evaluate(model, windows, configs, args.chunk_size, n, deadline or None)
     dtype = tools.model_dtype(model)
-    print(f"{windows.shape[0]} windows x {args.window} tokens of {data.name}")
+    done = min(r["windows"] for feed in feeds.values() for r in feed.values())
+    print(f"{done} windows x {args.window} tokens of {data.name}")
     print(format_table(feeds, str(dtype).removeprefix("mlx.core."), args.chunk_size))
     if args.json:
         meta = {**tools.run_info("perplexity", dtype), "model": args.model, "data": str(data)}
-        meta |= {"window": args.window, "num_windows": int(windows.shape[0])}
+        meta |= {"window": args.window, "num_windows": done, "time_limit": args.time_limit}
         meta |= {"chunk_size": args.chunk_size, "first_update": args.first_update}
         meta["results"] = feeds[0]
         if args.first_update:

@@ -286,39 +286,36 @@ def quantize_kv(
     return k.reshape(*lead, L, -1), v.reshape(*lead, L, -1)
 
 
-def quantize_kv_rows(keys, values, key_bits, value_bits, seed, offset, scale):
-    """The kernel of `quantize_kv`, inputs checked: keys and values (B, H, L, D), `offset`
-    and `scale` (or None) float32 (B * H, D) rows, or one (1, D) offset row for all when
-    B * H * L keys are passed as (1, 1, N, D)."""
-    *lead, dim = keys.shape
-    n = keys.size // dim
-    template = quantize_template(keys.dtype, dim, key_bits, value_bits, scale is not None)
-    k_levels, k_bounds = codebook(key_bits, dim)
-    v_levels, v_bounds = codebook(value_bits, dim)
+@cache
+def _quantize_plan(dtype, dim, key_bits, value_bits, seed, scaled):
+    """The quantise kernel, its template and constant inputs, built once per variant."""
     kernel = kernels.kernel(
         "quantize",
         ("k", "v", "rt", "k_levels", "k_bounds", "v_levels", "v_bounds", "offset", "scale"),
         ("k_out", "v_out"),
     )
-    threads = 32 * -(-dim // 32)
-    return kernel(
-        inputs=[
-            keys,
-            values,
-            rotation_matrix(dim, seed),
-            k_levels,
-            k_bounds,
-            v_levels,
-            v_bounds,
-            offset,
-            offset if scale is None else scale,  # not read without SCALE
-        ],
-        template=template,
-        grid=(threads * 2 * -(-n // QUANTIZE_ROWS), 1, 1),
-        threadgroup=(threads, 1, 1),
-        output_shapes=[(*lead, words_per_row(dim, b)) for b in (key_bits, value_bits)],
-        output_dtypes=[mx.uint32, mx.uint32],
+    template = quantize_template(dtype, dim, key_bits, value_bits, scaled)
+    constants = [rotation_matrix(dim, seed), *codebook(key_bits, dim), *codebook(value_bits, dim)]
+    words = (words_per_row(dim, key_bits), words_per_row(dim, value_bits))
+    return kernel, template, constants, words, 32 * -(-dim // 32)
+
+
+def quantize_kv_rows(keys, values, key_bits, value_bits, seed, offset, scale):
+    """The kernel of `quantize_kv`, inputs checked: keys and values (B, H, L, D), `offset`
+    and `scale` (or None) float32 (B * H, D) rows, or one (1, D) offset row for all when
+    B * H * L keys are passed as (1, 1, N, D)."""
+    *lead, dim = keys.shape
+    kernel, template, constants, words, threads = _quantize_plan(
+        keys.dtype, dim, key_bits, value_bits, seed, scale is not None
     )
+    return kernel(
+        inputs=[keys, values, *constants, offset, offset if scale is None else scale],
+        template=template,
+        grid=(threads * 2 * -(-(keys.size // dim) // QUANTIZE_ROWS), 1, 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[(*lead, w) for w in words],
+        output_dtypes=[mx.uint32, mx.uint32],
+    )  # the scale input is not read without SCALE
 
 
 def _qjl_rotated(q: TurboQuantized) -> mx.array:

@@ -22,6 +22,7 @@ import re
 import sys
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from pathlib import Path
 
 import mlx.core as mx
 import mlx_lm
@@ -156,6 +157,13 @@ def run_info(mode: str, dtype) -> dict:
         "mlx_lm": mlx_lm.__version__,
         "dtype": str(dtype).removeprefix("mlx.core."),
     }
+
+
+def output_file(text: str) -> str:
+    """An argparse ``type``: a file path whose folder exists (checked before a long run)."""
+    if not Path(text).resolve().parent.is_dir():
+        raise argparse.ArgumentTypeError(f"no folder {Path(text).parent} to write {text} in")
+    return text
 
 
 def positive_int(text: str) -> int:

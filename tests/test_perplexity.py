@@ -54,6 +54,15 @@ def test_more_bits_less_divergence(model, windows):
     assert abs(r["k8v8-w0"]["delta_ppl"]) < abs(r["k3v3-w0"]["delta_ppl"])
 
 
+def test_deadline_reports_the_windows_done(model, windows):
+    """A passed deadline still runs one window, and the results are that window's alone."""
+    late = evaluate(model, windows, ["k4v4-w0"], chunk_size=16, deadline=0.0)
+    first = evaluate(model, windows[:1], ["k4v4-w0"], chunk_size=16)
+    assert late["k4v4-w0"]["windows"] == 1 and late["k4v4-w0"]["tokens"] == 64
+    assert late["k4v4-w0"]["kl"] == first["k4v4-w0"]["kl"]
+    assert evaluate(model, windows, [], chunk_size=16)["fp16"]["windows"] == 2
+
+
 def test_chunk_size_does_not_change_fp16(model, windows):
     ppl = [evaluate(model, windows, [], chunk_size=n)["fp16"]["ppl"] for n in (1, 16, 64)]
     assert ppl == pytest.approx([ppl[0]] * 3, rel=1e-5)
@@ -112,7 +121,7 @@ def test_cli_json(model, tmp_path, monkeypatch, capsys):
     assert list(r["results"]) == ["fp16", "tq4", "k5v3", "affine4"]
     fields = {"ppl", "ppl_se", "delta_ppl", "delta_ppl_se", "kl", "kl_se", "top1"}
     for v in r["results"].values():
-        assert fields | {"bits_per_element", "tokens"} == set(v)
+        assert fields | {"bits_per_element", "tokens", "windows"} == set(v)
         assert v["tokens"] == 64
     table = capsys.readouterr().out
     assert "| k5v3 |" in table and "| affine4 |" in table

@@ -38,6 +38,13 @@ def test_unknown_config_names(name):
         tools.check_config(name)
 
 
+@pytest.mark.parametrize("module", [perplexity, bench])
+def test_json_in_a_missing_folder_is_refused_before_the_run(module, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        module.setup_arg_parser().parse_args(["--json", str(tmp_path / "missing" / "x.json")])
+    assert e.value.code == 2 and "no folder" in capsys.readouterr().err
+
+
 def test_affine_compresses_sliding_window_layers_too():
     gemma = tiny_model("gemma3")
     assert {type(c) for c in lm_cache.make_prompt_cache(gemma)} == {

@@ -1,9 +1,0 @@
-import mlx.core as mx
-from mlx_tq import quantize, scaled_dot_product_attention
-S, HKV, D = 131072, 8, 128
-q = mx.random.normal((1, 32, 1, D)).astype(mx.float16)
-k = quantize(mx.random.normal((1, HKV, S, D)), 4, 0, offset=mx.zeros((1, HKV, 1, D)), check_finite=False)
-v = quantize(mx.random.normal((1, HKV, S, D)), 4, 1, check_finite=False)
-mx.eval(k.data, v.data)
-for _ in range(3):
-    mx.eval(scaled_dot_product_attention(q, k, v, D**-0.5))
