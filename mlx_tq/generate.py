@@ -49,9 +49,9 @@ def setup_arg_parser():
     arg("--max-kv-size", type=count, help="Keep at most this many tokens per layer (rotating)")
     arg(
         "--verbose",
-        type=lambda s: s.lower() in ("1", "true", "yes"),
+        type=lambda s: s.lower() not in ("false", "f"),  # as mlx_lm.generate reads it
         default=True,
-        help="Print timing, memory and KV cache figures (true/false)",
+        help="Print timing, memory and KV cache figures (false or f: off)",
     )
     arg(
         "--kv-bits",

@@ -206,3 +206,8 @@ def test_blas_hint(monkeypatch, capsys):
     monkeypatch.setattr(tools.mx, "default_device", lambda: mx.gpu)
     tools.blas_hint("")
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("text, on", [("false", False), ("F", False), ("true", True), ("t", True)])
+def test_verbose_reads_as_mlx_lm_generate_does(text, on):
+    assert generate.setup_arg_parser().parse_args(["--verbose", text]).verbose is on
