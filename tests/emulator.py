@@ -1,4 +1,4 @@
-"""Runs mlx_tq's kernel bodies on the CPU: each is compiled as C++ with `emu_prelude.h`
+"""Runs mlx_tq's kernel bodies on the CPU: each is compiled as C++20 with `emu_prelude.h`
 (threads, barriers and SIMD-group exchanges emulated), so the kernels' logic is tested
 where there is no GPU. `emulate()` makes `mlx_tq.kernels` hand these out.
 
@@ -8,6 +8,8 @@ time. Small sizes only (a threadgroup costs ~1 ms of thread start-up).
 """
 
 import hashlib
+import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -20,6 +22,8 @@ from mlx_tq import kernels
 HERE = Path(__file__).resolve().parent
 BUILD = Path(tempfile.gettempdir()) / "mlx_tq_emulator"
 CTYPES = {mx.uint32: "uint32_t", mx.int32: "int32_t"}
+# A C++20 compiler (tests/run.sh installs clang++ on Linux when missing).
+COMPILER = shutil.which("g++") or shutil.which("clang++")
 
 
 def _ctype(dtype):
@@ -101,13 +105,14 @@ def _binary(source: str) -> Path:
     exe = BUILD / f"k_{key}"
     if not exe.exists():
         BUILD.mkdir(parents=True, exist_ok=True)
-        src = BUILD / f"k_{key}.cpp"
+        src = BUILD / f"k_{key}.{os.getpid()}.cpp"
         src.write_text(source)
         package = Path(kernels.__file__).resolve().parent
         metal = next(p for p in (package / "metal", package.parent / "metal") if p.is_dir())
-        cmd = ["g++", "-std=c++20", "-O1", "-pthread", "-w", f"-I{HERE}", f"-I{metal}"]
-        subprocess.run(cmd + ["-o", str(exe) + ".tmp", str(src)], check=True, capture_output=True)
-        Path(str(exe) + ".tmp").rename(exe)
+        cmd = [COMPILER, "-std=c++20", "-O1", "-pthread", "-w", f"-I{HERE}", f"-I{metal}"]
+        tmp = f"{exe}.{os.getpid()}.tmp"  # renamed into place: parallel runs never see half
+        subprocess.run(cmd + ["-o", tmp, str(src)], check=True, capture_output=True)
+        Path(tmp).rename(exe)
     return exe
 
 

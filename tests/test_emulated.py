@@ -6,13 +6,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import test_gpu
-from emulator import emulate
+from emulator import COMPILER, emulate
 
 from mlx_tq import attention
 
-pytestmark = pytest.mark.skipif(
-    __import__("shutil").which("g++") is None, reason="needs g++ (C++20) for the emulation"
-)
+pytestmark = pytest.mark.skipif(COMPILER is None, reason="needs g++ or clang++ (C++20)")
 
 ATTENTION = [  # (B, Hkv, G, L, S, D, key bits, value bits, dtype, smooth): straddling tiles
     (1, 2, 4, 1, 300, 128, 4, 4, mx.float16, False),
