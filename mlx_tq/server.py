@@ -18,6 +18,7 @@ from huggingface_hub.constants import HF_HUB_CACHE
 
 from .cache import PRESETS, WARMUP_TOKENS, make_prompt_cache
 from .codebook import SUPPORTED_BITS
+from .generate import kv_bits
 from .loading import resolve
 from .patch import patch
 
@@ -35,11 +36,10 @@ def setup_arg_parser():
     arg("--model", help="HF repo, local mlx folder or .gguf (default: Gemma-3-270M)")
     arg(
         "--kv-bits",
-        type=int,
+        type=kv_bits,
         default=DEFAULT_KV_BITS,
-        choices=PRESETS,
-        help=f"Bit budget of the TurboQuant KV cache, one of {tuple(PRESETS)} "
-        f"(default: {DEFAULT_KV_BITS})",
+        help=f"Bit budget of the TurboQuant KV cache, one of {tuple(PRESETS)}, or none: "
+        f"mlx-lm's unquantised cache (default: {DEFAULT_KV_BITS})",
     )
     arg("--kv-key-bits", type=int, choices=SUPPORTED_BITS, help="Override key bits")
     arg("--kv-value-bits", type=int, choices=SUPPORTED_BITS, help="Override value bits")
@@ -106,7 +106,10 @@ class ResponseGenerator(lm_server.ResponseGenerator):
 
 
 def main():
-    args, rest = setup_arg_parser().parse_known_args()
+    parser = setup_arg_parser()
+    args, rest = parser.parse_known_args()
+    if args.kv_bits is None and (args.kv_key_bits or args.kv_value_bits):
+        parser.error("--kv-key-bits and --kv-value-bits need a --kv-bits budget")
     options = dict(kv_bits=args.kv_bits, key_bits=args.kv_key_bits, value_bits=args.kv_value_bits)
     options["warmup_tokens"] = args.quantized_kv_start
     if {"-h", "--help"} & set(rest):
@@ -116,15 +119,17 @@ def main():
         try:
             model = resolve(args.model)
             # Fails here, not in the server's generation thread, for a model we cannot serve.
-            make_prompt_cache(mlx_lm.load(model, lazy=True)[0], **options)
+            if args.kv_bits is not None:
+                make_prompt_cache(mlx_lm.load(model, lazy=True)[0], **options)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"error: {e}") from e
         rest = ["--model", model, *rest]
     # mlx-lm's /v1/models fails while the Hugging Face cache does not exist (a fresh install).
     Path(HF_HUB_CACHE).mkdir(parents=True, exist_ok=True)
-    patch()
-    # mlx-lm's main parses its flags and builds these by name.
-    lm_server.ModelProvider = partial(ModelProvider, **options)
+    # mlx-lm's main parses its flags and builds these by name (--kv-bits none: its own caches).
+    if args.kv_bits is not None:
+        patch()
+        lm_server.ModelProvider = partial(ModelProvider, **options)
     lm_server.LRUPromptCache = LRUPromptCache
     lm_server.ResponseGenerator = ResponseGenerator
     sys.argv = ["mlx_tq.server", *rest]

@@ -181,3 +181,34 @@ def test_default_model(tmp_path):
         concurrent_equals_alone(server, prompts, max_tokens=12)
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("kv_bits, ours", [("none", False), ("3", True)])
+def test_kv_bits_none_serves_mlx_lm_caches(kv_bits, ours, model_dir, monkeypatch):
+    """`--kv-bits none` runs mlx-lm's server with its own caches (as mlx_tq.generate does);
+    a budget installs the TurboQuant model provider."""
+    import mlx_lm.server as lm_server
+
+    from mlx_tq import server
+    from mlx_tq.patch import is_patched
+
+    seen = []
+    monkeypatch.setattr(lm_server, "ModelProvider", lm_server.ModelProvider)
+    monkeypatch.setattr(lm_server, "LRUPromptCache", lm_server.LRUPromptCache)
+    monkeypatch.setattr(lm_server, "ResponseGenerator", lm_server.ResponseGenerator)
+    monkeypatch.setattr(lm_server, "main", lambda: seen.append(lm_server.ModelProvider))
+    monkeypatch.setattr(
+        "sys.argv", ["mlx_tq.server", "--model", str(model_dir), "--kv-bits", kv_bits]
+    )
+    was_patched = is_patched()
+    try:
+        server.main()
+    finally:
+        if not was_patched:
+            mlx_tq.unpatch()
+    assert len(seen) == 1 and (getattr(seen[0], "func", None) is ModelProvider) is ours
+    with pytest.raises(SystemExit):
+        monkeypatch.setattr(
+            "sys.argv", ["mlx_tq.server", "--kv-bits", "none", "--kv-key-bits", "3"]
+        )
+        server.main()
