@@ -257,7 +257,10 @@ def convert_gguf(path: str | Path, dtype=None) -> Path:
         return out
     import gguf
 
-    reader = gguf.GGUFReader(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as e:  # gguf's own messages do not name the file
+        raise ValueError(f"cannot read {path} as a GGUF file: {e}") from e
     _architecture(reader)
     size = sum(int(t.n_elements) for t in reader.tensors) * dtype.size
     name = str(dtype).removeprefix("mlx.core.")

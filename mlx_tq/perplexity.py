@@ -34,9 +34,13 @@ def load_windows(tokenizer, path, window: int, num_windows: int | None = None) -
     """Consecutive, non-overlapping windows of the text as (N, window + 1) token ids.
 
     Each row is BOS (when the tokenizer has one) then text tokens: the first `window` are
-    fed, the last `window` are the targets.
+    fed, the last `window` are the targets. Raises ValueError for a file that is not UTF-8
+    text or holds less than one window.
     """
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e})") from e
     tokens = tokenizer.encode(text, add_special_tokens=False)
     bos = getattr(tokenizer, "bos_token_id", None)
     n = window if bos is not None else window + 1

@@ -235,6 +235,13 @@ def test_gguf_is_converted_once(tmp_path, cache):
     assert convert_gguf(path, mx.float16) != out
 
 
+def test_corrupt_gguf_is_named(tmp_path, cache):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"GGUF" + b"\x07" * 64)
+    with pytest.raises(ValueError, match="cannot read .*broken.gguf as a GGUF file"):
+        convert_gguf(path, mx.float32)
+
+
 def test_dtype(tmp_path):
     path = write_gguf(tmp_path / "qwen2.gguf", "qwen2", reference("qwen2")[1])
     model, _ = load(str(path), dtype=mx.bfloat16)

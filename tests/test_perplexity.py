@@ -90,6 +90,9 @@ def test_load_windows(tmp_path):
     assert w[1, 1:].tolist() == ByteTokenizer().encode("abcdefghij" * 10, False)[16:32]
     with pytest.raises(ValueError, match="fewer than one window"):
         load_windows(ByteTokenizer(), path, 1000)
+    path.write_bytes(b"\x91\x00\xff" * 10)
+    with pytest.raises(ValueError, match="text.txt is not UTF-8 text"):
+        load_windows(ByteTokenizer(), path, 4)
 
 
 def test_parse_config_errors():
