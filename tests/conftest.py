@@ -1,7 +1,11 @@
 import mlx.core as mx
+import pytest
 from hypothesis import settings
 from mlx.utils import tree_flatten
 from mlx_lm.models import gemma3_text, llama, qwen2
+
+import mlx_tq
+from mlx_tq.patch import is_patched
 
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True)
 settings.load_profile("ci")
@@ -49,3 +53,25 @@ def lively(model, std=0.5):
     )
     mx.eval(model.parameters())
     return model
+
+
+class ByteTokenizer:
+    """Bytes as token ids, BOS 1: a tokenizer for text fed to a tiny model."""
+
+    bos_token_id = 1
+
+    def encode(self, text, add_special_tokens=True):
+        ids = list(text.encode())
+        return [self.bos_token_id] + ids if add_special_tokens else ids
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+@pytest.fixture
+def restore_patch():
+    """Leaves mlx_tq's patch of mlx-lm as the test found it (the CLIs' mains patch)."""
+    was_patched = is_patched()
+    yield
+    if not was_patched:
+        mlx_tq.unpatch()

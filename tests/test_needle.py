@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_model
+from conftest import ByteTokenizer, tiny_model
 
 from mlx_tq.tools import make_cache
 
@@ -12,17 +12,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import needle  # noqa: E402
 
 VOCAB = 256
-
-
-class ByteTokenizer:
-    bos_token_id = 1
-
-    def encode(self, text, add_special_tokens=True):
-        ids = list(text.encode())
-        return [self.bos_token_id] + ids if add_special_tokens else ids
-
-    def decode(self, ids):
-        return "".join(chr(i) for i in ids)
 
 
 def test_needle_prompt_and_retrieve():

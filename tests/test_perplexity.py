@@ -4,27 +4,15 @@ import sys
 
 import mlx.core as mx
 import pytest
-from conftest import tiny_model
+from conftest import ByteTokenizer, tiny_model
 from mlx.utils import tree_map
 
 import mlx_tq
 from mlx_tq import perplexity
-from mlx_tq.patch import is_patched
 from mlx_tq.perplexity import evaluate, load_windows
 from mlx_tq.tools import kv_footprint, make_cache
 
 VOCAB = 256
-
-
-class ByteTokenizer:
-    bos_token_id = 1
-
-    def encode(self, text, add_special_tokens=True):
-        ids = list(text.encode())
-        return [self.bos_token_id] + ids if add_special_tokens else ids
-
-    def decode(self, ids):
-        return "".join(chr(i) for i in ids)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +88,7 @@ def test_parse_config_errors():
         make_cache(None, "q4")
 
 
-def test_cli_json(model, tmp_path, monkeypatch, capsys):
+def test_cli_json(model, tmp_path, monkeypatch, capsys, restore_patch):
     data, out = tmp_path / "text.txt", tmp_path / "out.json"
     data.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     asked = []
@@ -111,12 +99,7 @@ def test_cli_json(model, tmp_path, monkeypatch, capsys):
     argv += ["--chunk-size", "8", "--kv-bits", "4", "--compare", "k5v3", "affine4"]
     argv += ["--dtype", "float32", "--json", str(out)]
     monkeypatch.setattr(sys, "argv", argv)
-    was_patched = is_patched()
-    try:
-        perplexity.main()
-    finally:
-        if not was_patched:
-            mlx_tq.unpatch()
+    perplexity.main()
     r = json.loads(out.read_text())
     assert r["window"] == 32 and r["num_windows"] == 2 and r["chunk_size"] == 8
     assert asked == [mx.float32] and r["dtype"] == "float32" and r["mode"] == "perplexity"
@@ -166,7 +149,7 @@ def test_first_update_feeds_a_short_first_call(model, windows):
     assert chat["k4v4-w0"]["kl"] != chunked["k4v4-w0"]["kl"]
 
 
-def test_cli_first_update_and_data_errors(model, tmp_path, monkeypatch, capsys):
+def test_cli_first_update_and_data_errors(model, tmp_path, monkeypatch, capsys, restore_patch):
     data, out = tmp_path / "text.txt", tmp_path / "out.json"
     data.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     monkeypatch.setattr(perplexity, "load", lambda path, dtype=None: (model, ByteTokenizer()))
@@ -174,12 +157,7 @@ def test_cli_first_update_and_data_errors(model, tmp_path, monkeypatch, capsys):
     argv = ["mlx_tq.perplexity", "--data", str(data), "--window", "300", "--num-windows", "1"]
     argv += ["--chunk-size", "8", "--kv-bits", "4", "--compare", "--first-update", "3"]
     monkeypatch.setattr(sys, "argv", argv + ["--json", str(out)])
-    was_patched = is_patched()
-    try:
-        perplexity.main()
-    finally:
-        if not was_patched:
-            mlx_tq.unpatch()
+    perplexity.main()
     r = json.loads(out.read_text())
     assert r["first_update"] == 3
     assert list(r["results"]) == list(r["first_update_results"]) == ["fp16", "tq4"]

@@ -3,6 +3,7 @@
 import argparse
 from concurrent.futures import ThreadPoolExecutor
 
+import mlx_lm.server as lm_server
 import numpy as np
 import openai
 import pytest
@@ -11,6 +12,7 @@ from mlx_lm.models.cache import make_prompt_cache as lm_make_prompt_cache
 from serving import WARMUP, Server, save_model
 
 import mlx_tq
+from mlx_tq import server as tq_server
 from mlx_tq.cache import TurboQuantKVCache
 from mlx_tq.server import ModelProvider
 
@@ -184,14 +186,9 @@ def test_default_model(tmp_path):
 
 
 @pytest.mark.parametrize("kv_bits, ours", [("none", False), ("3", True)])
-def test_kv_bits_none_serves_mlx_lm_caches(kv_bits, ours, model_dir, monkeypatch):
+def test_kv_bits_none_serves_mlx_lm_caches(kv_bits, ours, model_dir, monkeypatch, restore_patch):
     """`--kv-bits none` runs mlx-lm's server with its own caches (as mlx_tq.generate does);
     a budget installs the TurboQuant model provider."""
-    import mlx_lm.server as lm_server
-
-    from mlx_tq import server
-    from mlx_tq.patch import is_patched
-
     seen = []
     monkeypatch.setattr(lm_server, "ModelProvider", lm_server.ModelProvider)
     monkeypatch.setattr(lm_server, "LRUPromptCache", lm_server.LRUPromptCache)
@@ -200,15 +197,10 @@ def test_kv_bits_none_serves_mlx_lm_caches(kv_bits, ours, model_dir, monkeypatch
     monkeypatch.setattr(
         "sys.argv", ["mlx_tq.server", "--model", str(model_dir), "--kv-bits", kv_bits]
     )
-    was_patched = is_patched()
-    try:
-        server.main()
-    finally:
-        if not was_patched:
-            mlx_tq.unpatch()
+    tq_server.main()
     assert len(seen) == 1 and (getattr(seen[0], "func", None) is ModelProvider) is ours
     with pytest.raises(SystemExit):
         monkeypatch.setattr(
             "sys.argv", ["mlx_tq.server", "--kv-bits", "none", "--kv-key-bits", "3"]
         )
-        server.main()
+        tq_server.main()
