@@ -20,18 +20,6 @@ DEFAULT_TOP_P = 1.0
 DEFAULT_KV_BITS = 4
 
 
-def kv_bits(text: str) -> int | None:
-    """An argparse ``type``: a `PRESETS` budget, or ``none`` for mlx-lm's unquantised cache."""
-    if text == "none":
-        return None
-    if text.isdigit() and int(text) in PRESETS:
-        return int(text)
-    choices = ", ".join(map(str, PRESETS))
-    raise argparse.ArgumentTypeError(
-        f"invalid choice: {text} (choose from {choices}) or none for mlx-lm's unquantised cache"
-    )
-
-
 def setup_arg_parser():
     parser = argparse.ArgumentParser(
         description="Generate text with a TurboQuant KV cache.",
@@ -55,7 +43,7 @@ def setup_arg_parser():
     )
     arg(
         "--kv-bits",
-        type=kv_bits,
+        type=tools.kv_bits,
         default=DEFAULT_KV_BITS,
         help=f"KV cache budget, one of {tuple(PRESETS)}, or none: mlx-lm's unquantised cache",
     )

@@ -211,8 +211,8 @@ def main():
     patch()
     feeds = {}
     for n in dict.fromkeys([0, args.first_update or 0]):
-        deadline = args.time_limit and time.monotonic() + args.time_limit
-        feeds[n] = evaluate(model, windows, configs, args.chunk_size, n, deadline or None)
+        deadline = time.monotonic() + args.time_limit if args.time_limit else None
+        feeds[n] = evaluate(model, windows, configs, args.chunk_size, n, deadline)
     dtype = tools.model_dtype(model)
     done = min(r["windows"] for feed in feeds.values() for r in feed.values())
     print(f"{done} windows x {args.window} tokens of {data.name}")

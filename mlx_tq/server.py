@@ -16,9 +16,9 @@ import mlx_lm
 import mlx_lm.server as lm_server
 from huggingface_hub.constants import HF_HUB_CACHE
 
+from . import tools
 from .cache import PRESETS, WARMUP_TOKENS, make_prompt_cache
 from .codebook import SUPPORTED_BITS
-from .generate import kv_bits
 from .loading import resolve
 from .patch import patch
 
@@ -36,7 +36,7 @@ def setup_arg_parser():
     arg("--model", help="HF repo, local mlx folder or .gguf (default: Gemma-3-270M)")
     arg(
         "--kv-bits",
-        type=kv_bits,
+        type=tools.kv_bits,
         default=DEFAULT_KV_BITS,
         help=f"Bit budget of the TurboQuant KV cache, one of {tuple(PRESETS)}, or none: "
         f"mlx-lm's unquantised cache (default: {DEFAULT_KV_BITS})",

@@ -30,7 +30,7 @@ import mlx_lm.models.cache as lm_cache
 from mlx.utils import tree_flatten
 
 from . import kernels
-from .cache import make_prompt_cache
+from .cache import PRESETS, make_prompt_cache
 from .codebook import SUPPORTED_BITS
 from .loading import DEFAULT_MODEL
 from .quant import FLOAT_DTYPES
@@ -84,9 +84,8 @@ def describe(cache: list) -> str:
     if tq:
         c = next((c for c in tq if not hasattr(c, "max_size")), tq[0])
         other = [
-            f", K{b} keys in {n} of {len(tq)} layers"
+            f", K{b} keys in {sum(d.key_bits == b for d in tq)} of {len(tq)} layers"
             for b in sorted({d.key_bits for d in tq} - {c.key_bits})
-            if (n := sum(d.key_bits == b for d in tq))
         ]
         smooth = f", key smoothing {c.smooth_keys}" if c.smooth_keys else ""
         return (
@@ -164,6 +163,18 @@ def output_file(text: str) -> str:
     if not Path(text).resolve().parent.is_dir():
         raise argparse.ArgumentTypeError(f"no folder {Path(text).parent} to write {text} in")
     return text
+
+
+def kv_bits(text: str) -> int | None:
+    """An argparse ``type``: a `PRESETS` budget, or ``none`` for mlx-lm's unquantised cache."""
+    if text == "none":
+        return None
+    if text.isdigit() and int(text) in PRESETS:
+        return int(text)
+    choices = ", ".join(map(str, PRESETS))
+    raise argparse.ArgumentTypeError(
+        f"invalid choice: {text} (choose from {choices}) or none for mlx-lm's unquantised cache"
+    )
 
 
 def positive_int(text: str) -> int:
