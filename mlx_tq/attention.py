@@ -6,6 +6,7 @@ the query is rotated once, the output once, and no key is dequantised to the ori
 
 import math
 from functools import cache
+from types import SimpleNamespace
 
 import mlx.core as mx
 
@@ -189,8 +190,7 @@ def _decode_template(dtype, D, key_bits, value_bits, GL, causal, smooth):
 
 @cache
 def _fused_plan(dtype, B, Hq, Hkv, L, D, key_bits, value_bits, seeds, causal, smooth, scale):
-    """What a fused call needs besides its queries and keys, built once per layer shape:
-    (kernels, template, tile, blocks, the constant inputs, the merge call's arguments)."""
+    """What a fused call needs besides its queries and keys, built once per layer shape."""
     GL = Hq // Hkv * L
     template, tile, R = _decode_template(dtype, D, key_bits, value_bits, GL, causal, smooth)
     attend = kernels.kernel(
@@ -207,7 +207,7 @@ def _fused_plan(dtype, B, Hq, Hkv, L, D, key_bits, value_bits, seeds, causal, sm
     ]
     ones, no_starts = mx.ones((1, 1, 1, D), mx.float32), mx.zeros((B,), mx.int32)
     threads = 32 * -(-D // 32)
-    merge = dict(
+    merge_args = dict(
         template=[("T", dtype), ("D", D), ("POW2", D & (D - 1) == 0)],
         grid=(threads * B * Hkv * GL, 1, 1),
         threadgroup=(threads, 1, 1),
@@ -218,17 +218,17 @@ def _fused_plan(dtype, B, Hq, Hkv, L, D, key_bits, value_bits, seeds, causal, sm
     unrotation = mx.contiguous(rotation_matrix(D, seeds[1]).T)
     mx.eval(constants, ones, no_starts, unrotation)
     merge_kernel = kernels.kernel("merge", ("o", "ml", "rt_t"), ("out",))
-    return (
-        attend,
-        template,
-        tile,
-        -(-GL // R),
-        constants,
-        ones,
-        no_starts,
-        merge_kernel,
-        merge,
-        unrotation,
+    return SimpleNamespace(
+        attend=attend,
+        template=template,
+        tile=tile,
+        blocks=-(-GL // R),
+        constants=constants,
+        ones=ones,
+        no_starts=no_starts,
+        merge=merge_kernel,
+        merge_args=merge_args,
+        rt_t=unrotation,
     )
 
 
@@ -238,30 +238,28 @@ def _fused_attention(queries, keys, values, scale, causal, starts=None):
     B, Hq, L, D = queries.shape
     Hkv, S = keys.data.shape[1:3]
     smooth = keys.channel_scale is not None
-    attend, template, tile, blocks, constants, ones, no_starts, merge, merge_args, rt_t = (
-        _fused_plan(
-            queries.dtype, B, Hq, Hkv, L, D, keys.bits, values.bits,
-            (keys.seed, values.seed), causal, smooth, float(scale),
-        )
+    p = _fused_plan(
+        queries.dtype, B, Hq, Hkv, L, D, keys.bits, values.bits,
+        (keys.seed, values.seed), causal, smooth, float(scale),
     )  # fmt: skip
-    splits = min(-(-S // tile), max(1, TARGET_GROUPS // (B * Hkv * blocks)))
+    splits = min(-(-S // p.tile), max(1, TARGET_GROUPS // (B * Hkv * p.blocks)))
     GL = Hq // Hkv * L
-    o, ml = attend(
+    o, ml = p.attend(
         inputs=[
             queries,
             keys.data,
             values.data,
-            *constants,
-            keys.channel_scale if smooth else ones,  # read with its strides
-            no_starts if starts is None else starts.astype(mx.int32),
+            *p.constants,
+            keys.channel_scale if smooth else p.ones,  # read with its strides
+            p.no_starts if starts is None else starts.astype(mx.int32),
         ],
-        template=template,
-        grid=(tile * splits, B * Hkv, blocks),
-        threadgroup=(tile, 1, 1),
+        template=p.template,
+        grid=(p.tile * splits, B * Hkv, p.blocks),
+        threadgroup=(p.tile, 1, 1),
         output_shapes=[(B * Hkv, splits, GL, D), (B * Hkv, splits, GL, 2)],
         output_dtypes=[mx.float32, mx.float32],
     )
-    return merge(inputs=[o, ml, rt_t], **merge_args)[0]
+    return p.merge(inputs=[o, ml, p.rt_t], **p.merge_args)[0]
 
 
 def _spoilt(bad, mask, Hq, L):
