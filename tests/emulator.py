@@ -12,12 +12,13 @@ import os
 import shutil
 import subprocess
 import tempfile
+from functools import cache
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from mlx_tq import kernels
+from mlx_tq import attention, kernels, quant
 
 HERE = Path(__file__).resolve().parent
 BUILD = Path(tempfile.gettempdir()) / "mlx_tq_emulator"
@@ -153,6 +154,10 @@ def kernel(name, inputs, outputs, contiguous=True):
 
 
 def emulate(monkeypatch):
-    """Makes mlx_tq dispatch its kernels (as on CUDA) to the CPU emulation."""
+    """Makes mlx_tq dispatch its kernels (as on CUDA) to the CPU emulation. The dispatchers'
+    cached plans hold kernel objects: they get fresh caches for the test, so that neither
+    side's kernels leak into the other's (a GPU run may hold both)."""
     monkeypatch.setattr(kernels, "backend", lambda: "cuda")
     monkeypatch.setattr(kernels, "kernel", kernel)
+    for module, name in ((attention, "_fused_plan"), (quant, "_quantize_plan")):
+        monkeypatch.setattr(module, name, cache(getattr(module, name).__wrapped__))
