@@ -20,6 +20,7 @@ import statistics
 import time
 
 import mlx.core as mx
+from gpu_bench import RANDOM_MODELS
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache as fp16_cache
 
@@ -53,21 +54,9 @@ def main():
     parser.add_argument("--stub", action="store_true", help="stub kernels (time the host only)")
     args = parser.parse_args()
     dtype = mx.float16
-    model = llama.Model(
-        llama.ModelArgs.from_dict(
-            dict(
-                model_type="llama",
-                hidden_size=4096,
-                num_hidden_layers=args.layers,
-                intermediate_size=512,
-                num_attention_heads=32,
-                num_key_value_heads=8,
-                head_dim=128,
-                rms_norm_eps=1e-5,
-                vocab_size=1024,
-            )
-        )
-    )
+    config = dict(RANDOM_MODELS["llama-3.1-8b"][0], num_hidden_layers=args.layers)
+    config.update(intermediate_size=512, vocab_size=1024)  # attention's shape, little else
+    model = llama.Model(llama.ModelArgs.from_dict(config))
     model.set_dtype(dtype)
     mx.eval(model.parameters())
     caches = {
