@@ -5,6 +5,7 @@ the query is rotated once, the output once, and no key is dequantised to the ori
 """
 
 import math
+from dataclasses import replace
 from functools import cache
 from types import SimpleNamespace
 
@@ -40,6 +41,17 @@ def _check_inputs(queries, keys, values):
         )
     if Hq % k[1]:
         raise ValueError(f"{Hq} query heads are not a multiple of {k[1]} key/value heads")
+    for t in (keys, values):
+        r = t.recent
+        if r is not None and (
+            r.shape[:-2] != t.data.shape[:-2] or r.shape[-2] > k[-2] or r.shape[-1] != D
+        ):
+            raise ValueError(
+                f"recent rows {r.shape} do not fit packed rows {t.shape}: they must be "
+                "(..., E, D) with E <= S"
+            )
+    if (keys.recent is None) != (values.recent is None):
+        raise ValueError("keys and values must both have recent rows or neither")
     if values.channel_scale is not None or values.offset is not None:
         raise ValueError(
             "values with an offset or channel_scale are not supported: quantise values "
@@ -78,6 +90,47 @@ def _mask_chunk(mask, L, S, start, stop):
     if mask is not None and mask.shape[-1] == S:
         return mask[..., start:stop]
     return mask
+
+
+def _recent_offset(keys, L):
+    """c such that query i of L (position S - L + i) attends recent rows e >= i + c exactly
+    and packed rows j < S - E + i + c: its `window` newest positions exactly. c = 0 when the
+    E recent rows are the window - 1 + L a cache hands over; the rows must reach back that
+    far unless they are all S keys."""
+    S, E = keys.data.shape[-2], keys.recent.shape[-2]
+    c = E - L - keys.window + 1
+    if c < 0 and E < S:
+        raise ValueError(
+            f"{E} recent rows of {S} for {L} queries with window {keys.window}: they must be "
+            "at least the last window - 1 + L rows, or all of them"
+        )
+    return c
+
+
+def _with_recent(keys, values, mask, L):
+    """Keys, values and mask for L > 1 queries over keys with recent rows, as a plain
+    attention reads them: the packed rows up to S - E + L - 1 + c (see `_recent_offset`),
+    then the E recent ones, and a mask over those S + L - 1 + c keys."""
+    S, E = keys.data.shape[-2], keys.recent.shape[-2]
+    c = _recent_offset(keys, L)
+    n = max(S - E + L - 1 + c, 0)
+
+    def extend(t):  # the recent rows' packed words stay behind their exact vectors
+        return replace(t, data=mx.concatenate([t.data[..., :n, :], t.data[..., S - E :, :]], -2))
+
+    i, e = mx.arange(L)[:, None], mx.arange(E)[None]
+    exact = e >= i + c
+    if isinstance(mask, str):  # causal: query i sees positions up to S - L + i
+        exact = exact & (e <= E - L + i)
+    lagged = mx.concatenate([mx.arange(n)[None] < S - E + i + c, exact], axis=1)
+    if isinstance(mask, mx.array):
+        if mask.shape[-1] != 1:  # its columns for the keys above
+            mask = mx.concatenate([mask[..., :n], mask[..., S - E :]], axis=-1)
+        if mask.dtype == mx.bool_:
+            lagged = lagged & mask
+        else:
+            lagged = mx.where(lagged, mask.astype(mx.float32), -mx.inf)
+    return extend(keys), extend(values), lagged
 
 
 def _block_sizes(B, Hq, Hkv, L, S, D):
@@ -147,8 +200,12 @@ def scaled_dot_product_attention_ops(
     _check_inputs(queries, keys, values)
     queries = _smooth_queries(queries, keys)
     B, Hq, L, D = queries.shape
+    _check_mask(mask, B, Hq, L, keys.shape[2])
+    if keys.recent is not None:  # (one query: the recent rows replace the packed ones)
+        _recent_offset(keys, L)
+        if L > 1:
+            keys, values, mask = _with_recent(keys, values, mask, L)
     Hkv, S = keys.shape[1:3]
-    _check_mask(mask, B, Hq, L, S)
     rows, chunk = _block_sizes(B, Hq, Hkv, L, S, D)
     outs = []
     for i0 in range(0, L, rows):
@@ -189,10 +246,16 @@ def _decode_template(dtype, D, key_bits, value_bits, GL, causal, smooth):
 
 
 @cache
-def _fused_plan(dtype, B, Hq, Hkv, L, D, key_bits, value_bits, seeds, causal, smooth, scale):
+def _fused_plan(
+    dtype, B, Hq, Hkv, L, D, key_bits, value_bits, seeds, causal, smooth, scale, recent
+):
     """What a fused call needs besides its queries and keys, built once per layer shape."""
     GL = Hq // Hkv * L
-    template, tile, R = _decode_template(dtype, D, key_bits, value_bits, GL, causal, smooth)
+    # recent: the window; then query i reads packed rows j < S - E + i + c, causally from a
+    # view, whatever the mask (see _recent_offset).
+    template, tile, R = _decode_template(
+        dtype, D, key_bits, value_bits, GL, causal or recent > 0, smooth
+    )
     attend = kernels.kernel(
         "decode_attention",
         ("q", "k", "v", "rt", "scale", "k_levels", "v_levels", "qscale", "starts"),
@@ -206,9 +269,17 @@ def _fused_plan(dtype, B, Hq, Hkv, L, D, key_bits, value_bits, seeds, causal, sm
         codebook(value_bits, D)[0],
     ]
     ones, no_starts = mx.ones((1, 1, 1, D), mx.float32), mx.zeros((B,), mx.int32)
+    zeros = mx.zeros((1, 1, 1, D), mx.float32)
     threads = 32 * -(-D // 32)
     merge_args = dict(
-        template=[("T", dtype), ("D", D), ("POW2", D & (D - 1) == 0)],
+        template=[
+            ("T", dtype),
+            ("D", D),
+            ("POW2", D & (D - 1) == 0),
+            ("RECENT", recent > 0),
+            ("WINDOW", recent),
+            ("CAUSAL", causal),
+        ],
         grid=(threads * B * Hkv * GL, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(B, Hq, L, D)],
@@ -216,8 +287,10 @@ def _fused_plan(dtype, B, Hq, Hkv, L, D, key_bits, value_bits, seeds, causal, sm
     )
     # Rt^T, contiguous: the merge kernel rotates its output back with it.
     unrotation = mx.contiguous(rotation_matrix(D, seeds[1]).T)
-    mx.eval(constants, ones, no_starts, unrotation)
-    merge_kernel = kernels.kernel("merge", ("o", "ml", "rt_t"), ("out",))
+    mx.eval(constants, ones, no_starts, zeros, unrotation)
+    merge_kernel = kernels.kernel(
+        "merge", ("o", "ml", "rt_t", "q", "kr", "vr", "k_off", "scale"), ("out",), contiguous=False
+    )
     return SimpleNamespace(
         attend=attend,
         template=template,
@@ -225,6 +298,7 @@ def _fused_plan(dtype, B, Hq, Hkv, L, D, key_bits, value_bits, seeds, causal, sm
         blocks=-(-GL // R),
         constants=constants,
         ones=ones,
+        zeros=zeros,
         no_starts=no_starts,
         merge=merge_kernel,
         merge_args=merge_args,
@@ -238,17 +312,22 @@ def _fused_attention(queries, keys, values, scale, causal, starts=None):
     B, Hq, L, D = queries.shape
     Hkv, S = keys.data.shape[1:3]
     smooth = keys.channel_scale is not None
+    recent = keys.recent is not None
     p = _fused_plan(
         queries.dtype, B, Hq, Hkv, L, D, keys.bits, values.bits,
-        (keys.seed, values.seed), causal, smooth, float(scale),
+        (keys.seed, values.seed), causal, smooth, float(scale), keys.window if recent else 0,
     )  # fmt: skip
-    splits = min(-(-S // p.tile), max(1, TARGET_GROUPS // (B * Hkv * p.blocks)))
+    kd, vd = keys.data, values.data
+    if recent:  # query i: packed rows j < S - E + i + c, a view read causally
+        S = max(S - keys.recent.shape[2] + L - 1 + _recent_offset(keys, L), 0)
+        kd, vd = kd[:, :, :S], vd[:, :, :S]
+    splits = max(1, min(-(-S // p.tile), TARGET_GROUPS // (B * Hkv * p.blocks)))
     GL = Hq // Hkv * L
     o, ml = p.attend(
         inputs=[
             queries,
-            keys.data,
-            values.data,
+            kd,
+            vd,
             *p.constants,
             keys.channel_scale if smooth else p.ones,  # read with its strides
             p.no_starts if starts is None else starts.astype(mx.int32),
@@ -259,7 +338,11 @@ def _fused_attention(queries, keys, values, scale, causal, starts=None):
         output_shapes=[(B * Hkv, splits, GL, D), (B * Hkv, splits, GL, 2)],
         output_dtypes=[mx.float32, mx.float32],
     )
-    return p.merge(inputs=[o, ml, p.rt_t], **p.merge_args)[0]
+    exact = (o,) * 5  # (not read)
+    if recent:
+        offset = p.zeros if keys.offset is None else keys.offset
+        exact = (queries, keys.recent, values.recent, offset, p.constants[1])
+    return p.merge(inputs=[o, ml, p.rt_t, *exact], **p.merge_args)[0]
 
 
 def _spoilt(bad, mask, Hq, L):
@@ -283,6 +366,10 @@ def _decoded_attention(queries, keys, values, scale, mask):
     no tensor cores) is many times slower. Holds one layer's keys and values decoded (as an
     fp16 cache would hold them), not a whole fp16 cache."""
     B, Hq, L, D = queries.shape
+    if keys.recent is not None:  # (one query: the recent rows replace the packed ones)
+        _recent_offset(keys, L)
+        if L > 1:
+            keys, values, mask = _with_recent(keys, values, mask, L)
     Hkv, S = keys.shape[1:3]
     dtype = queries.dtype
     # A rotated coordinate is bounded by the vector's norm, so |z_j| <= 65504 sqrt(D) for

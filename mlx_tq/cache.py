@@ -28,7 +28,7 @@ from .quant import (
     quantize_kv_rows,
 )
 
-FILE_FORMAT = "mlx_tq.prompt_cache/2"
+FILE_FORMAT = "mlx_tq.prompt_cache/3"
 # kv_bits budget -> (key_bits, value_bits, smooth_keys, key bits of sliding-window layers). On
 # Gemma-3-270M key smoothing 0.5 beat every key/value split at the same bits (K4/V4-s0.5 KL 0.026
 # vs K5/V3 0.038; K3/V3-s0.5 0.113 vs K4/V2 0.151: benchmarks/RESULTS.md, issue 5). A sliding
@@ -39,6 +39,14 @@ PRESETS = {b: (b, b, 0.5, b + 1 if b in (3, 4) else b) for b in SUPPORTED_BITS}
 # Gemma-3-270M with a first update of 1-8 tokens, KL is 2.8-22x that of statistics from the whole
 # 512-token window with none, 1.2-1.3x with 128, 0.99-1.06x with 256 (benchmarks/RESULTS.md).
 WARMUP_TOKENS = 256
+# Newest tokens a TurboQuantKVCache also holds exactly: each query attends the keys and
+# values of the last RECENT_TOKENS positions exactly and older ones packed. On Gemma-3-270M
+# 4 exact recent tokens cut the 4-bit KL to 0.32x, 16 to 0.19x (benchmarks/RESULTS.md):
+# the quantisation error hurts most in attention to the last few tokens.
+RECENT_TOKENS = 4
+# Rows a cache keeps beyond the window between updates, so that trimming up to this many
+# tokens (rejected draft tokens of speculative decoding) keeps the window exact.
+TRIM_SLACK = 8
 
 
 class _TurboQuantMixin:
@@ -47,6 +55,9 @@ class _TurboQuantMixin:
     @property
     def to_quantized(self):
         raise AttributeError("TurboQuant caches are already quantised")
+
+    recent_tokens = 0  # (rotating and batch caches hold none)
+    recent = None  # (2, B, H, E, D) exact keys and values of the last E tokens, or None
 
     def _configure(self, key_bits, value_bits, seed, center_keys, smooth_keys, warmup_tokens):
         check_bits(key_bits, "key_bits")
@@ -117,6 +128,9 @@ class _TurboQuantMixin:
         offset = mean if self.center_keys else mx.zeros_like(mean)
         self._set_stats(offset, scale, k.shape[2])
         if self.keys is not None:
+            if self.recent_tokens:
+                n = min(self.offset, self.keys.shape[2])
+                self.recent = mx.stack([self.keys[..., :n, :], self.values[..., :n, :]])
             self.keys, self.values = self._encode(self.keys, self.values, self._stats())
 
     def update_and_fetch(self, keys, values):
@@ -141,7 +155,27 @@ class _TurboQuantMixin:
                 self._rows = [a if a is None else a.reshape(-1, a.shape[-1]) for a in self._stats()]
                 mx.eval(*self._stat_arrays())
             k, v = quantize_kv_rows(keys, values, *bits, *self._rows)
-        return self._wrap(*super().update_and_fetch(k, v))
+        k, v = super().update_and_fetch(k, v)
+        recent = self._hold_recent(keys, values, k, v) if self.recent_tokens else None
+        return self._wrap(k, v, recent)
+
+    def _hold_recent(self, keys, values, k, v):
+        """The exact rows attention needs after an update of L tokens: the last
+        recent_tokens - 1 + L (each of the L queries attends its recent_tokens newest
+        positions exactly); keeps recent_tokens + TRIM_SLACK - 1 of them for the next."""
+        L = keys.shape[2]
+        new = mx.stack([keys, values])
+        if self.recent is not None:
+            new = mx.concatenate([self.recent, new.astype(self.recent.dtype)], axis=3)
+        need = min(self.recent_tokens - 1 + L, self.offset)
+        if new.shape[3] < need:  # trimmed past the kept rows: the missing ones as decoded
+            n = need - new.shape[3]
+            rows = slice(k.shape[2] - need, k.shape[2] - need + n)
+            old = self._decode(k[..., rows, :], v[..., rows, :])
+            new = mx.concatenate([mx.stack(old).astype(new.dtype), new], axis=3)
+        keep = self.recent_tokens - 1 + TRIM_SLACK
+        self.recent = new[:, :, :, -keep:] if new.shape[3] > keep else new
+        return new[:, :, :, -need:] if new.shape[3] > need else new
 
     def _encode(self, k, v, stats):
         """Plain (B, H, L, D) keys and values as packed rows, keys with `stats` (offset, scale)."""
@@ -151,14 +185,17 @@ class _TurboQuantMixin:
         """Packed rows of this cache, with its key statistics, as plain (B, H, L, D) arrays."""
         return tuple(map(dequantize, self._packed(k, v)))
 
-    def _packed(self, k, v):
+    def _packed(self, k, v, recent=None):
         args = (self.head_dim, self.seed, getattr(mx, self.dtype))
-        k = TurboQuantized(k, self.key_bits, *args, self.key_offset, None, self.key_scale)
-        return k, TurboQuantized(v, self.value_bits, *args)
+        rk, rv, w = (None, None, 0) if recent is None else (*recent, self.recent_tokens)
+        k = TurboQuantized(k, self.key_bits, *args, self.key_offset, None, self.key_scale, rk, w)
+        return k, TurboQuantized(v, self.value_bits, *args, recent=rv, window=w)
 
-    def _wrap(self, k, v):
-        """Packed keys and values for the patched attention, else dequantised for any."""
-        return self._packed(k, v) if is_patched() else self._decode(k, v)
+    def _wrap(self, k, v, recent=None):
+        """Packed keys and values for the patched attention, else dequantised for any (the
+        recent rows then exact for every query of the update)."""
+        packed = self._packed(k, v, recent)
+        return packed if is_patched() else tuple(map(dequantize, packed))
 
     def _stats(self):
         return (self.key_offset, self.key_scale)
@@ -171,18 +208,24 @@ class _TurboQuantMixin:
             raise ValueError(f"cannot trim {n} tokens: n must be >= 0")
         if not self.is_trimmable():
             return 0  # a wrapped window: the tokens to drop are no longer at its end
-        return super().trim(n)
+        n = super().trim(n)
+        if self.recent is not None:
+            keep = self.recent.shape[3] - n
+            self.recent = self.recent[:, :, :, :keep] if keep > 0 else None
+        return n
 
     @property
     def meta_state(self):
         mine = (self.key_bits, self.value_bits, self.seed, int(self.center_keys), self.head_dim)
-        mine += (self.dtype, self.smooth_keys, self.warmup_tokens)
+        mine += (self.dtype, self.smooth_keys, self.warmup_tokens, self.recent_tokens)
         return tuple(map(str, (*(getattr(self, a) for a in self._META), *mine)))
 
     @meta_state.setter
     def meta_state(self, v):
-        kb, vb, seed, center, head_dim, dtype, smooth, warmup = v[len(self._META) :]
+        kb, vb, seed, center, head_dim, dtype, smooth, warmup, recent = v[len(self._META) :]
         self._configure(int(kb), int(vb), int(seed), bool(int(center)), float(smooth), int(warmup))
+        if int(recent):
+            self.recent_tokens = int(recent)
         self.head_dim = None if head_dim == "None" else int(head_dim)
         self.dtype = None if dtype == "None" else dtype
         for a, x in zip(self._META, v, strict=False):
@@ -205,8 +248,8 @@ class _TurboQuantMixin:
     def nbytes(self):
         if self.keys is None:
             return 0
-        stats = sum(a.nbytes for a in self._stat_arrays())
-        return self.keys.nbytes + self.values.nbytes + stats
+        extra = sum(a.nbytes for a in (*self._stat_arrays(), self.recent) if a is not None)
+        return self.keys.nbytes + self.values.nbytes + extra
 
 
 class TurboQuantKVCache(_TurboQuantMixin, KVCache):
@@ -224,6 +267,10 @@ class TurboQuantKVCache(_TurboQuantMixin, KVCache):
             the mean) before quantising; attention multiplies the queries by the same scale.
         warmup_tokens: Tokens held exactly before the statistics are frozen (0: from the
             first update, whatever its size).
+        recent_tokens: After the warm-up, each query attends the keys and values of its
+            `recent_tokens` newest positions exactly (held beside the packed rows: an
+            update of L tokens holds the last recent_tokens - 1 + L), older ones packed.
+            0: none.
     """
 
     _META = ("offset",)  # mlx-lm's attributes in meta_state, before ours
@@ -237,22 +284,30 @@ class TurboQuantKVCache(_TurboQuantMixin, KVCache):
         center_keys: bool = True,
         smooth_keys: float = 0.0,
         warmup_tokens: int = WARMUP_TOKENS,
+        recent_tokens: int = RECENT_TOKENS,
     ):
         super().__init__()
         self._setup(key_bits, value_bits, seed, center_keys, smooth_keys, warmup_tokens)
+        if recent_tokens < 0:
+            raise ValueError(f"recent_tokens={recent_tokens} must be >= 0")
+        self.recent_tokens = recent_tokens
 
     @property
     def state(self):
         if self.keys is None:
             return []
         n = self.offset
-        return self.keys[..., :n, :], self.values[..., :n, :], *self._stat_arrays()
+        recent = () if self.recent is None else (self.recent,)
+        return self.keys[..., :n, :], self.values[..., :n, :], *self._stat_arrays(), *recent
 
     @state.setter
     def state(self, v):
         self.keys, self.values, *stats = v if v else (None, None)
         self.offset = 0 if self.keys is None else self.keys.shape[2]
+        # The recent tokens are the one 5-D array: (2, B, H, E, D).
+        recent = stats.pop() if stats and stats[-1].ndim == 5 else None
         self._set_stats(*stats)
+        self.recent = recent
 
 
 class TurboQuantRotatingKVCache(_TurboQuantMixin, RotatingKVCache):
@@ -306,6 +361,7 @@ def make_prompt_cache(
     smooth_keys: float | None = None,
     warmup_tokens: int = WARMUP_TOKENS,
     sliding_key_bits: int | None = None,
+    recent_tokens: int = RECENT_TOKENS,
 ) -> list:
     """Builds the model's cache with TurboQuant layers, like mlx-lm's `make_prompt_cache`.
 
@@ -328,6 +384,8 @@ def make_prompt_cache(
         warmup_tokens: Tokens each layer holds exactly before it freezes its key statistics.
         sliding_key_bits: Key bits of the model's sliding-window layers (default: the preset's,
             or `key_bits` when that is given).
+        recent_tokens: Newest positions each query attends exactly in the non-sliding layers
+            (`TurboQuantKVCache`); 0: none.
 
     Returns:
         A list with one cache per layer.
@@ -353,7 +411,9 @@ def make_prompt_cache(
     # The probe's caches (warm-up 0) check the bits, and the head dim on its keys.
     options = dict(key_bits=kb, value_bits=vb, seed=seed, center_keys=center_keys)
     options.update(smooth_keys=smooth_keys)
-    layers = (model, max_kv_size, quantize_sliding, options, sliding_key_bits)
+    if recent_tokens < 0:
+        raise ValueError(f"recent_tokens={recent_tokens} must be >= 0")
+    layers = (model, max_kv_size, quantize_sliding, options, sliding_key_bits, recent_tokens)
     check_routing(model, lambda: _layers(*layers, 0))
     return _layers(*layers, warmup_tokens)
 
@@ -377,7 +437,7 @@ def capped_cache(model, max_kv_size: int | None = None) -> list:
     ]
 
 
-def _layers(model, max_kv_size, quantize_sliding, options, sliding_key_bits, warmup_tokens):
+def _layers(model, max_kv_size, quantize_sliding, options, sliding_key_bits, recent, warmup_tokens):
     # The model's own sliding layers, not those that max_kv_size caps.
     own = lm_cache.make_prompt_cache(model)
     out = []
@@ -386,7 +446,7 @@ def _layers(model, max_kv_size, quantize_sliding, options, sliding_key_bits, war
         if type(o) is RotatingKVCache:
             layer["key_bits"] = sliding_key_bits
         if type(c) is KVCache:
-            c = TurboQuantKVCache(**layer)
+            c = TurboQuantKVCache(**layer, recent_tokens=recent)
         elif type(c) is RotatingKVCache and quantize_sliding:
             # A window shorter than the warm-up would never quantise: freeze when it is full.
             layer["warmup_tokens"] = min(warmup_tokens, c.max_size)

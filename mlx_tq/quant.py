@@ -68,6 +68,10 @@ class TurboQuantized:
             the float32 residual norm (QJL, the paper's Q_prod; off by default).
         channel_scale: optional float32 (..., 1, D) the vectors were divided by, per
             channel, after the offset: x = s * (R^T z) + offset.
+        recent: optional (..., E, D) exact vectors (the original dtype) of the last E rows,
+            which replace them where read (a cache's newest tokens); attention takes
+            them for each query's `window` newest positions only (see attention.py).
+        window: positions per query attended through `recent` (with recent, >= 1).
     """
 
     data: mx.array
@@ -78,6 +82,8 @@ class TurboQuantized:
     offset: mx.array | None = None
     qjl: mx.array | None = None
     channel_scale: mx.array | None = None
+    recent: mx.array | None = None
+    window: int = 0
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -85,7 +91,7 @@ class TurboQuantized:
 
     @property
     def nbytes(self) -> int:
-        extra = (self.offset, self.qjl, self.channel_scale)
+        extra = (self.offset, self.qjl, self.channel_scale, self.recent)
         return self.data.nbytes + sum(a.nbytes for a in extra if a is not None)
 
     def indices(self) -> mx.array:
@@ -98,12 +104,25 @@ class TurboQuantized:
         """(..., D) float32 reconstruction in the rotated space, without the offset."""
         levels, _ = codebook(self.bits, self.dim)
         z = levels[self.indices()] * self.scales()[..., None]
-        return z if self.qjl is None else z + _qjl_rotated(self)
+        z = z if self.qjl is None else z + _qjl_rotated(self)
+        if self.recent is None:
+            return z
+        x = self.recent.astype(mx.float32)
+        if self.offset is not None:
+            x = x - self.offset
+        if self.channel_scale is not None:
+            x = x / self.channel_scale
+        return mx.concatenate([z[..., : z.shape[-2] - x.shape[-2], :], rotate(x, self.seed)], -2)
 
     def tokens(self, start: int, stop: int) -> "TurboQuantized":
         """The vectors [start, stop) along the sequence axis -2."""
         qjl = None if self.qjl is None else self.qjl[..., start:stop, :]
-        return replace(self, data=self.data[..., start:stop, :], qjl=qjl)
+        recent = self.recent
+        if recent is not None:
+            first = self.data.shape[-2] - recent.shape[-2]  # the first recent row
+            recent = recent[..., max(start, first) - first : max(stop, first) - first, :]
+            recent = recent if recent.shape[-2] else None
+        return replace(self, data=self.data[..., start:stop, :], qjl=qjl, recent=recent)
 
 
 def check_bits(bits: int, name: str = "bits"):
@@ -327,7 +346,7 @@ def _qjl_rotated(q: TurboQuantized) -> mx.array:
 
 def dequantize(q: TurboQuantized) -> mx.array:
     """Reconstructs the vectors of `q` in their original dtype."""
-    x = unrotate(q.rotated(), q.seed)
+    x = unrotate(replace(q, recent=None).rotated(), q.seed)
     if q.channel_scale is not None:
         x = x * q.channel_scale
     if q.offset is not None:
@@ -335,7 +354,10 @@ def dequantize(q: TurboQuantized) -> mx.array:
     if q.dtype == mx.float16:
         # The reconstruction error may carry a value near the fp16 limit past it: not to inf.
         x = mx.clip(x, -65504, 65504)
-    return x.astype(q.dtype)
+    x = x.astype(q.dtype)
+    if q.recent is None:
+        return x
+    return mx.concatenate([x[..., : x.shape[-2] - q.recent.shape[-2], :], q.recent], -2)
 
 
 def decode_rotated_ops(t: TurboQuantized, dtype, shift: int = 0) -> mx.array:
@@ -358,6 +380,11 @@ def decode_rotated(t: TurboQuantized, dtype, shift: int = 0) -> mx.array:
     """t's vectors in the rotated space without the offset, divided by 2^shift, in `dtype`:
     (B, H, S, D). On a GPU one kernel writes `dtype` directly, so the transient is the
     output alone (the ops hold several uint32 arrays of the same size)."""
+    if t.recent is not None:
+        n = t.data.shape[-2] - t.recent.shape[-2]
+        packed = decode_rotated(replace(t, recent=None).tokens(0, n), dtype, shift)
+        exact = replace(t, data=t.data[..., n:, :]).rotated() * 2.0**-shift
+        return mx.concatenate([packed, exact.astype(dtype)], axis=-2)
     if (
         kernels.backend() is None
         or t.qjl is not None

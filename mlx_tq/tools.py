@@ -12,7 +12,8 @@ The configuration grammar of `mlx_tq.perplexity`, `mlx_tq.bench` and the benchma
 - ``k<kb>v<vb>``: TurboQuant with ``kb``-bit keys and ``vb``-bit values in every layer, no key
   smoothing.
 - ``tq<b>`` and ``k<kb>v<vb>`` take suffixes ``-s<x>`` for ``smooth_keys=x``, then ``-w<n>`` for
-  ``warmup_tokens=n`` (tokens held exactly before the key statistics are frozen).
+  ``warmup_tokens=n`` (tokens held exactly before the key statistics are frozen), then ``-r<n>``
+  for ``recent_tokens=n`` (newest positions each query attends exactly).
 """
 
 import argparse
@@ -39,9 +40,12 @@ REFERENCE = "fp16"
 AFFINE_GROUP_SIZE = 64
 AFFINE_BITS = (2, 3, 4, 5, 6, 8)  # mx.quantize's
 CONFIG_HELP = (
-    "fp16, affine<b>, tq<b> or k<kb>v<vb>, the last two optionally -s<smooth_keys>-w<warmup_tokens>"
+    "fp16, affine<b>, tq<b> or k<kb>v<vb>, the last two optionally "
+    "-s<smooth_keys>-w<warmup_tokens>-r<recent_tokens>"
 )
-_PATTERN = re.compile(r"fp16|affine(\d)|(?:tq(\d)|k(\d)v(\d))(?:-s(\d*\.?\d+))?(?:-w(\d+))?")
+_PATTERN = re.compile(
+    r"fp16|affine(\d)|(?:tq(\d)|k(\d)v(\d))(?:-s(\d*\.?\d+))?(?:-w(\d+))?(?:-r(\d+))?"
+)
 
 
 def check_config(name: str) -> str:
@@ -75,6 +79,8 @@ def make_cache(model, name: str) -> list:
         bits["smooth_keys"] = float(m[5] or 0)
     if m[6]:
         bits["warmup_tokens"] = int(m[6])
+    if m[7]:
+        bits["recent_tokens"] = int(m[7])
     return make_prompt_cache(model, **bits)
 
 
@@ -88,9 +94,11 @@ def describe(cache: list) -> str:
             for b in sorted({d.key_bits for d in tq} - {c.key_bits})
         ]
         smooth = f", key smoothing {c.smooth_keys}" if c.smooth_keys else ""
+        recent = max(d.recent_tokens for d in tq)
+        recent = f", {recent} newest tokens exact" if recent else ""
         return (
             f"TurboQuant K{c.key_bits}/V{c.value_bits}{''.join(other)}{smooth}, "
-            f"warm-up {c.warmup_tokens}"
+            f"warm-up {c.warmup_tokens}{recent}"
         )
     for c in cache:
         if hasattr(c, "bits"):

@@ -1,10 +1,13 @@
 import math
+from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np
 import pytest
+import test_gpu
 
 from mlx_tq import dequantize, quantize, scaled_dot_product_attention
+from mlx_tq.attention import scaled_dot_product_attention_ops
 
 TOLERANCE = {mx.float32: 1e-4, mx.float16: 2e-3, mx.bfloat16: 2e-2}
 
@@ -183,3 +186,32 @@ def test_dispatch_paths(monkeypatch):
     assert path(q1, k4, k4, mx.ones((1, 10), mx.bool_)) == "decoded"
     assert path(q1, k4, k4, mx.ones((10,), mx.bool_)) == "reference"
     assert path(q1, k4.tokens(0, 0), k4.tokens(0, 0), None) == "reference"
+
+
+@pytest.mark.parametrize("config", test_gpu.RECENT, ids=[str(c) for c in test_gpu.RECENT])
+def test_recent_window_reference_matches_float64(config):
+    """The plain-ops path with exact recent rows: each query takes its `window` newest
+    positions from them (test_gpu.py runs the same check on the kernels)."""
+    B, Hkv, G, L, S, D, kb, vb, W = config
+    rng = np.random.default_rng(list(config))
+    E = min(S, W - 1 + L)
+    keys = test_gpu.packed_view(rng, B, Hkv, S, D, kb, 0, 7, smooth=True)
+    values = test_gpu.packed_view(rng, B, Hkv, S, D, vb, 1, 7, keys=False)
+    recent = [test_gpu.normal(rng, (B, Hkv, E, D)) for _ in range(2)]
+    keys = replace(keys, recent=recent[0], window=W)
+    values = replace(values, recent=recent[1], window=W)
+    queries = test_gpu.normal(rng, (B, Hkv * G, L, D))
+    mask = "causal" if L > 1 else None
+    ref = test_gpu.attention_recent_f64(queries, keys, values, D**-0.5, mask)
+    got = scaled_dot_product_attention_ops(queries, keys, values, D**-0.5, mask)
+    assert test_gpu.rel_err(got, ref) < 1e-4
+
+
+def test_recent_rows_must_reach_back_over_the_window():
+    keys = quantize(mx.random.normal((1, 1, 20, 64)), 4)
+    values = quantize(mx.random.normal((1, 1, 20, 64)), 4)
+    recent = mx.zeros((1, 1, 5, 64))
+    keys, values = (replace(t, recent=recent, window=4) for t in (keys, values))
+    q = mx.zeros((1, 1, 3, 64))
+    with pytest.raises(ValueError, match="at least the last window - 1 \\+ L rows"):
+        scaled_dot_product_attention_ops(q, keys, values, 0.1, "causal")

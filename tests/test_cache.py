@@ -14,7 +14,13 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.models.cache import make_prompt_cache as lm_make_prompt_cache
 
 import mlx_tq
-from mlx_tq.cache import WARMUP_TOKENS, TurboQuantKVCache, TurboQuantRotatingKVCache
+from mlx_tq.cache import (
+    RECENT_TOKENS,
+    TRIM_SLACK,
+    WARMUP_TOKENS,
+    TurboQuantKVCache,
+    TurboQuantRotatingKVCache,
+)
 from mlx_tq.patch import _attention
 
 VOCAB = 128
@@ -47,11 +53,17 @@ FAMILIES = ["llama", "qwen2", "gemma3"]
 def test_fused_path_adds_no_error(family, smooth, patched):
     # Unpatched, the cache hands dequantised K/V to mlx-lm's own attention: same numbers.
     model = tiny_model(family)
-    options = dict(key_bits=4, value_bits=4, smooth_keys=smooth)
-    fused = run(model, mlx_tq.make_prompt_cache(model, **options, warmup_tokens=0), TOKENS, 7)
-    mlx_tq.unpatch()
-    plain = run(model, mlx_tq.make_prompt_cache(model, **options, warmup_tokens=0), TOKENS, 7)
-    assert rel_rms(fused, plain) < 1e-4
+    options = dict(key_bits=4, value_bits=4, smooth_keys=smooth, warmup_tokens=0)
+    for recent, chunk in ((0, 7), (4, 1)):  # unpatched, a window is exact for all L queries
+        fused = run(
+            model, mlx_tq.make_prompt_cache(model, **options, recent_tokens=recent), TOKENS, chunk
+        )
+        mlx_tq.unpatch()
+        plain = run(
+            model, mlx_tq.make_prompt_cache(model, **options, recent_tokens=recent), TOKENS, chunk
+        )
+        mlx_tq.patch()
+        assert rel_rms(fused, plain) < 1e-4, recent
 
 
 # Relative RMS logit error bounds, about twice what these random models measure: K/V error
@@ -84,10 +96,17 @@ def test_trim_then_refeed(family, patched):
     cache = mlx_tq.make_prompt_cache(model, warmup_tokens=0)
     first = run(model, cache, TOKENS[:, :40], 8)
     assert all(c.is_trimmable() for c in cache)
-    assert mlx_tq.cache.lm_cache.trim_prompt_cache(cache, 10) == 10
-    assert cache[0].offset == 30
-    again = model(TOKENS[:, 30:40], cache=cache)
-    assert rel_rms(again, first[:, 30:40]) < 1e-5
+    # Up to TRIM_SLACK tokens the exact window stays whole; beyond, its oldest rows are read
+    # back from their packed words (close, not equal).
+    n = TRIM_SLACK
+    before = copy.deepcopy(cache)
+    assert mlx_tq.cache.lm_cache.trim_prompt_cache(cache, n) == n
+    assert cache[0].offset == 40 - n
+    again = model(TOKENS[:, 40 - n : 40], cache=cache)
+    assert rel_rms(again, first[:, 40 - n :]) < 1e-5
+    assert mlx_tq.cache.lm_cache.trim_prompt_cache(before, 12) == 12
+    again = model(TOKENS[:, 28:40], cache=before)
+    assert rel_rms(again, first[:, 28:]) < 0.05
 
 
 @pytest.mark.parametrize("warmup", [0, 5, 16, 100])
@@ -215,14 +234,19 @@ def test_protocol_and_hidden_attributes():
 
 @pytest.mark.parametrize("head_dim", [128, 256])
 def test_bytes_after_2048_tokens(head_dim):
-    cache = TurboQuantKVCache(key_bits=4, value_bits=4, warmup_tokens=0)
+    cache = TurboQuantKVCache(key_bits=4, value_bits=4, warmup_tokens=0, recent_tokens=0)
+    window = TurboQuantKVCache(key_bits=4, value_bits=4, warmup_tokens=0)
     fp16 = KVCache()
     for _ in range(8):
         k = mx.random.normal((1, 2, 256, head_dim)).astype(mx.float16)
         cache.update_and_fetch(k, k)
+        window.update_and_fetch(k, k)
         fp16.update_and_fetch(k, k)
     assert cache.offset == 2048
     assert cache.nbytes <= 0.27 * fp16.nbytes
+    # The window: its recent_tokens - 1 + TRIM_SLACK newest rows, K and V, in float16.
+    rows = RECENT_TOKENS - 1 + TRIM_SLACK
+    assert window.nbytes - cache.nbytes == rows * fp16.nbytes // 2048
 
 
 def test_patch_is_idempotent_and_reaches_later_modules():

@@ -38,6 +38,11 @@ def test_attention_matches_float64(config, groups, monkeypatch):
     test_gpu.test_attention_matches_float64(config)
 
 
+@pytest.mark.parametrize("config", test_gpu.RECENT[:5], ids=[str(c) for c in test_gpu.RECENT[:5]])
+def test_recent_window_matches_float64(config):
+    test_gpu.test_recent_window_matches_float64(config)
+
+
 @pytest.mark.parametrize("L", [1, 3])
 def test_left_padding_matches_float64(L):
     test_gpu.test_fused_left_padding_matches_float64(L)

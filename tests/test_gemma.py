@@ -60,8 +60,8 @@ def test_fused_attention_adds_no_error(gemma, windows, monkeypatch):
     wrap = _TurboQuantMixin._wrap
     recorded = []
 
-    def record(self, k, v):
-        recorded.append(wrap(self, k, v))
+    def record(self, k, v, recent=None):
+        recorded.append(wrap(self, k, v, recent))
         return recorded[-1]
 
     monkeypatch.setattr(_TurboQuantMixin, "_wrap", record)

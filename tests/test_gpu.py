@@ -7,6 +7,7 @@ test_attention.py check the plain-ops references there.
 """
 
 import math
+from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np
@@ -237,6 +238,69 @@ def test_attention_matches_float64(config):
     errors = f"fused {err:.2e}, decoded {err_decoded:.2e}, public {err_public:.2e}"
     assert err <= TOL_ATTENTION and err_decoded <= tol_decoded, errors
     assert err_public <= tol_public, errors
+
+
+RECENT = [  # (B, Hkv, G, L, S, D, key bits, value bits, window): E = min(S, window - 1 + L)
+    (1, 8, 4, 1, 4096, 128, 4, 4, 4),
+    (1, 2, 4, 5, 1000, 128, 4, 4, 4),
+    (2, 1, 2, 8, 129, 256, 5, 4, 16),
+    (1, 2, 1, 3, 300, 80, 3, 3, 1),
+    (1, 1, 8, 8, 9, 64, 4, 2, 4),  # fewer keys than window - 1 + L: all of them recent
+    (1, 1, 2, 20, 600, 128, 4, 4, 4),  # decoded path
+]
+
+
+def attention_recent_f64(queries, keys, values, scale, mask):
+    """attention_f64 where query i of L takes the keys and values of its `window` newest
+    positions from the exact recent rows (E of them, the last positions)."""
+    B, Hq, L, D = queries.shape
+    Hkv, S = keys.shape[1:3]
+    E, W, G = keys.recent.shape[2], keys.window, Hq // Hkv
+    q = f64(queries) * scale
+    if keys.channel_scale is not None:
+        q = q * np.repeat(f64(keys.channel_scale), G, axis=1)
+    rk, rv = (f64(rotation_matrix(D, t.seed)) for t in (keys, values))
+    q = (q @ rk).reshape(B, Hkv, G, L, D)
+    exact_k = f64(keys.recent) - (0 if keys.offset is None else f64(keys.offset))
+    exact_k = exact_k / (1 if keys.channel_scale is None else f64(keys.channel_scale)) @ rk
+    exact_v = f64(values.recent) @ rv
+    seen = seen_matrix(mask, L, S)
+    out = np.zeros((B, Hkv, G, L, D))
+    for i in range(L):
+        k, v = rows64(keys), rows64(values)
+        near = np.arange(S - E, S) >= S - L + i - W + 1  # in the window, among the recent rows
+        k[:, :, S - E :][:, :, near] = exact_k[:, :, near]
+        v[:, :, S - E :][:, :, near] = exact_v[:, :, near]
+        s = np.where(seen[i], q[:, :, :, i] @ k.swapaxes(-1, -2), -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        out[:, :, :, i] = (p / p.sum(-1, keepdims=True)) @ v
+    return (out @ rv.T).reshape(B, Hq, L, D)
+
+
+@pytest.mark.parametrize("config", RECENT, ids=[str(c) for c in RECENT])
+def test_recent_window_matches_float64(config):
+    """Keys and values with exact recent rows (unrelated to their packed words, so that a
+    mix-up shows): the fused kernel, the decoded path and the public call against float64."""
+    B, Hkv, G, L, S, D, kb, vb, W = config
+    rng = np.random.default_rng(list(config))
+    E = min(S, W - 1 + L)
+    keys = packed_view(rng, B, Hkv, S, D, kb, 0, 7, smooth=True)
+    values = packed_view(rng, B, Hkv, S, D, vb, 1, 7, keys=False)
+    recent = [normal(rng, (B, Hkv, E, D), mx.float16) for _ in range(2)]
+    keys = replace(keys, recent=recent[0], window=W, dtype=mx.float16)
+    values = replace(values, recent=recent[1], window=W, dtype=mx.float16)
+    queries = normal(rng, (B, Hkv * G, L, D), mx.float16)
+    scale, mask = D**-0.5, "causal" if L > 1 else None
+    ref = attention_recent_f64(queries.astype(mx.float32), keys, values, scale, mask)
+    public = rel_err(scaled_dot_product_attention(queries, keys, values, scale, mask), ref)
+    decoded = rel_err(_decoded_attention(queries, keys, values, scale, mask), ref)
+    errors = f"public {public:.2e}, decoded {decoded:.2e}"
+    if L <= FUSED_MAX_ROWS:
+        fused = _fused_attention(queries.astype(mx.float32), keys, values, scale, L > 1)
+        errors += f", fused {rel_err(fused, ref):.2e}"
+        assert rel_err(fused, ref) <= TOL_ATTENTION, errors
+    assert decoded <= 6 * ROUNDING[mx.float16], errors
+    assert public <= TOL_ATTENTION + 6 * ROUNDING[mx.float16], errors
 
 
 # Keys S and the bad value row j, chosen so that some queries cannot see j: with L = 8 and

@@ -60,7 +60,16 @@ SIGNATURES = {
     ),
     "dequantize": ([("data", mx.uint32, 1024), ("levels", mx.float32, 16)], [("out", None)]),
     "merge": (
-        [("o", mx.float32, 1024), ("ml", mx.float32, 1024), ("rt_t", mx.float32, 1024)],
+        [
+            ("o", mx.float32, 1024),
+            ("ml", mx.float32, 1024),
+            ("rt_t", mx.float32, 1024),
+            ("q", None, 1024),
+            ("kr", None, 1024),
+            ("vr", None, 1024),
+            ("k_off", mx.float32, 128),
+            ("scale", mx.float32, 1),
+        ],
         [("out", None)],
     ),
 }
@@ -78,8 +87,10 @@ def variants():
                 for GL, causal, dtype in ((1, False, mx.float16), (32, True, mx.bfloat16)):
                     template = _decode_template(dtype, D, bits, value_bits, GL, causal, causal)
                     yield "decode_attention", template[0]
-        for dtype in FLOATS:
-            yield "merge", [("T", dtype), ("D", D), ("POW2", D & (D - 1) == 0)]
+        for dtype, window, causal in zip(FLOATS, (0, 4, 16), (False, True, False), strict=True):
+            pow2 = D & (D - 1) == 0
+            template = [("T", dtype), ("D", D), ("POW2", pow2), ("RECENT", window > 0)]
+            yield "merge", template + [("WINDOW", window), ("CAUSAL", causal)]
         for bits in SUPPORTED_BITS:
             for dtype, shift in ((mx.float16, 4), (mx.bfloat16, 0)):
                 yield "dequantize", dequantize_template(dtype, D, bits, shift)
@@ -328,7 +339,7 @@ def test_gpu_dispatch_arguments(monkeypatch):
     from mlx_tq.cache import TurboQuantKVCache
 
     B, Hq, Hkv, D, S = DISPATCH_SHAPE.values()
-    cache = TurboQuantKVCache(4, 3, smooth_keys=0.5, warmup_tokens=0)
+    cache = TurboQuantKVCache(4, 3, smooth_keys=0.5, warmup_tokens=0, recent_tokens=0)
     *_, out = stub_decode_step(monkeypatch, cache)
     assert out.shape == (B, Hq, 1, D) and out.dtype == mx.float16
     names = [c[0] for c in RecordingKernel.calls]
@@ -344,4 +355,23 @@ def test_gpu_dispatch_arguments(monkeypatch):
     assert a_in[1].shape[2] == S + 1 and a_grid[1] == B * Hkv and a_tg == (a_t["TILE"], 1, 1)
     assert a_in[7] is cache.key_scale  # read in place with its strides, no copy
     _, m_in, m_t, _, _ = RecordingKernel.calls[2]
-    assert m_t == {"T": mx.float16, "D": D, "POW2": True} and len(m_in) == 3
+    assert m_t == {"T": mx.float16, "D": D, "POW2": True, "RECENT": False, "WINDOW": 0} | {
+        "CAUSAL": False
+    }
+    assert len(m_in) == 8
+
+
+def test_gpu_dispatch_arguments_with_recent_window(monkeypatch):
+    """A decode step over a cache holding its newest tokens exactly: the packed rows before
+    the window are a view (no copy), the merge reads the window's rows and the key offset."""
+    from mlx_tq.cache import TurboQuantKVCache
+
+    B, Hq, Hkv, D, S = DISPATCH_SHAPE.values()
+    cache = TurboQuantKVCache(4, 4, warmup_tokens=0, recent_tokens=4)
+    q, keys, values, out = stub_decode_step(monkeypatch, cache)
+    assert keys.recent.shape == (B, Hkv, 4, D) and keys.window == 4
+    _, a_in, a_t, _, _ = RecordingKernel.calls[1]
+    assert a_t["CAUSAL"] and a_in[1].shape[2] == S + 1 - 4  # (j < S - E + i for i = 0)
+    _, m_in, m_t, _, _ = RecordingKernel.calls[2]
+    assert m_t["RECENT"] and m_t["WINDOW"] == 4 and m_in[3] is q
+    assert m_in[4] is keys.recent and m_in[5] is values.recent and m_in[6] is cache.key_offset

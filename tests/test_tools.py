@@ -55,12 +55,14 @@ def test_affine_compresses_sliding_window_layers_too():
     assert all(type(c) is lm_cache.QuantizedKVCache and c.bits == 4 for c in cache)
     assert tools.describe(cache) == "mlx-lm QuantizedKVCache 4-bit, group 64"
     smooth = tools.make_cache(gemma, "k4v3-s0.5-w16")
-    assert tools.describe(smooth) == "TurboQuant K4/V3, key smoothing 0.5, warm-up 16"
-    assert tools.describe(tools.make_cache(gemma, "k4v3")) == (
+    want = "TurboQuant K4/V3, key smoothing 0.5, warm-up 16, 4 newest tokens exact"
+    assert tools.describe(smooth) == want
+    assert tools.describe(tools.make_cache(gemma, "k4v3-r0")) == (
         f"TurboQuant K4/V3, warm-up {WARMUP_TOKENS}"
     )
     assert tools.describe(tools.make_cache(gemma, "tq4")) == (
         f"TurboQuant K4/V4, K5 keys in 2 of 3 layers, key smoothing 0.5, warm-up {WARMUP_TOKENS}"
+        ", 4 newest tokens exact"
     )
 
 
@@ -73,8 +75,8 @@ def test_footprint_counts_rows_holding_tokens(model):
     assert f["elements"] == 46 * 2 * 2 * 2 * 64
     # the warm-up holds the first tokens exactly: an unquantised cache until it ends
     assert feed(model, tools.make_cache(model, "tq4"), WARMUP_TOKENS - 1)["bits"] == 32
-    short = feed(model, tools.make_cache(model, "tq4-w0"), 46)
-    long = feed(model, tools.make_cache(model, "tq4-w0"), 300)
+    short = feed(model, tools.make_cache(model, "tq4-w0-r0"), 46)
+    long = feed(model, tools.make_cache(model, "tq4-w0-r0"), 300)
     # rows grow the held bytes linearly; the per-head key statistics are paid once
     per_row = (long["held"] - short["held"]) / (300 - 46)
     assert long["allocated"] - short["allocated"] == 256 * per_row  # 512 rows against 256
