@@ -107,6 +107,20 @@ def _recent_offset(keys, L):
     return c
 
 
+def _use_recent(keys, values, mask, L):
+    """Keys, values and mask as a plain attention reads them: up to FUSED_MAX_ROWS queries
+    (decode) take their window from the recent rows; a longer chunk (prefill) reads packed
+    rows only, so that it needs no mask array (MLX's SDPA would form the L x S scores)."""
+    if keys.recent is None:
+        return keys, values, mask
+    if L > FUSED_MAX_ROWS:
+        return replace(keys, recent=None), replace(values, recent=None), mask
+    _recent_offset(keys, L)
+    if L == 1:  # the recent rows replace the packed ones
+        return keys, values, mask
+    return _with_recent(keys, values, mask, L)
+
+
 def _with_recent(keys, values, mask, L):
     """Keys, values and mask for L > 1 queries over keys with recent rows, as a plain
     attention reads them: the packed rows up to S - E + L - 1 + c (see `_recent_offset`),
@@ -201,10 +215,7 @@ def scaled_dot_product_attention_ops(
     queries = _smooth_queries(queries, keys)
     B, Hq, L, D = queries.shape
     _check_mask(mask, B, Hq, L, keys.shape[2])
-    if keys.recent is not None:  # (one query: the recent rows replace the packed ones)
-        _recent_offset(keys, L)
-        if L > 1:
-            keys, values, mask = _with_recent(keys, values, mask, L)
+    keys, values, mask = _use_recent(keys, values, mask, L)
     Hkv, S = keys.shape[1:3]
     rows, chunk = _block_sizes(B, Hq, Hkv, L, S, D)
     outs = []
@@ -366,10 +377,7 @@ def _decoded_attention(queries, keys, values, scale, mask):
     no tensor cores) is many times slower. Holds one layer's keys and values decoded (as an
     fp16 cache would hold them), not a whole fp16 cache."""
     B, Hq, L, D = queries.shape
-    if keys.recent is not None:  # (one query: the recent rows replace the packed ones)
-        _recent_offset(keys, L)
-        if L > 1:
-            keys, values, mask = _with_recent(keys, values, mask, L)
+    keys, values, mask = _use_recent(keys, values, mask, L)
     Hkv, S = keys.shape[1:3]
     dtype = queries.dtype
     # A rotated coordinate is bounded by the vector's norm, so |z_j| <= 65504 sqrt(D) for

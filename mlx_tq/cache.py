@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from . import kernels
+from .attention import FUSED_MAX_ROWS
 from .codebook import SUPPORTED_BITS
 from .patch import check_routing, is_patched
 from .quant import (
@@ -160,10 +161,14 @@ class _TurboQuantMixin:
         return self._wrap(k, v, recent)
 
     def _hold_recent(self, keys, values, k, v):
-        """The exact rows attention needs after an update of L tokens: the last
-        recent_tokens - 1 + L (each of the L queries attends its recent_tokens newest
-        positions exactly); keeps recent_tokens + TRIM_SLACK - 1 of them for the next."""
+        """The exact rows attention needs after an update of L <= FUSED_MAX_ROWS tokens:
+        the last recent_tokens - 1 + L (each query attends its recent_tokens newest positions
+        exactly; None for a longer prefill chunk); keeps recent_tokens + TRIM_SLACK - 1."""
         L = keys.shape[2]
+        keep = self.recent_tokens - 1 + TRIM_SLACK
+        if L > FUSED_MAX_ROWS:  # a prefill chunk attends packed rows only (attention.py)
+            self.recent = mx.stack([keys[..., -keep:, :], values[..., -keep:, :]])
+            return None
         new = mx.stack([keys, values])
         if self.recent is not None:
             new = mx.concatenate([self.recent, new.astype(self.recent.dtype)], axis=3)
@@ -173,7 +178,6 @@ class _TurboQuantMixin:
             rows = slice(k.shape[2] - need, k.shape[2] - need + n)
             old = self._decode(k[..., rows, :], v[..., rows, :])
             new = mx.concatenate([mx.stack(old).astype(new.dtype), new], axis=3)
-        keep = self.recent_tokens - 1 + TRIM_SLACK
         self.recent = new[:, :, :, -keep:] if new.shape[3] > keep else new
         return new[:, :, :, -need:] if new.shape[3] > need else new
 

@@ -246,13 +246,13 @@ RECENT = [  # (B, Hkv, G, L, S, D, key bits, value bits, window): E = min(S, win
     (2, 1, 2, 8, 129, 256, 5, 4, 16),
     (1, 2, 1, 3, 300, 80, 3, 3, 1),
     (1, 1, 8, 8, 9, 64, 4, 2, 4),  # fewer keys than window - 1 + L: all of them recent
-    (1, 1, 2, 20, 600, 128, 4, 4, 4),  # decoded path
+    (1, 1, 2, 20, 600, 128, 4, 4, 4),  # a prefill chunk: packed rows only
 ]
 
 
 def attention_recent_f64(queries, keys, values, scale, mask):
-    """attention_f64 where query i of L takes the keys and values of its `window` newest
-    positions from the exact recent rows (E of them, the last positions)."""
+    """attention_f64 where query i of L <= FUSED_MAX_ROWS takes the keys and values of its
+    `window` newest positions from the exact recent rows (E of them, the last positions)."""
     B, Hq, L, D = queries.shape
     Hkv, S = keys.shape[1:3]
     E, W, G = keys.recent.shape[2], keys.window, Hq // Hkv
@@ -269,6 +269,7 @@ def attention_recent_f64(queries, keys, values, scale, mask):
     for i in range(L):
         k, v = rows64(keys), rows64(values)
         near = np.arange(S - E, S) >= S - L + i - W + 1  # in the window, among the recent rows
+        near &= L <= FUSED_MAX_ROWS  # a prefill chunk reads packed rows only
         k[:, :, S - E :][:, :, near] = exact_k[:, :, near]
         v[:, :, S - E :][:, :, near] = exact_v[:, :, near]
         s = np.where(seen[i], q[:, :, :, i] @ k.swapaxes(-1, -2), -np.inf)
