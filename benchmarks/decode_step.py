@@ -62,6 +62,9 @@ def main():
     caches = {
         "fp16": filled(fp16_cache(model), args.context, dtype),
         "tq4": filled(mlx_tq.make_prompt_cache(model, kv_bits=4), args.context, dtype),
+        "tq4-r0": filled(
+            mlx_tq.make_prompt_cache(model, kv_bits=4, recent_tokens=0), args.context, dtype
+        ),
     }
     if args.stub:
         stub_kernels()

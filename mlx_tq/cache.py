@@ -45,9 +45,6 @@ WARMUP_TOKENS = 256
 # 4 exact recent tokens cut the 4-bit KL to 0.32x, 16 to 0.19x (benchmarks/RESULTS.md):
 # the quantisation error hurts most in attention to the last few tokens.
 RECENT_TOKENS = 4
-# Rows a cache keeps beyond the window between updates, so that trimming up to this many
-# tokens (rejected draft tokens of speculative decoding) keeps the window exact.
-TRIM_SLACK = 8
 
 
 class _TurboQuantMixin:
@@ -58,7 +55,9 @@ class _TurboQuantMixin:
         raise AttributeError("TurboQuant caches are already quantised")
 
     recent_tokens = 0  # (rotating and batch caches hold none)
-    recent = None  # (2, B, H, E, D) exact keys and values of the last E tokens, or None
+    # The window: exact keys and values (B, H, W, D) of positions [offset - W, offset), the
+    # one at position p in slot p % W (fewer positions: slots 0.. in order), or None.
+    _rk = _rv = None
 
     def _configure(self, key_bits, value_bits, seed, center_keys, smooth_keys, warmup_tokens):
         check_bits(key_bits, "key_bits")
@@ -131,7 +130,7 @@ class _TurboQuantMixin:
         if self.keys is not None:
             if self.recent_tokens:
                 n = min(self.offset, self.keys.shape[2])
-                self.recent = mx.stack([self.keys[..., :n, :], self.values[..., :n, :]])
+                self._set_window(self.keys[..., :n, :], self.values[..., :n, :], n)
             self.keys, self.values = self._encode(self.keys, self.values, self._stats())
 
     def update_and_fetch(self, keys, values):
@@ -161,25 +160,45 @@ class _TurboQuantMixin:
         return self._wrap(k, v, recent)
 
     def _hold_recent(self, keys, values, k, v):
-        """The exact rows attention needs after an update of L <= FUSED_MAX_ROWS tokens:
-        the last recent_tokens - 1 + L (each query attends its recent_tokens newest positions
-        exactly; None for a longer prefill chunk); keeps recent_tokens + TRIM_SLACK - 1."""
-        L = keys.shape[2]
-        keep = self.recent_tokens - 1 + TRIM_SLACK
-        if L > FUSED_MAX_ROWS:  # a prefill chunk attends packed rows only (attention.py)
-            self.recent = mx.stack([keys[..., -keep:, :], values[..., -keep:, :]])
+        """Holds the update's keys and values in the window; returns the exact rows its
+        attention reads: for one token (decode) the window itself, in slot order (one query
+        sees all of it); for L <= FUSED_MAX_ROWS the last recent_tokens - 1 + L in order
+        (each query its recent_tokens newest); for a longer prefill chunk none."""
+        W, L, end = self.recent_tokens, keys.shape[2], self.offset
+        if L == 1 and end > W:  # the newest token replaces the oldest: two row writes
+            s = (end - 1) % W
+            self._rk[..., s : s + 1, :] = keys
+            self._rv[..., s : s + 1, :] = values
+            return self._rk, self._rv
+        rows = (keys, values)
+        if self._rk is not None:
+            rows = tuple(
+                mx.concatenate([old, new.astype(old.dtype)], axis=2)
+                for old, new in zip(self._window_rows(end - L), rows, strict=True)
+            )
+        self._set_window(*rows, end)
+        if L > FUSED_MAX_ROWS:
             return None
-        new = mx.stack([keys, values])
-        if self.recent is not None:
-            new = mx.concatenate([self.recent, new.astype(self.recent.dtype)], axis=3)
-        need = min(self.recent_tokens - 1 + L, self.offset)
-        if new.shape[3] < need:  # trimmed past the kept rows: the missing ones as decoded
-            n = need - new.shape[3]
-            rows = slice(k.shape[2] - need, k.shape[2] - need + n)
-            old = self._decode(k[..., rows, :], v[..., rows, :])
-            new = mx.concatenate([mx.stack(old).astype(new.dtype), new], axis=3)
-        self.recent = new[:, :, :, -keep:] if new.shape[3] > keep else new
-        return new[:, :, :, -need:] if new.shape[3] > need else new
+        n = min(W - 1 + L, end)
+        return tuple(r[..., -n:, :] for r in rows)
+
+    def _window_rows(self, end):
+        """The window's rows of positions [max(0, end - W), end) in order."""
+        W = self.recent_tokens
+        if end < W:
+            return self._rk[..., :end, :], self._rv[..., :end, :]
+        return tuple(mx.roll(r, -(end % W), axis=2) for r in (self._rk, self._rv))
+
+    def _set_window(self, k, v, end):
+        """Holds the last W of rows k, v (B, H, n, D) of positions [end - n, end) as the window."""
+        W = self.recent_tokens
+        k, v = k[..., -W:, :], v[..., -W:, :]
+        if end >= W:  # position end - W + j to slot (end + j) % W
+            k, v = (mx.roll(a, end % W, axis=2) for a in (k, v))
+        else:
+            pad = [(0, 0), (0, 0), (0, W - k.shape[2]), (0, 0)]
+            k, v = mx.pad(k, pad), mx.pad(v, pad)
+        self._rk, self._rv = k, v
 
     def _encode(self, k, v, stats):
         """Plain (B, H, L, D) keys and values as packed rows, keys with `stats` (offset, scale)."""
@@ -213,9 +232,16 @@ class _TurboQuantMixin:
         if not self.is_trimmable():
             return 0  # a wrapped window: the tokens to drop are no longer at its end
         n = super().trim(n)
-        if self.recent is not None:
-            keep = self.recent.shape[3] - n
-            self.recent = self.recent[:, :, :, :keep] if keep > 0 else None
+        if self._rk is not None and n:
+            # The window again: its rows still held, then the older ones decoded.
+            end, W = self.offset, self.recent_tokens
+            held = max(0, end - max(0, end + n - W))
+            k, v = (r[..., :held, :] for r in self._window_rows(end + n))
+            lo, hi = max(0, end - W), min(end, max(0, end + n - W))
+            if hi > lo:
+                dk, dv = self._decode(self.keys[..., lo:hi, :], self.values[..., lo:hi, :])
+                k, v = mx.concatenate([dk, k], axis=2), mx.concatenate([dv, v], axis=2)
+            self._set_window(k, v, end)
         return n
 
     @property
@@ -252,7 +278,7 @@ class _TurboQuantMixin:
     def nbytes(self):
         if self.keys is None:
             return 0
-        extra = sum(a.nbytes for a in (*self._stat_arrays(), self.recent) if a is not None)
+        extra = sum(a.nbytes for a in (*self._stat_arrays(), self._rk, self._rv) if a is not None)
         return self.keys.nbytes + self.values.nbytes + extra
 
 
@@ -271,9 +297,10 @@ class TurboQuantKVCache(_TurboQuantMixin, KVCache):
             the mean) before quantising; attention multiplies the queries by the same scale.
         warmup_tokens: Tokens held exactly before the statistics are frozen (0: from the
             first update, whatever its size).
-        recent_tokens: After the warm-up, each query attends the keys and values of its
-            `recent_tokens` newest positions exactly (held beside the packed rows: an
-            update of L tokens holds the last recent_tokens - 1 + L), older ones packed.
+        recent_tokens: After the warm-up, each query of an update of at most
+            FUSED_MAX_ROWS tokens (decode) attends the keys and values of its
+            `recent_tokens` newest positions exactly, held beside the packed rows; older
+            positions, and every query of a longer (prefill) chunk, read packed rows.
             0: none.
     """
 
@@ -301,17 +328,17 @@ class TurboQuantKVCache(_TurboQuantMixin, KVCache):
         if self.keys is None:
             return []
         n = self.offset
-        recent = () if self.recent is None else (self.recent,)
-        return self.keys[..., :n, :], self.values[..., :n, :], *self._stat_arrays(), *recent
+        window = () if self._rk is None else (mx.stack([self._rk, self._rv]),)
+        return self.keys[..., :n, :], self.values[..., :n, :], *self._stat_arrays(), *window
 
     @state.setter
     def state(self, v):
         self.keys, self.values, *stats = v if v else (None, None)
         self.offset = 0 if self.keys is None else self.keys.shape[2]
-        # The recent tokens are the one 5-D array: (2, B, H, E, D).
-        recent = stats.pop() if stats and stats[-1].ndim == 5 else None
+        # The window is the one 5-D array: (2, B, H, W, D).
+        window = stats.pop() if stats and stats[-1].ndim == 5 else None
         self._set_stats(*stats)
-        self.recent = recent
+        self._rk, self._rv = (None, None) if window is None else window
 
 
 class TurboQuantRotatingKVCache(_TurboQuantMixin, RotatingKVCache):

@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_model
 
 from mlx_tq import bench, loading, unpatch
-from mlx_tq.cache import RECENT_TOKENS, TRIM_SLACK
+from mlx_tq.cache import RECENT_TOKENS
 
 CONFIGS = ["fp16", "affine8", "affine4", "tq4", "tq3", "k4v3"]
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -60,7 +60,7 @@ def test_generate_writes_json_plot_and_table(tmp_path, capsys):
         # below a 2-byte cache of the same tokens, per-head key statistics included
         assert by[n, "tq4"]["kv_bytes"] < by[n, "fp16"]["kv_bytes"] / 2
         # (+ the exact window's float32 rows of the newest tokens)
-        window = (RECENT_TOKENS - 1 + TRIM_SLACK) * 32 / (n + 3)
+        window = RECENT_TOKENS * 32 / (n + 3)
         assert 4.5 < by[n, "tq4"]["kv_bits"] - window < 5.5
         assert by[n, "tq3"]["kv_bytes"] < by[n, "tq4"]["kv_bytes"]
     assert report["errors"] == []

@@ -14,13 +14,8 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.models.cache import make_prompt_cache as lm_make_prompt_cache
 
 import mlx_tq
-from mlx_tq.cache import (
-    RECENT_TOKENS,
-    TRIM_SLACK,
-    WARMUP_TOKENS,
-    TurboQuantKVCache,
-    TurboQuantRotatingKVCache,
-)
+from mlx_tq import dequantize
+from mlx_tq.cache import WARMUP_TOKENS, TurboQuantKVCache, TurboQuantRotatingKVCache
 from mlx_tq.patch import _attention
 
 VOCAB = 128
@@ -94,20 +89,35 @@ def test_chunked_prefill_equals_one_chunk(family, patched):
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_trim_then_refeed(family, patched):
     model = tiny_model(family)
-    cache = mlx_tq.make_prompt_cache(model, warmup_tokens=0)
+    cache = mlx_tq.make_prompt_cache(model, warmup_tokens=0, recent_tokens=0)
     first = run(model, cache, TOKENS[:, :40], 8)
     assert all(c.is_trimmable() for c in cache)
-    # Up to TRIM_SLACK tokens the exact window stays whole; beyond, its oldest rows are read
-    # back from their packed words (close, not equal).
-    n = TRIM_SLACK
-    before = copy.deepcopy(cache)
-    assert mlx_tq.cache.lm_cache.trim_prompt_cache(cache, n) == n
-    assert cache[0].offset == 40 - n
-    again = model(TOKENS[:, 40 - n : 40], cache=cache)
-    assert rel_rms(again, first[:, 40 - n :]) < 1e-5
-    assert mlx_tq.cache.lm_cache.trim_prompt_cache(before, 12) == 12
-    again = model(TOKENS[:, 28:40], cache=before)
-    assert rel_rms(again, first[:, 28:]) < 0.05
+    assert mlx_tq.cache.lm_cache.trim_prompt_cache(cache, 10) == 10
+    assert cache[0].offset == 30
+    again = model(TOKENS[:, 30:40], cache=cache)
+    assert rel_rms(again, first[:, 30:40]) < 1e-5
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 9])
+def test_trim_refills_the_window(n):
+    # Trimmed, the window holds the 4 positions before the new end again: the rows it still
+    # has, exact, and the older ones decoded from their packed words.
+    cache = TurboQuantKVCache(warmup_tokens=0, recent_tokens=4)
+    plain = KVCache()
+    for L in (20, 1, 1, 3, 1, 1):
+        k, v = (mx.random.normal((1, 2, L, 64)) for _ in range(2))
+        cache.update_and_fetch(k, v)
+        plain.update_and_fetch(k, v)
+    end = cache.offset - n
+    old = cache.offset - 4  # the first position the window held
+    assert cache.trim(n) == n and plain.trim(n) == n
+    k, v = cache._window_rows(end)
+    exact = slice(max(old, end - 4), end)
+    np.testing.assert_array_equal(k[..., exact.start - (end - 4) :, :], plain.keys[..., exact, :])
+    lost = min(old, end)  # positions end - 4 ... lost - 1 come back decoded
+    decoded = dequantize(cache._packed(cache.keys, cache.values)[0])[..., end - 4 : lost, :]
+    np.testing.assert_allclose(k[..., : lost - (end - 4), :], decoded, atol=1e-5)
+    assert np.abs(np.array(decoded) - np.array(plain.keys[..., end - 4 : lost, :])).max() > 0
 
 
 @pytest.mark.parametrize("warmup", [0, 5, 16, 100])
@@ -236,7 +246,7 @@ def test_protocol_and_hidden_attributes():
 @pytest.mark.parametrize("head_dim", [128, 256])
 def test_bytes_after_2048_tokens(head_dim):
     cache = TurboQuantKVCache(key_bits=4, value_bits=4, warmup_tokens=0, recent_tokens=0)
-    window = TurboQuantKVCache(key_bits=4, value_bits=4, warmup_tokens=0)
+    window = TurboQuantKVCache(key_bits=4, value_bits=4, warmup_tokens=0, recent_tokens=4)
     fp16 = KVCache()
     for _ in range(8):
         k = mx.random.normal((1, 2, 256, head_dim)).astype(mx.float16)
@@ -245,9 +255,8 @@ def test_bytes_after_2048_tokens(head_dim):
         fp16.update_and_fetch(k, k)
     assert cache.offset == 2048
     assert cache.nbytes <= 0.27 * fp16.nbytes
-    # The window: its recent_tokens - 1 + TRIM_SLACK newest rows, K and V, in float16.
-    rows = RECENT_TOKENS - 1 + TRIM_SLACK
-    assert window.nbytes - cache.nbytes == rows * fp16.nbytes // 2048
+    # The window: its 4 newest tokens' keys and values in float16.
+    assert window.nbytes - cache.nbytes == 4 * fp16.nbytes // 2048
 
 
 def test_patch_is_idempotent_and_reaches_later_modules():

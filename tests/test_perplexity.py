@@ -9,7 +9,6 @@ from mlx.utils import tree_map
 
 import mlx_tq
 from mlx_tq import perplexity
-from mlx_tq.cache import RECENT_TOKENS, TRIM_SLACK
 from mlx_tq.perplexity import evaluate, load_windows
 from mlx_tq.tools import kv_footprint, make_cache
 
@@ -58,7 +57,7 @@ def test_chunk_size_does_not_change_fp16(model, windows):
 
 
 def test_bits_per_element(model, windows):
-    caches = {n: make_cache(model, n) for n in ("fp16", "k4v3-w0-r0", "affine8", "k4v3-w0")}
+    caches = {n: make_cache(model, n) for n in ("fp16", "k4v3-w0-r0", "affine8", "k4v3-w0-r4")}
     for cache in caches.values():
         model(windows[:1, :64], cache=cache)
     bits = {n: kv_footprint(cache)["bits"] for n, cache in caches.items()}
@@ -67,9 +66,8 @@ def test_bits_per_element(model, windows):
     # over the 64 rows that hold tokens (not the 256 allocated)
     offset_bits = 8 * 2 * 64 * 4 / (2 * 64 * 2 * 64)
     assert bits["k4v3-w0-r0"] == pytest.approx(3.5 + 0.5 + offset_bits)
-    # the default window: recent_tokens - 1 + TRIM_SLACK rows, K and V, at 32 bits
-    window_bits = (RECENT_TOKENS - 1 + TRIM_SLACK) * 32 / 64
-    assert bits["k4v3-w0"] == pytest.approx(3.5 + 0.5 + offset_bits + window_bits)
+    # a window of 4 exact tokens: 4 rows of K and V at 32 bits
+    assert bits["k4v3-w0-r4"] == pytest.approx(3.5 + 0.5 + offset_bits + 4 * 32 / 64)
     assert bits["affine8"] == pytest.approx(8 + 2 * 32 / 64)
 
 
