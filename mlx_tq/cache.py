@@ -47,6 +47,11 @@ WARMUP_TOKENS = 256
 RECENT_TOKENS = 4
 
 
+def check_recent_tokens(n):
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"recent_tokens={n!r} is not supported: give an int >= 0 (0: none)")
+
+
 class _TurboQuantMixin:
     # mlx-lm re-quantises caches that have `to_quantized`, which does not apply to packed
     # rows, so hide it from hasattr(). (`merge`, for batching: see batch.py.)
@@ -319,8 +324,7 @@ class TurboQuantKVCache(_TurboQuantMixin, KVCache):
     ):
         super().__init__()
         self._setup(key_bits, value_bits, seed, center_keys, smooth_keys, warmup_tokens)
-        if recent_tokens < 0:
-            raise ValueError(f"recent_tokens={recent_tokens} must be >= 0")
+        check_recent_tokens(recent_tokens)
         self.recent_tokens = recent_tokens
 
     @property
@@ -433,7 +437,9 @@ def make_prompt_cache(
     kb = kb if key_bits is None else key_bits
     vb = vb if value_bits is None else value_bits
     smooth_keys = smooth if smooth_keys is None else smooth_keys
-    check_bits(sliding_key_bits, "sliding_key_bits")  # the probe's caches check the others
+    check_bits(kb, "key_bits")
+    check_bits(vb, "value_bits")
+    check_bits(sliding_key_bits, "sliding_key_bits")
     if max_kv_size is not None and max_kv_size <= KEEP:
         raise ValueError(
             f"max_kv_size={max_kv_size} is too small: it must exceed the {KEEP} first tokens "
@@ -442,8 +448,7 @@ def make_prompt_cache(
     # The probe's caches (warm-up 0) check the bits, and the head dim on its keys.
     options = dict(key_bits=kb, value_bits=vb, seed=seed, center_keys=center_keys)
     options.update(smooth_keys=smooth_keys)
-    if recent_tokens < 0:
-        raise ValueError(f"recent_tokens={recent_tokens} must be >= 0")
+    check_recent_tokens(recent_tokens)
     layers = (model, max_kv_size, quantize_sliding, options, sliding_key_bits, recent_tokens)
     check_routing(model, lambda: _layers(*layers, 0))
     return _layers(*layers, warmup_tokens)

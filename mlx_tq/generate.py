@@ -8,7 +8,7 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from . import tools
-from .cache import KEEP, PRESETS, capped_cache, make_prompt_cache
+from .cache import KEEP, PRESETS, RECENT_TOKENS, capped_cache, make_prompt_cache
 from .codebook import SUPPORTED_BITS
 from .loading import load
 from .patch import patch
@@ -49,6 +49,12 @@ def setup_arg_parser():
     )
     arg("--kv-key-bits", type=int, choices=SUPPORTED_BITS, help="Override the preset's key bits")
     arg("--kv-value-bits", type=int, choices=SUPPORTED_BITS, help="Override its value bits")
+    arg(
+        "--kv-recent-tokens",
+        type=tools.non_negative_int,
+        default=RECENT_TOKENS,
+        help="Newest positions each decoded token attends exactly (0: none)",
+    )
     return parser
 
 
@@ -94,6 +100,7 @@ def main():
                 key_bits=args.kv_key_bits,
                 value_bits=args.kv_value_bits,
                 max_kv_size=args.max_kv_size,
+                recent_tokens=args.kv_recent_tokens,
             )
     patch()
 

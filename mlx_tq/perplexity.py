@@ -18,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import tools
+from .attention import FUSED_MAX_ROWS
 from .cache import PRESETS, WARMUP_TOKENS
 from .loading import load
 from .patch import patch
@@ -202,6 +203,14 @@ def main():
         print(
             f"note: TurboQuant caches hold their first {WARMUP_TOKENS} tokens exactly: a window "
             f"of {args.window} measures none of their quantisation (see -w<n> in --compare)",
+            file=sys.stderr,
+        )
+    windowed = any(c.startswith(("tq", "k")) and not c.endswith("-r0") for c in configs)
+    if args.chunk_size > FUSED_MAX_ROWS and windowed:
+        print(
+            f"note: chunks of {args.chunk_size} tokens are prefill: they read packed rows only, "
+            f"not the exact recent window of decoding (-r<n>); --chunk-size {FUSED_MAX_ROWS} "
+            "or less measures decoding",
             file=sys.stderr,
         )
     tools.blas_hint()

@@ -193,6 +193,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """An argparse ``type``: an integer of at least 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 0")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     """An argparse ``type``: a float of at least 0."""
     value = float(text)

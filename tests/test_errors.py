@@ -120,12 +120,23 @@ CASES = [
      "kv_bits=9 " + BITS),
     ("key_bits 1", lambda t: mlx_tq.make_prompt_cache(tiny_llama(), key_bits=1), ValueError,
      "key_bits=1 " + BITS),
+    # (the parameter given is named, not the sliding layers' key bits it also sets)
+    ("kv_bits 4 key_bits 9", lambda t: mlx_tq.make_prompt_cache(tiny_llama(), kv_bits=4,
+     key_bits=9), ValueError, "ValueError: key_bits=9 " + BITS),
+    ("recent_tokens -1", lambda t: mlx_tq.make_prompt_cache(tiny_llama(), recent_tokens=-1),
+     ValueError, "recent_tokens=-1 is not supported: give an int >= 0"),
+    ("recent_tokens 2.5", lambda t: TurboQuantKVCache(recent_tokens=2.5), ValueError,
+     "recent_tokens=2.5 is not supported: give an int >= 0"),
+    ("recent_tokens '8'", lambda t: mlx_tq.make_prompt_cache(tiny_llama(), recent_tokens="8"),
+     ValueError, "recent_tokens='8' is not supported: give an int >= 0"),
     ("key_bits 0", lambda t: mlx_tq.make_prompt_cache(tiny_llama(), key_bits=0), ValueError,
      "key_bits=0 " + BITS),
     ("value_bits 9", lambda t: mlx_tq.make_prompt_cache(tiny_llama(), value_bits=9), ValueError,
      "value_bits=9 " + BITS),
     ("cli --kv-bits 9", lambda t: cli("--kv-bits", "9"),
      SystemExit, "--kv-bits: invalid choice: 9 " + CLI_BITS),
+    ("cli --kv-recent-tokens -1", lambda t: cli("--kv-recent-tokens", "-1"), SystemExit,
+     "--kv-recent-tokens: -1 is not >= 0"),
     ("cli --kv-key-bits 1", lambda t: cli("--kv-key-bits", "1"), SystemExit,
      "--kv-key-bits: invalid choice: 1 " + CLI_BITS),
     ("cli --kv-value-bits 16", lambda t: cli("--kv-value-bits", "16"), SystemExit,
@@ -211,7 +222,8 @@ def test_bad_input(call, error, message, tmp_path, capsys):
     with pytest.raises(error) as info:
         call(tmp_path)
     # argparse prints its message and exits with status 2.
-    assert message in str(info.value) + capsys.readouterr().err
+    text = f"{type(info.value).__name__}: {info.value}" + capsys.readouterr().err
+    assert message in text
 
 
 def test_rotating_decode_mask_is_accepted():
