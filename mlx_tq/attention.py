@@ -115,18 +115,17 @@ def _use_recent(keys, values, mask, L):
         return keys, values, mask
     if L > FUSED_MAX_ROWS:
         return replace(keys, recent=None), replace(values, recent=None), mask
-    _recent_offset(keys, L)
+    c = _recent_offset(keys, L)
     if L == 1:  # the recent rows replace the packed ones
         return keys, values, mask
-    return _with_recent(keys, values, mask, L)
+    return _with_recent(keys, values, mask, L, c)
 
 
-def _with_recent(keys, values, mask, L):
+def _with_recent(keys, values, mask, L, c):
     """Keys, values and mask for L > 1 queries over keys with recent rows, as a plain
-    attention reads them: the packed rows up to S - E + L - 1 + c (see `_recent_offset`),
+    attention reads them: the packed rows up to S - E + L - 1 + c (c: `_recent_offset`),
     then the E recent ones, and a mask over those S + L - 1 + c keys."""
     S, E = keys.data.shape[-2], keys.recent.shape[-2]
-    c = _recent_offset(keys, L)
     n = max(S - E + L - 1 + c, 0)
 
     def extend(t):  # the recent rows' packed words stay behind their exact vectors

@@ -114,8 +114,10 @@ class _TurboQuantMixin:
         """Takes the key statistics from the tokens held and the new ones, then quantises
         the held buffer in place (same slots, so mlx-lm's bookkeeping stays valid)."""
         k = keys
-        if self.keys is not None:  # the exact keys held so far (warm-up)
-            k = mx.concatenate([self.keys[..., : min(self.offset, self.keys.shape[2]), :], k], 2)
+        if self.keys is not None:  # the exact keys and values held so far (warm-up)
+            n = min(self.offset, self.keys.shape[2])
+            held = (self.keys[..., :n, :], self.values[..., :n, :])
+            k = mx.concatenate([held[0], k], 2)
         k = k.astype(mx.float32)
         # Finite, so that a NaN key spoils its own token only, as in an fp16 cache.
         finite = mx.isfinite(k)
@@ -134,8 +136,7 @@ class _TurboQuantMixin:
         self._set_stats(offset, scale, k.shape[2])
         if self.keys is not None:
             if self.recent_tokens:
-                n = min(self.offset, self.keys.shape[2])
-                self._set_window(self.keys[..., :n, :], self.values[..., :n, :], n)
+                self._set_window(*held, n)
             self.keys, self.values = self._encode(self.keys, self.values, self._stats())
 
     def update_and_fetch(self, keys, values):
@@ -161,10 +162,10 @@ class _TurboQuantMixin:
                 mx.eval(*self._stat_arrays())
             k, v = quantize_kv_rows(keys, values, *bits, *self._rows)
         k, v = super().update_and_fetch(k, v)
-        recent = self._hold_recent(keys, values, k, v) if self.recent_tokens else None
+        recent = self._hold_recent(keys, values) if self.recent_tokens else None
         return self._wrap(k, v, recent)
 
-    def _hold_recent(self, keys, values, k, v):
+    def _hold_recent(self, keys, values):
         """Holds the update's keys and values in the window; returns the exact rows its
         attention reads: for one token (decode) the window itself, in slot order (one query
         sees all of it); for L <= FUSED_MAX_ROWS the last recent_tokens - 1 + L in order
@@ -240,9 +241,9 @@ class _TurboQuantMixin:
         if self._rk is not None and n:
             # The window again: its rows still held, then the older ones decoded.
             end, W = self.offset, self.recent_tokens
-            held = max(0, end - max(0, end + n - W))
-            k, v = (r[..., :held, :] for r in self._window_rows(end + n))
-            lo, hi = max(0, end - W), min(end, max(0, end + n - W))
+            first = max(0, end + n - W)  # the oldest position the window held
+            k, v = (r[..., : max(0, end - first), :] for r in self._window_rows(end + n))
+            lo, hi = max(0, end - W), min(end, first)
             if hi > lo:
                 dk, dv = self._decode(self.keys[..., lo:hi, :], self.values[..., lo:hi, :])
                 k, v = mx.concatenate([dk, k], axis=2), mx.concatenate([dv, v], axis=2)

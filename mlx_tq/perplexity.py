@@ -205,8 +205,7 @@ def main():
             f"of {args.window} measures none of their quantisation (see -w<n> in --compare)",
             file=sys.stderr,
         )
-    windowed = any(c.startswith(("tq", "k")) and not c.endswith("-r0") for c in configs)
-    if args.chunk_size > FUSED_MAX_ROWS and windowed:
+    if args.chunk_size > FUSED_MAX_ROWS and any(map(tools.recent_tokens, configs)):
         print(
             f"note: chunks of {args.chunk_size} tokens are prefill: they read packed rows only, "
             f"not the exact recent window of decoding (-r<n>); --chunk-size {FUSED_MAX_ROWS} "

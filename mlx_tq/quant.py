@@ -105,14 +105,16 @@ class TurboQuantized:
         levels, _ = codebook(self.bits, self.dim)
         z = levels[self.indices()] * self.scales()[..., None]
         z = z if self.qjl is None else z + _qjl_rotated(self)
-        if self.recent is None:
-            return z
+        return z if self.recent is None else _replace_tail(z, self.recent_rotated())
+
+    def recent_rotated(self) -> mx.array:
+        """The recent rows as `rotated` reads them: (..., E, D) float32, without the offset."""
         x = self.recent.astype(mx.float32)
         if self.offset is not None:
             x = x - self.offset
         if self.channel_scale is not None:
             x = x / self.channel_scale
-        return mx.concatenate([z[..., : z.shape[-2] - x.shape[-2], :], rotate(x, self.seed)], -2)
+        return rotate(x, self.seed)
 
     def tokens(self, start: int, stop: int) -> "TurboQuantized":
         """The vectors [start, stop) along the sequence axis -2."""
@@ -123,6 +125,11 @@ class TurboQuantized:
             recent = recent[..., max(start, first) - first : max(stop, first) - first, :]
             recent = recent if recent.shape[-2] else None
         return replace(self, data=self.data[..., start:stop, :], qjl=qjl, recent=recent)
+
+
+def _replace_tail(x: mx.array, tail: mx.array) -> mx.array:
+    """x (..., S, D) with its last E rows replaced by tail (..., E, D)."""
+    return mx.concatenate([x[..., : x.shape[-2] - tail.shape[-2], :], tail], axis=-2)
 
 
 def check_bits(bits: int, name: str = "bits"):
@@ -355,9 +362,7 @@ def dequantize(q: TurboQuantized) -> mx.array:
         # The reconstruction error may carry a value near the fp16 limit past it: not to inf.
         x = mx.clip(x, -65504, 65504)
     x = x.astype(q.dtype)
-    if q.recent is None:
-        return x
-    return mx.concatenate([x[..., : x.shape[-2] - q.recent.shape[-2], :], q.recent], -2)
+    return x if q.recent is None else _replace_tail(x, q.recent)
 
 
 def decode_rotated_ops(t: TurboQuantized, dtype, shift: int = 0) -> mx.array:
@@ -383,8 +388,8 @@ def decode_rotated(t: TurboQuantized, dtype, shift: int = 0) -> mx.array:
     if t.recent is not None:
         n = t.data.shape[-2] - t.recent.shape[-2]
         packed = decode_rotated(replace(t, recent=None).tokens(0, n), dtype, shift)
-        exact = replace(t, data=t.data[..., n:, :]).rotated() * 2.0**-shift
-        return mx.concatenate([packed, exact.astype(dtype)], axis=-2)
+        exact = (t.recent_rotated() * 2.0**-shift).astype(dtype)
+        return mx.concatenate([packed, exact], axis=-2)
     if (
         kernels.backend() is None
         or t.qjl is not None

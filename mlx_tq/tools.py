@@ -31,7 +31,7 @@ import mlx_lm.models.cache as lm_cache
 from mlx.utils import tree_flatten
 
 from . import kernels
-from .cache import PRESETS, make_prompt_cache
+from .cache import PRESETS, RECENT_TOKENS, make_prompt_cache
 from .codebook import SUPPORTED_BITS
 from .loading import DEFAULT_MODEL
 from .quant import FLOAT_DTYPES
@@ -82,6 +82,14 @@ def make_cache(model, name: str) -> list:
     if m[7]:
         bits["recent_tokens"] = int(m[7])
     return make_prompt_cache(model, **bits)
+
+
+def recent_tokens(name: str) -> int:
+    """The exact recent window of configuration `name` (0 for fp16 and affine caches)."""
+    m = _PATTERN.fullmatch(check_config(name))
+    if not (m[2] or m[3]):
+        return 0
+    return RECENT_TOKENS if m[7] is None else int(m[7])
 
 
 def describe(cache: list) -> str:

@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_model
 
 from mlx_tq import bench, generate, perplexity, tools
-from mlx_tq.cache import WARMUP_TOKENS, capped_cache
+from mlx_tq.cache import RECENT_TOKENS, WARMUP_TOKENS, capped_cache
 
 CLIS = {"generate": generate, "perplexity": perplexity}
 
@@ -213,3 +213,10 @@ def test_blas_hint(monkeypatch, capsys):
 @pytest.mark.parametrize("text, on", [("false", False), ("F", False), ("true", True), ("t", True)])
 def test_verbose_reads_as_mlx_lm_generate_does(text, on):
     assert generate.setup_arg_parser().parse_args(["--verbose", text]).verbose is on
+
+
+def test_recent_tokens_of_a_configuration():
+    assert tools.recent_tokens("tq4") == RECENT_TOKENS
+    assert tools.recent_tokens("k4v3-s0.5-w0-r8") == 8
+    assert tools.recent_tokens("tq3-r0") == 0
+    assert tools.recent_tokens("fp16") == tools.recent_tokens("affine4") == 0
