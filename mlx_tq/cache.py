@@ -29,7 +29,7 @@ from .quant import (
     quantize_kv_rows,
 )
 
-FILE_FORMAT = "mlx_tq.prompt_cache/3"
+FILE_FORMAT = "mlx_tq.prompt_cache/4"
 # kv_bits budget -> (key_bits, value_bits, smooth_keys, key bits of sliding-window layers). On
 # Gemma-3-270M key smoothing 0.5 beat every key/value split at the same bits (K4/V4-s0.5 KL 0.026
 # vs K5/V3 0.038; K3/V3-s0.5 0.113 vs K4/V2 0.151: benchmarks/RESULTS.md, issue 5). A sliding
@@ -60,9 +60,9 @@ class _TurboQuantMixin:
         raise AttributeError("TurboQuant caches are already quantised")
 
     recent_tokens = 0  # (rotating and batch caches hold none)
-    # The window: exact keys and values (B, H, W, D) of positions [offset - W, offset), the
-    # one at position p in slot p % W (fewer positions: slots 0.. in order), or None.
-    _rk = _rv = None
+    # The window: exact keys then values (2, B, H, W, D) of positions [offset - W, offset)
+    # in order (fewer positions: zero rows first), or None.
+    _ring = None
 
     def _configure(self, key_bits, value_bits, seed, center_keys, smooth_keys, warmup_tokens):
         check_bits(key_bits, "key_bits")
@@ -136,7 +136,7 @@ class _TurboQuantMixin:
         self._set_stats(offset, scale, k.shape[2])
         if self.keys is not None:
             if self.recent_tokens:
-                self._set_window(*held, n)
+                self._set_window(*held)
             self.keys, self.values = self._encode(self.keys, self.values, self._stats())
 
     def update_and_fetch(self, keys, values):
@@ -154,57 +154,57 @@ class _TurboQuantMixin:
         ):
             self._check(keys, values)
         bits = (self.key_bits, self.value_bits, self.seed)
+        ring = self._ring
+        # A decode step past the first W tokens: the token joins the window, the oldest
+        # leaves it (on a GPU in the quantise launch itself).
+        step = ring is not None and keys.shape[2] == 1 and self.offset >= self.recent_tokens
         if kernels.backend() is None:
             k, v = quantize_kv_ops(keys, values, *bits, self.key_offset, self.key_scale)
+            if step:
+                new = mx.stack([keys, values]).astype(ring.dtype)
+                self._ring = mx.concatenate([ring[..., 1:, :], new], axis=-2)
         else:
             if self._rows is None:  # the statistics as the kernel reads them, built once
                 self._rows = [a if a is None else a.reshape(-1, a.shape[-1]) for a in self._stats()]
                 mx.eval(*self._stat_arrays())
-            k, v = quantize_kv_rows(keys, values, *bits, *self._rows)
+            step = step and ring.dtype == keys.dtype
+            out = quantize_kv_rows(keys, values, *bits, *self._rows, ring if step else None)
+            k, v = out[:2]
+            if step:
+                self._ring = out[2]
         k, v = super().update_and_fetch(k, v)
+        if step:  # one query attends the whole window
+            return self._wrap(k, v, (self._ring[0], self._ring[1]))
         recent = self._hold_recent(keys, values) if self.recent_tokens else None
         return self._wrap(k, v, recent)
 
     def _hold_recent(self, keys, values):
         """Holds the update's keys and values in the window; returns the exact rows its
-        attention reads: for one token (decode) the window itself, in slot order (one query
-        sees all of it); for L <= FUSED_MAX_ROWS the last recent_tokens - 1 + L in order
+        attention reads: for L <= FUSED_MAX_ROWS the last recent_tokens - 1 + L in order
         (each query its recent_tokens newest); for a longer prefill chunk none."""
         W, L, end = self.recent_tokens, keys.shape[2], self.offset
-        if L == 1 and end > W:  # the newest token replaces the oldest: two row writes
-            s = (end - 1) % W
-            self._rk[..., s : s + 1, :] = keys
-            self._rv[..., s : s + 1, :] = values
-            return self._rk, self._rv
         rows = (keys, values)
-        if self._rk is not None:
+        if self._ring is not None:
             rows = tuple(
                 mx.concatenate([old, new.astype(old.dtype)], axis=2)
                 for old, new in zip(self._window_rows(end - L), rows, strict=True)
             )
-        self._set_window(*rows, end)
+        self._set_window(*rows)
         if L > FUSED_MAX_ROWS:
             return None
         n = min(W - 1 + L, end)
         return tuple(r[..., -n:, :] for r in rows)
 
     def _window_rows(self, end):
-        """The window's rows of positions [max(0, end - W), end) in order."""
-        W = self.recent_tokens
-        if end < W:
-            return self._rk[..., :end, :], self._rv[..., :end, :]
-        return tuple(mx.roll(r, -(end % W), axis=2) for r in (self._rk, self._rv))
+        """The window's keys and values of positions [max(0, end - W), end), in order."""
+        n = min(end, self.recent_tokens)
+        return tuple(r[..., self.recent_tokens - n :, :] for r in (self._ring[0], self._ring[1]))
 
-    def _set_window(self, k, v, end):
-        """Holds the last W of rows k, v (B, H, n, D) of positions [end - n, end) as the window."""
+    def _set_window(self, k, v):
+        """Holds the last W rows of keys k and values v (B, H, n, D) as the window."""
         W = self.recent_tokens
-        k, v = k[..., -W:, :], v[..., -W:, :]
-        if end >= W:  # position end - W + j to slot (end + j) % W
-            k, v = (mx.roll(a, end % W, axis=2) for a in (k, v))
-        else:
-            pad = [(0, 0), (0, 0), (0, W - k.shape[2]), (0, 0)]
-            k, v = mx.pad(k, pad), mx.pad(v, pad)
-        self._rk, self._rv = k, v
+        ring = mx.stack([k[..., -W:, :], v[..., -W:, :]])
+        self._ring = mx.pad(ring, [(0, 0)] * 3 + [(W - ring.shape[3], 0), (0, 0)])
 
     def _encode(self, k, v, stats):
         """Plain (B, H, L, D) keys and values as packed rows, keys with `stats` (offset, scale)."""
@@ -238,7 +238,7 @@ class _TurboQuantMixin:
         if not self.is_trimmable():
             return 0  # a wrapped window: the tokens to drop are no longer at its end
         n = super().trim(n)
-        if self._rk is not None and n:
+        if self._ring is not None and n:
             # The window again: its rows still held, then the older ones decoded.
             end, W = self.offset, self.recent_tokens
             first = max(0, end + n - W)  # the oldest position the window held
@@ -247,7 +247,7 @@ class _TurboQuantMixin:
             if hi > lo:
                 dk, dv = self._decode(self.keys[..., lo:hi, :], self.values[..., lo:hi, :])
                 k, v = mx.concatenate([dk, k], axis=2), mx.concatenate([dv, v], axis=2)
-            self._set_window(k, v, end)
+            self._set_window(k, v)
         return n
 
     @property
@@ -284,7 +284,7 @@ class _TurboQuantMixin:
     def nbytes(self):
         if self.keys is None:
             return 0
-        extra = sum(a.nbytes for a in (*self._stat_arrays(), self._rk, self._rv) if a is not None)
+        extra = sum(a.nbytes for a in (*self._stat_arrays(), self._ring) if a is not None)
         return self.keys.nbytes + self.values.nbytes + extra
 
 
@@ -333,7 +333,7 @@ class TurboQuantKVCache(_TurboQuantMixin, KVCache):
         if self.keys is None:
             return []
         n = self.offset
-        window = () if self._rk is None else (mx.stack([self._rk, self._rv]),)
+        window = () if self._ring is None else (self._ring,)
         return self.keys[..., :n, :], self.values[..., :n, :], *self._stat_arrays(), *window
 
     @state.setter
@@ -341,9 +341,8 @@ class TurboQuantKVCache(_TurboQuantMixin, KVCache):
         self.keys, self.values, *stats = v if v else (None, None)
         self.offset = 0 if self.keys is None else self.keys.shape[2]
         # The window is the one 5-D array: (2, B, H, W, D).
-        window = stats.pop() if stats and stats[-1].ndim == 5 else None
+        self._ring = stats.pop() if stats and stats[-1].ndim == 5 else None
         self._set_stats(*stats)
-        self._rk, self._rv = (None, None) if window is None else window
 
 
 class TurboQuantRotatingKVCache(_TurboQuantMixin, RotatingKVCache):

@@ -22,13 +22,16 @@ def backend() -> str | None:
 
 @cache
 def source(name: str) -> str:
-    """The text of `metal/<name>` from the installed package or a source checkout."""
+    """The code of `metal/<name>` from the installed package or a source checkout, without
+    comment lines, blank lines and indentation: MLX copies a kernel's text into every call
+    and hashes it at every launch, so a decode step pays for each byte (~35% fewer)."""
     try:
         root = resources.files("mlx_tq.metal")
     except ModuleNotFoundError:
         # mlx_tq imported from a source tree on PYTHONPATH: metal/ sits beside the package.
         root = Path(__file__).resolve().parent.parent / "metal"
-    return root.joinpath(name).read_text()
+    lines = (line.strip() for line in root.joinpath(name).read_text().splitlines())
+    return "".join(f"{line}\n" for line in lines if line and not line.startswith("//"))
 
 
 def program(name: str, kind: str) -> tuple[str, str]:

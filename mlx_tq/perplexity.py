@@ -61,6 +61,7 @@ def evaluate(
     chunk_size=DEFAULT_CHUNK_SIZE,
     first_update=0,
     deadline=None,
+    batch_size=1,
 ):
     """Feeds every window through each configuration's cache and compares it with fp16.
 
@@ -71,8 +72,11 @@ def evaluate(
         chunk_size: Tokens per forward call; each call's logits are its predictions.
         first_update: If > 0, the first `first_update` tokens of each window go in one call,
             as a chat's first turn, then the rest in chunks of `chunk_size`.
-        deadline: A `time.monotonic()` value: no window starts after it (at least one runs);
-            the results are those of the windows done.
+        deadline: A `time.monotonic()` value: no batch of windows starts after it (at least
+            one runs); the results are those of the windows done.
+        batch_size: Windows fed together, as the rows of one batch (B): each row's cache keeps
+            its own statistics, so the numbers are those of one window at a time, in fewer
+            forward calls (to float rounding).
 
     Returns:
         A dict per configuration name: ``ppl``, ``ppl_se``, ``delta_ppl`` (relative, from
@@ -82,38 +86,42 @@ def evaluate(
         ``windows`` (evaluated).
     """
     configs = [tools.REFERENCE] + [c for c in configs if c != tools.REFERENCE]
-    per_chunk, bits = {c: [] for c in configs}, {}  # (nll, kl, top-1) arrays per chunk
+    # Per configuration and batch of windows: (nll, kl, top-1) lists of (windows, tokens) chunks.
+    per_batch, bits = {c: [] for c in configs}, {}
     N, L = windows.shape[0], windows.shape[1] - 1
     starts = ([0] if first_update else []) + list(range(first_update, L, chunk_size))
     ends = starts[1:] + [L]
     done = 0
     with tqdm(total=N * len(starts) * len(configs), desc="windows x chunks x configs") as bar:
-        for w in range(N):
+        for w in range(0, N, batch_size):
             if w and deadline is not None and time.monotonic() > deadline:
                 break
-            done = w + 1
+            done = min(w + batch_size, N)
             caches = [tools.make_cache(model, c) for c in configs]
+            for c in configs:
+                per_batch[c].append(([], [], []))
             for start, end in zip(starts, ends, strict=True):
-                x = windows[w : w + 1, start:end]
-                y = windows[w, start + 1 : end + 1]
+                x = windows[w:done, start:end]
+                y = windows[w:done, start + 1 : end + 1]
                 ref = None
                 for c, cache in zip(configs, caches, strict=True):
-                    logits = model(x, cache=cache)[0].astype(mx.float32)
+                    logits = model(x, cache=cache).astype(mx.float32)
                     logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
                     if ref is None:
                         ref, ref_top = logp, mx.argmax(logp, axis=-1)
                     d = mx.sum(mx.exp(ref) * (ref - logp), axis=-1)
                     t = mx.argmax(logp, axis=-1) == ref_top
-                    n = -mx.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
+                    n = -mx.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
                     mx.eval(n, d, t)
-                    per_chunk[c].append((np.array(n), np.array(d), np.array(t)))
-                    bar.update()
+                    for out, a in zip(per_batch[c][-1], (n, d, t), strict=True):
+                        out.append(np.array(a))
+                    bar.update(done - w)
             for c, cache in zip(configs, caches, strict=True):
                 bits[c] = tools.kv_footprint(cache)["bits"]
-    ref_nll = np.concatenate([a[0] for a in per_chunk[tools.REFERENCE]]).astype(np.float64)
+    ref_nll = _tokens([b[0] for b in per_batch[tools.REFERENCE]])
     results = {}
     for c in configs:
-        n, k, top1 = (np.concatenate(a).astype(np.float64) for a in zip(*per_chunk[c], strict=True))
+        n, k, top1 = (_tokens(a) for a in zip(*per_batch[c], strict=True))
         d = n - ref_nll
         ppl, ratio = math.exp(n.mean()), math.exp(d.mean())
         sqrt_n = math.sqrt(len(n))
@@ -130,6 +138,13 @@ def evaluate(
             "windows": done,
         }
     return results
+
+
+def _tokens(batches) -> np.ndarray:
+    """Per-token float64 values from batches of (windows, tokens) chunks, window by window."""
+    return np.concatenate([np.concatenate(b, axis=1).reshape(-1) for b in batches]).astype(
+        np.float64
+    )
 
 
 def format_table(feeds: dict, dtype: str, chunk_size: int) -> str:
@@ -174,6 +189,12 @@ def setup_arg_parser():
         type=count,
         help="Also feed each window chat-shaped: this many tokens in one call (a first turn), "
         "then chunks; the table gets rows for both feeds",
+    )
+    arg(
+        "--batch-size",
+        type=count,
+        default=1,
+        help="Windows fed together as one batch: the same numbers in fewer forward calls",
     )
     arg("--kv-bits", type=int, nargs="*", choices=PRESETS, default=DEFAULT_KV_BITS, help="As tq<b>")
     arg("--compare", type=config, nargs="*", default=DEFAULT_COMPARE, help=tools.CONFIG_HELP)
@@ -220,7 +241,9 @@ def main():
     feeds = {}
     for n in dict.fromkeys([0, args.first_update or 0]):
         deadline = time.monotonic() + args.time_limit if args.time_limit else None
-        feeds[n] = evaluate(model, windows, configs, args.chunk_size, n, deadline)
+        feeds[n] = evaluate(
+            model, windows, configs, args.chunk_size, n, deadline, args.batch_size
+        )
     dtype = tools.model_dtype(model)
     done = min(r["windows"] for feed in feeds.values() for r in feed.values())
     print(f"{done} windows x {args.window} tokens of {data.name}")
@@ -229,6 +252,7 @@ def main():
         meta = {**tools.run_info("perplexity", dtype), "model": args.model, "data": str(data)}
         meta |= {"window": args.window, "num_windows": done, "time_limit": args.time_limit}
         meta |= {"chunk_size": args.chunk_size, "first_update": args.first_update}
+        meta["batch_size"] = args.batch_size
         meta["results"] = feeds[0]
         if args.first_update:
             meta["first_update_results"] = feeds[args.first_update]

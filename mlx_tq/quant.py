@@ -235,7 +235,7 @@ def quantize_kv_ops(keys, values, key_bits, value_bits, seed=0, key_offset=None,
 
 
 @cache
-def quantize_template(dtype, dim, key_bits, value_bits, scaled=False):
+def quantize_template(dtype, dim, key_bits, value_bits, scaled=False, ring=0):
     """Template constants of quantize.metal (built once per variant: decode is launch-bound)."""
     return [
         ("T", dtype),
@@ -247,6 +247,7 @@ def quantize_template(dtype, dim, key_bits, value_bits, scaled=False):
         ("ROWS", QUANTIZE_ROWS),
         ("SCALE", scaled),
         ("POW2", dim & (dim - 1) == 0),
+        ("RW", ring),
     ]
 
 
@@ -313,35 +314,40 @@ def quantize_kv(
 
 
 @cache
-def _quantize_plan(dtype, dim, key_bits, value_bits, seed, scaled):
+def _quantize_plan(dtype, dim, key_bits, value_bits, seed, scaled, ring):
     """The quantise kernel, its template and constant inputs, built once per variant."""
     kernel = kernels.kernel(
         "quantize",
-        ("k", "v", "rt", "k_levels", "k_bounds", "v_levels", "v_bounds", "offset", "scale"),
-        ("k_out", "v_out"),
+        ("k", "v", "rt", "k_levels", "k_bounds", "v_levels", "v_bounds", "offset", "scale", "ring"),
+        ("k_out", "v_out", "ring_out"),
     )
-    template = quantize_template(dtype, dim, key_bits, value_bits, scaled)
+    template = quantize_template(dtype, dim, key_bits, value_bits, scaled, ring)
     constants = [rotation_matrix(dim, seed), *codebook(key_bits, dim), *codebook(value_bits, dim)]
     words = (words_per_row(dim, key_bits), words_per_row(dim, value_bits))
     return kernel, template, constants, words, 32 * -(-dim // 32)
 
 
-def quantize_kv_rows(keys, values, key_bits, value_bits, seed, offset, scale):
+def quantize_kv_rows(keys, values, key_bits, value_bits, seed, offset, scale, ring=None):
     """The kernel of `quantize_kv`, inputs checked: keys and values (B, H, L, D), `offset`
     and `scale` (or None) float32 (B * H, D) rows, or one (1, D) offset row for all when
-    B * H * L keys are passed as (1, 1, N, D)."""
+    B * H * L keys are passed as (1, 1, N, D). With `ring` (2, B, H, W, D) in the keys'
+    dtype (a cache's exact window, oldest row first) and L = 1, the same launch also
+    returns the window shifted by one row with these keys and values last."""
     *lead, dim = keys.shape
+    W = 0 if ring is None else ring.shape[-2]
     kernel, template, constants, words, threads = _quantize_plan(
-        keys.dtype, dim, key_bits, value_bits, seed, scale is not None
+        keys.dtype, dim, key_bits, value_bits, seed, scale is not None, W
     )
-    return kernel(
-        inputs=[keys, values, *constants, offset, offset if scale is None else scale],
+    out = kernel(
+        inputs=[keys, values, *constants, offset, offset if scale is None else scale]
+        + [offset if ring is None else ring],
         template=template,
         grid=(threads * 2 * -(-(keys.size // dim) // QUANTIZE_ROWS), 1, 1),
         threadgroup=(threads, 1, 1),
-        output_shapes=[(*lead, w) for w in words],
-        output_dtypes=[mx.uint32, mx.uint32],
-    )  # the scale input is not read without SCALE
+        output_shapes=[*((*lead, w) for w in words), (1,) if ring is None else ring.shape],
+        output_dtypes=[mx.uint32, mx.uint32, keys.dtype],
+    )  # scale is not read without SCALE, nor ring and ring_out without RW
+    return out if W else out[:2]
 
 
 def _qjl_rotated(q: TurboQuantized) -> mx.array:

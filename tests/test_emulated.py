@@ -58,5 +58,9 @@ def test_quantize_kv_matches_float64(D, key_bits, value_bits):
     test_gpu.test_quantize_kv_matches_float64(D, key_bits, value_bits)
 
 
+def test_decode_step_shifts_the_window_in_the_quantise_launch():
+    test_gpu.test_decode_step_shifts_the_window_in_the_quantise_launch(mx.float16)
+
+
 def test_decode_rotated_matches_float64():
     test_gpu.test_decode_rotated_matches_float64(64, 3)

@@ -156,6 +156,40 @@ def test_quantize_kv_matches_float64(D, key_bits, value_bits):
         check_quantize_kv(rng, D, key_bits, value_bits, dtype, offset, scaled, strided)
 
 
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_decode_step_shifts_the_window_in_the_quantise_launch(dtype):
+    """A decode step's quantise launch also returns the cache's window shifted by one row:
+    exactly mlx-lm's plain cache's last W keys and values, and the same packed rows as the
+    launch without a window; a step in another dtype than the window's takes the ops path."""
+    from mlx_lm.models.cache import KVCache
+
+    from mlx_tq.cache import TurboQuantKVCache
+
+    rng = np.random.default_rng(5)
+    B, H, D, W = 2, 3, 64, 4
+    ours, bare, plain = (
+        TurboQuantKVCache(warmup_tokens=0, recent_tokens=W),
+        TurboQuantKVCache(warmup_tokens=0, recent_tokens=0),
+        KVCache(),
+    )
+    for L in (6, 1, 1, 1):
+        k, v = (normal(rng, (B, H, L, D), dtype) for _ in range(2))
+        ours.update_and_fetch(k, v)
+        bare.update_and_fetch(k, v)
+        plain.update_and_fetch(k, v)
+        n = plain.offset
+        assert mx.array_equal(ours.keys[..., :n, :], bare.keys[..., :n, :])
+        assert mx.array_equal(ours.values[..., :n, :], bare.values[..., :n, :])
+        assert ours._ring.dtype == dtype and ours._ring.shape == (2, B, H, W, D)
+        assert mx.array_equal(ours._ring[0], plain.keys[..., n - W : n, :])
+        assert mx.array_equal(ours._ring[1], plain.values[..., n - W : n, :])
+    k = normal(rng, (B, H, 1, D), mx.float32)  # another dtype than the window's
+    ours.update_and_fetch(k, k)
+    plain.update_and_fetch(k.astype(dtype), k.astype(dtype))
+    n = plain.offset
+    assert mx.array_equal(ours._ring[0], plain.keys[..., n - W : n, :])
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("D", DIMS)
 def test_decode_rotated_matches_float64(D, bits):

@@ -51,6 +51,22 @@ def test_deadline_reports_the_windows_done(model, windows):
     assert evaluate(model, windows, [], chunk_size=16)["fp16"]["windows"] == 2
 
 
+@pytest.mark.parametrize("chunk_size", [8, 16])
+def test_batched_windows_give_the_numbers_of_one_at_a_time(model, chunk_size):
+    """Three windows in batches of 2 (the last batch one window): each row's cache keeps its
+    own statistics and window, so every figure matches feeding the windows one by one."""
+    windows = mx.random.randint(2, VOCAB, (3, 49), key=mx.random.key(2))
+    configs = ["k4v3-w0", "k4v4-w16-r4", "affine4"]
+    alone = evaluate(model, windows, configs, chunk_size=chunk_size)
+    batched = evaluate(model, windows, configs, chunk_size=chunk_size, batch_size=2)
+    for c in ["fp16", *configs]:
+        a, b = alone[c], batched[c]
+        assert a["tokens"] == b["tokens"] == 3 * 48 and a["windows"] == b["windows"] == 3
+        for key in ("ppl", "delta_ppl", "kl", "top1"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (c, key)
+    assert alone["k4v3-w0"]["kl"] > 1e-3  # (the comparison is not of zeros)
+
+
 def test_chunk_size_does_not_change_fp16(model, windows):
     ppl = [evaluate(model, windows, [], chunk_size=n)["fp16"]["ppl"] for n in (1, 16, 64)]
     assert ppl == pytest.approx([ppl[0]] * 3, rel=1e-5)
