@@ -30,29 +30,50 @@ DEFAULT_PREFILL_STEP = 2048
 QUICK = {"contexts": [256, 1024], "decode_tokens": 8, "repeats": 1}
 COMPILE_TOKENS = 256  # the untimed first run of each configuration
 PROMPT_SEED = 0
-FIELDS = ("prompt_tps", "decode_tps", "peak_memory", "kv_bytes", "kv_bits")
+FIELDS = ("prompt_tps", "decode_tps", "host_ms", "peak_memory", "kv_bytes", "kv_bits")
 PLOT_EXTRA = "pip install 'mlx-tq[bench]'"
+
+
+class _HostTimer:
+    """The model, timing its calls: building a step's graph in Python, before it runs."""
+
+    def __init__(self, model):
+        self.model, self.seconds, self.calls = model, 0.0, 0
+
+    def __call__(self, *args, **kwargs):
+        tic = time.perf_counter()
+        out = self.model(*args, **kwargs)
+        self.seconds += time.perf_counter() - tic
+        self.calls += 1
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
 
 
 def measure(model, name, prompt, decode_tokens, prefill_step_size) -> dict:
     """One run of configuration `name`: `prompt` into a new cache, then `decode_tokens` greedy
     tokens, timed as mlx-lm's `stream_generate` does (decode tok/s of the tokens after the
-    first); peak memory in bytes, KV bytes and bits of the rows holding tokens."""
+    first); host ms per decode step (the model call building its graph, which the GPU's
+    work overlaps); peak memory in bytes, KV bytes and bits of the rows holding tokens."""
     cache = tools.make_cache(model, name)
     gc.collect()
     mx.clear_cache()
     mx.reset_peak_memory()
+    timed = _HostTimer(model)
     tic = time.perf_counter()
     options = dict(max_tokens=decode_tokens, prefill_step_size=prefill_step_size)
-    for i, _ in enumerate(generate_step(prompt, model, prompt_cache=cache, **options)):
+    for i, _ in enumerate(generate_step(prompt, timed, prompt_cache=cache, **options)):
         if i == 0:
             prompt_tps = prompt.size / (time.perf_counter() - tic)
             tic = time.perf_counter()
+            timed.seconds, timed.calls = 0.0, 0
     decode_tps = (decode_tokens - 1) / (time.perf_counter() - tic)
+    host_ms = 1e3 * timed.seconds / max(timed.calls, 1)
     # generate_step has queued one more step: let it finish before the next run starts.
     mx.synchronize()
     f = tools.kv_footprint(cache)
-    values = (prompt_tps, decode_tps, mx.get_peak_memory(), f["held"], f["bits"])
+    values = (prompt_tps, decode_tps, host_ms, mx.get_peak_memory(), f["held"], f["bits"])
     return dict(zip(FIELDS, values, strict=True))
 
 
@@ -134,15 +155,15 @@ def run(
 def format_table(rows: list[dict], dtype: str) -> str:
     """Markdown, one row per (context, config); the fp16 rows named by `dtype`."""
     lines = [
-        "| context | config | prompt tok/s | decode tok/s | decode / fp16 | peak GB | "
-        "KV MB held | KV bits/elem |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| context | config | prompt tok/s | decode tok/s | decode / fp16 | host ms/token | "
+        "peak GB | KV MB held | KV bits/elem |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         name = f"{dtype} (unquantised)" if r["config"] == tools.REFERENCE else r["config"]
         lines.append(
             f"| {r['context']} | {name} | {r['prompt_tps']:.1f} | {r['decode_tps']:.2f} | "
-            f"{r['decode_vs_fp16']:.2f} | {r['peak_memory'] / 1e9:.3f} | "
+            f"{r['decode_vs_fp16']:.2f} | {r['host_ms']:.2f} | {r['peak_memory'] / 1e9:.3f} | "
             f"{r['kv_bytes'] / 1e6:.2f} | {r['kv_bits']:.2f} |"
         )
     return "\n".join(lines)

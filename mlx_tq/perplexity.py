@@ -241,9 +241,7 @@ def main():
     feeds = {}
     for n in dict.fromkeys([0, args.first_update or 0]):
         deadline = time.monotonic() + args.time_limit if args.time_limit else None
-        feeds[n] = evaluate(
-            model, windows, configs, args.chunk_size, n, deadline, args.batch_size
-        )
+        feeds[n] = evaluate(model, windows, configs, args.chunk_size, n, deadline, args.batch_size)
     dtype = tools.model_dtype(model)
     done = min(r["windows"] for feed in feeds.values() for r in feed.values())
     print(f"{done} windows x {args.window} tokens of {data.name}")

@@ -47,7 +47,7 @@ def test_generate_writes_json_plot_and_table(tmp_path, capsys):
     assert [(r["context"], r["config"]) for r in rows] == [
         (n, c) for n in (272, 320) for c in CONFIGS
     ]
-    fields = ("prompt_tps", "decode_tps", "peak_memory", "kv_bytes", "kv_bits")
+    fields = ("prompt_tps", "decode_tps", "host_ms", "peak_memory", "kv_bytes", "kv_bits")
     for r in rows:
         assert all(r[f] > 0 for f in fields)
     assert len(table) == 1 + len(rows)
