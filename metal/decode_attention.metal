@@ -6,7 +6,7 @@
 // online softmax per row, and each SIMD-group accumulates its share of the tile's
 // values with each lane owning E dims.
 // q: [B, Hq, L, D] T (strided); row = g * L + i of KV head h holds query head h * G + g
-// k, v: [B, Hkv, S + TAIL, WK + 1], [B, Hkv, S + TAIL, WV + 1] uint32 views (strided along S)
+// k, v: [B, Hkv, S, WK + 1], [B, Hkv, S, WV + 1] uint32 views (strided along S)
 // rt: [D, D] float (rotate(x) = x @ rt); scale: [1] float
 // qscale: [B, Hkv, 1, D] float (strided), read only when SMOOTH: keys stored divided by it
 // k_levels, v_levels: [2^KB], [2^VB] float
@@ -29,8 +29,7 @@ SHARED float a_s[R];
 SHARED_PTR(float) qs = reinterpret_cast<SHARED_PTR(float)>(qs4);
 
 const int n_kv = k_shape[1];
-// The first S rows: the last TAIL rows (a cache's exact window, attended elsewhere) are left out.
-const int S = k_shape[2] > TAIL ? k_shape[2] - TAIL : 0;
+const int S = k_shape[2];
 const int G = q_shape[1] / n_kv;
 const int L = q_shape[2];
 const int GL = G * L;

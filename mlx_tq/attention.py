@@ -232,9 +232,8 @@ def scaled_dot_product_attention_ops(
 
 
 @cache
-def _decode_template(dtype, D, key_bits, value_bits, GL, causal, smooth, tail=0):
-    """Template constants of decode_attention.metal, tile and R (built once per variant);
-    the kernel leaves out the last `tail` key rows."""
+def _decode_template(dtype, D, key_bits, value_bits, GL, causal, smooth):
+    """Template constants of decode_attention.metal, tile and R (built once per variant)."""
     wk, wv = words_per_row(D, key_bits) - 1, words_per_row(D, value_bits) - 1
     # Keys per tile, one per thread: the K and V tiles stay within 20 KB of threadgroup memory.
     tile = 128 if (wk + wv + 2) * 128 * 4 <= 20480 else 64
@@ -252,7 +251,6 @@ def _decode_template(dtype, D, key_bits, value_bits, GL, causal, smooth, tail=0)
         ("CAUSAL", causal),
         ("SMOOTH", smooth),
         ("POW2", D & (D - 1) == 0),
-        ("TAIL", tail),
     ]
     return template, tile, R
 
@@ -263,10 +261,10 @@ def _fused_plan(
 ):
     """What a fused call needs besides its queries and keys, built once per layer shape."""
     GL = Hq // Hkv * L
-    # recent: the window W; then query i of L reads packed rows j <= S - W - L + i (those
-    # before its W newest positions), causally, whatever the mask (see _recent_offset).
+    # recent: the window; then query i reads packed rows j < S - E + i + c, causally from a
+    # view, whatever the mask (see _recent_offset).
     template, tile, R = _decode_template(
-        dtype, D, key_bits, value_bits, GL, causal or recent > 0, smooth, recent
+        dtype, D, key_bits, value_bits, GL, causal or recent > 0, smooth
     )
     attend = kernels.kernel(
         "decode_attention",
@@ -329,16 +327,17 @@ def _fused_attention(queries, keys, values, scale, causal, starts=None):
         queries.dtype, B, Hq, Hkv, L, D, keys.bits, values.bits,
         (keys.seed, values.seed), causal, smooth, float(scale), keys.window if recent else 0,
     )  # fmt: skip
-    if recent:  # the kernel leaves out the last W rows (_recent_offset checks the rows)
-        _recent_offset(keys, L)
-        S = max(S - keys.window, 0)
+    kd, vd = keys.data, values.data
+    if recent:  # query i: packed rows j < S - E + i + c, a view read causally
+        S = max(S - keys.recent.shape[2] + L - 1 + _recent_offset(keys, L), 0)
+        kd, vd = kd[:, :, :S], vd[:, :, :S]
     splits = max(1, min(-(-S // p.tile), TARGET_GROUPS // (B * Hkv * p.blocks)))
     GL = Hq // Hkv * L
     o, ml = p.attend(
         inputs=[
             queries,
-            keys.data,
-            values.data,
+            kd,
+            vd,
             *p.constants,
             keys.channel_scale if smooth else p.ones,  # read with its strides
             p.no_starts if starts is None else starts.astype(mx.int32),

@@ -87,8 +87,7 @@ def variants():
         for bits in (2, 3, 4, 5, 8):
             for value_bits in (2, 3, 4):
                 for GL, causal, dtype in ((1, False, mx.float16), (32, True, mx.bfloat16)):
-                    args = (GL, causal, causal, 4 * causal)  # 4: a window's rows left out
-                    template = _decode_template(dtype, D, bits, value_bits, *args)
+                    template = _decode_template(dtype, D, bits, value_bits, GL, causal, causal)
                     yield "decode_attention", template[0]
         for dtype, window, causal in zip(FLOATS, (0, 4, 16), (False, True, False), strict=True):
             pow2 = D & (D - 1) == 0
@@ -365,9 +364,8 @@ def test_gpu_dispatch_arguments(monkeypatch):
 
 
 def test_gpu_dispatch_arguments_with_recent_window(monkeypatch):
-    """A decode step over a cache holding its newest tokens exactly: the kernel reads the
-    cache's packed rows as handed over and leaves out the window's (TAIL), the merge reads the
-    window's rows and the key offset."""
+    """A decode step over a cache holding its newest tokens exactly: the packed rows before
+    the window are a view (no copy), the merge reads the window's rows and the key offset."""
     from mlx_tq.cache import TurboQuantKVCache
 
     B, Hq, Hkv, D, S = DISPATCH_SHAPE.values()
@@ -375,7 +373,7 @@ def test_gpu_dispatch_arguments_with_recent_window(monkeypatch):
     q, keys, values, out = stub_decode_step(monkeypatch, cache)
     assert keys.recent.shape == (B, Hkv, 4, D) and keys.window == 4
     _, a_in, a_t, _, _ = RecordingKernel.calls[1]
-    assert a_t["CAUSAL"] and a_t["TAIL"] == 4 and a_in[1].shape[2] == S + 1
+    assert a_t["CAUSAL"] and a_in[1].shape[2] == S + 1 - 4  # (j < S - E + i for i = 0)
     _, m_in, m_t, _, _ = RecordingKernel.calls[2]
     assert m_t["RECENT"] and m_t["WINDOW"] == 4 and m_in[3] is q
     assert m_in[4] is keys.recent and m_in[5] is values.recent and m_in[6] is cache.key_offset
