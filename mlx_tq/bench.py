@@ -54,8 +54,9 @@ class _HostTimer:
 def measure(model, name, prompt, decode_tokens, prefill_step_size) -> dict:
     """One run of configuration `name`: `prompt` into a new cache, then `decode_tokens` greedy
     tokens, timed as mlx-lm's `stream_generate` does (decode tok/s of the tokens after the
-    first); host ms per decode step (the model call building its graph, which the GPU's
-    work overlaps); peak memory in bytes, KV bytes and bits of the rows holding tokens."""
+    first); host ms per decode step (the model call: building its graph, which the GPU's
+    work overlaps, and any evaluation a cache forces there, e.g. the one that ends its
+    warm-up); peak memory in bytes, KV bytes and bits of the rows holding tokens."""
     cache = tools.make_cache(model, name)
     gc.collect()
     mx.clear_cache()

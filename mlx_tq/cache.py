@@ -543,7 +543,10 @@ def load_prompt_cache(path: str, return_metadata: bool = False, **expected):
         raise ValueError(f"{path} is not a readable safetensors file (truncated?): {e}") from e
     fmt = header.get("format") or ""
     if fmt.startswith("mlx_tq.prompt_cache/") and fmt != FILE_FORMAT:
-        raise ValueError(f"{path} was written in format {fmt!r}; this mlx_tq reads {FILE_FORMAT!r}")
+        raise ValueError(
+            f"{path} was written in format {fmt!r}; this mlx_tq reads {FILE_FORMAT!r}: "
+            "prefill the prompt again and save a new file"
+        )
     if fmt != FILE_FORMAT:
         raise ValueError(
             f"{path} is not an mlx_tq prompt cache (format {header.get('format')!r}); "
@@ -556,11 +559,20 @@ def load_prompt_cache(path: str, return_metadata: bool = False, **expected):
     for i, (name, meta) in enumerate(zip(classes, metas, strict=True)):
         items = [(k[len(str(i)) + 1 :], v) for k, v in flat.items() if k.split(".")[0] == str(i)]
         state = tree_unflatten(items) if items else []
-        cls = globals().get(name) if name.startswith("TurboQuant") else getattr(lm_cache, name)
+        cls = globals().get(name) if name.startswith("TurboQuant") else getattr(lm_cache, name, 0)
+        if not hasattr(cls, "from_state"):
+            raise ValueError(
+                f"{path}: layer {i} is a {name!r}, a cache class neither mlx_tq nor mlx-lm has"
+            )
         c = cls.from_state(state, meta) if meta is not None else cls.from_state(state)
         for key, want in expected.items():
             have = getattr(c, key, want)
             if have is not None and have != want:
-                raise ValueError(f"{path} was written with {key}={have}, expected {want}")
+                why = "the 3- and 4-bit presets give sliding-window layers one more key bit"
+                sliding = key == "key_bits" and "Rotating" in name
+                raise ValueError(
+                    f"{path} was written with {key}={have}, expected {want} (layer {i}, {name}"
+                    + (f": {why})" if sliding else ")")
+                )
         cache.append(c)
     return (cache, json.loads(header["metadata"])) if return_metadata else cache

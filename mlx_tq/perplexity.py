@@ -194,7 +194,9 @@ def setup_arg_parser():
         "--batch-size",
         type=count,
         default=1,
-        help="Windows fed together as one batch: the same numbers in fewer forward calls",
+        help="Windows fed together as one batch: the same computation per window in fewer "
+        "forward calls (the model's matmuls may round differently at another batch size, "
+        "which quantised caches can amplify on a small sample)",
     )
     arg("--kv-bits", type=int, nargs="*", choices=PRESETS, default=DEFAULT_KV_BITS, help="As tq<b>")
     arg("--compare", type=config, nargs="*", default=DEFAULT_COMPARE, help=tools.CONFIG_HELP)
@@ -244,7 +246,7 @@ def main():
         feeds[n] = evaluate(model, windows, configs, args.chunk_size, n, deadline, args.batch_size)
     dtype = tools.model_dtype(model)
     done = min(r["windows"] for feed in feeds.values() for r in feed.values())
-    print(f"{done} windows x {args.window} tokens of {data.name}")
+    print(f"{done} window{'s' * (done > 1)} x {args.window} tokens of {data.name}")
     print(format_table(feeds, str(dtype).removeprefix("mlx.core."), args.chunk_size))
     if args.json:
         meta = {**tools.run_info("perplexity", dtype), "model": args.model, "data": str(data)}

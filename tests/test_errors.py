@@ -1,6 +1,7 @@
 """Bad input, one row per case: the error class and a message that says what is supported."""
 
 import sys
+from functools import partial
 from unittest import mock
 
 import gguf
@@ -62,8 +63,9 @@ def fed_cache():
     return cache
 
 
-def saved(tmp, **options):
-    cache = [TurboQuantKVCache(**options, warmup_tokens=0)]
+def saved(tmp, sliding=False, **options):
+    cls = partial(TurboQuantRotatingKVCache, 16) if sliding else TurboQuantKVCache
+    cache = [cls(**options, warmup_tokens=0)]
     update(mx.random.normal((1, 1, 8, 64), key=mx.random.key(0)), cache=cache[0])
     mlx_tq.save_prompt_cache(tmp / "tq.safetensors", cache)
     return tmp / "tq.safetensors"
@@ -80,6 +82,14 @@ def mlx_lm_file(tmp):
     cache[0].update_and_fetch(mx.ones((1, 1, 4, 64)), mx.ones((1, 1, 4, 64)))
     lm_save_prompt_cache(str(tmp / "lm.safetensors"), cache)
     return tmp / "lm.safetensors"
+
+
+def renamed_class(tmp, name):
+    arrays, header = mx.load(str(saved(tmp)), return_metadata=True)
+    mx.save_safetensors(
+        str(tmp / "renamed.safetensors"), arrays, {**header, "classes": f'["{name}"]'}
+    )
+    return tmp / "renamed.safetensors"
 
 
 def gguf_file(tmp, arch):
@@ -206,6 +216,12 @@ CASES = [
      "mlx_lm.models.cache.load_prompt_cache"),
     ("other key_bits", lambda t: mlx_tq.load_prompt_cache(saved(t, key_bits=3), key_bits=4),
      ValueError, "was written with key_bits=3, expected 4"),
+    ("unknown cache class", lambda t: mlx_tq.load_prompt_cache(renamed_class(t, "Foo")),
+     ValueError, "layer 0 is a 'Foo', a cache class neither mlx_tq nor mlx-lm has"),
+    ("other key_bits, sliding layer", lambda t: mlx_tq.load_prompt_cache(
+        saved(t, sliding=True, key_bits=5), key_bits=4), ValueError,
+     "key_bits=5, expected 4 (layer 0, TurboQuantRotatingKVCache: the 3- and 4-bit presets "
+     "give sliding-window layers one more key bit)"),
     ("other value_bits", lambda t: mlx_tq.load_prompt_cache(saved(t, value_bits=2), value_bits=4),
      ValueError, "was written with value_bits=2, expected 4"),
     ("other head_dim", lambda t: mlx_tq.load_prompt_cache(saved(t), head_dim=128), ValueError,
