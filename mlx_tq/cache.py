@@ -154,19 +154,17 @@ class _TurboQuantMixin:
         ):
             self._check(keys, values)
         bits = (self.key_bits, self.value_bits, self.seed)
-        ring = self._ring
-        # A decode step past the first W tokens: the token joins the window, the oldest
-        # leaves it (on a GPU in the quantise launch itself).
-        step = ring is not None and keys.shape[2] == 1 and self.offset >= self.recent_tokens
+        step = False
         if kernels.backend() is None:
             k, v = quantize_kv_ops(keys, values, *bits, self.key_offset, self.key_scale)
-            if step:
-                new = mx.stack([keys, values]).astype(ring.dtype)
-                self._ring = mx.concatenate([ring[..., 1:, :], new], axis=-2)
         else:
             if self._rows is None:  # the statistics as the kernel reads them, built once
                 self._rows = [a if a is None else a.reshape(-1, a.shape[-1]) for a in self._stats()]
                 mx.eval(*self._stat_arrays())
+            # A decode step past the first W tokens, the window in the keys' dtype: the
+            # quantise launch itself shifts the token into the window (else _hold_recent).
+            ring = self._ring
+            step = ring is not None and keys.shape[2] == 1 and self.offset >= self.recent_tokens
             step = step and ring.dtype == keys.dtype
             out = quantize_kv_rows(keys, values, *bits, *self._rows, ring if step else None)
             k, v = out[:2]
@@ -559,7 +557,8 @@ def load_prompt_cache(path: str, return_metadata: bool = False, **expected):
     for i, (name, meta) in enumerate(zip(classes, metas, strict=True)):
         items = [(k[len(str(i)) + 1 :], v) for k, v in flat.items() if k.split(".")[0] == str(i)]
         state = tree_unflatten(items) if items else []
-        cls = globals().get(name) if name.startswith("TurboQuant") else getattr(lm_cache, name, 0)
+        ours = name.startswith("TurboQuant")
+        cls = globals().get(name) if ours else getattr(lm_cache, name, None)
         if not hasattr(cls, "from_state"):
             raise ValueError(
                 f"{path}: layer {i} is a {name!r}, a cache class neither mlx_tq nor mlx-lm has"
