@@ -29,7 +29,8 @@ SHARED float a_s[R];
 SHARED_PTR(float) qs = reinterpret_cast<SHARED_PTR(float)>(qs4);
 
 const int n_kv = k_shape[1];
-const int S = k_shape[2];
+// The last TAIL rows are left out (a cache's exact window, read by the merge).
+const int S = k_shape[2] > TAIL ? k_shape[2] - TAIL : 0;
 const int G = q_shape[1] / n_kv;
 const int L = q_shape[2];
 const int GL = G * L;

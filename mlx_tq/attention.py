@@ -27,20 +27,29 @@ FUSED_MAX_ROWS = 8
 MIN_BLOCK, MAX_BLOCK = 2**18, 2**24
 
 
-def _check_inputs(queries, keys, values):
+def check_queries(queries, keys):
+    """Queries (B, Hq, L, D) fit keys (B, Hkv, S, D) with Hq a multiple of Hkv."""
     if not isinstance(queries, mx.array) or queries.dtype not in FLOAT_DTYPES:
         check_input(queries, "queries")
     if queries.ndim != 4:
         raise ValueError(f"queries must have shape (B, Hq, L, D), got {queries.shape}")
     B, Hq, _, D = queries.shape
+    k = keys.data.shape
+    if k[0] != B or keys.dim != D:
+        raise ValueError(f"queries {queries.shape} and keys {keys.shape} must share B and D")
+    if Hq % k[1]:
+        raise ValueError(f"{Hq} query heads are not a multiple of {k[1]} key/value heads")
+
+
+def _check_inputs(queries, keys, values):
+    check_queries(queries, keys)
     k, v = keys.data.shape, values.data.shape
-    if k[:-1] != v[:-1] or k[0] != B or keys.dim != D or values.dim != D:
+    if k[:-1] != v[:-1] or values.dim != keys.dim:
         raise ValueError(
             f"queries {queries.shape}, keys {keys.shape} and values {values.shape} must share "
             "B, D, and keys/values their shape"
         )
-    if Hq % k[1]:
-        raise ValueError(f"{Hq} query heads are not a multiple of {k[1]} key/value heads")
+    D = keys.dim
     for t in (keys, values):
         r = t.recent
         if r is not None and (
@@ -232,7 +241,7 @@ def scaled_dot_product_attention_ops(
 
 
 @cache
-def _decode_template(dtype, D, key_bits, value_bits, GL, causal, smooth):
+def _decode_template(dtype, D, key_bits, value_bits, GL, causal, smooth, tail=0):
     """Template constants of decode_attention.metal, tile and R (built once per variant)."""
     wk, wv = words_per_row(D, key_bits) - 1, words_per_row(D, value_bits) - 1
     # Keys per tile, one per thread: the K and V tiles stay within 20 KB of threadgroup memory.
@@ -251,6 +260,7 @@ def _decode_template(dtype, D, key_bits, value_bits, GL, causal, smooth):
         ("CAUSAL", causal),
         ("SMOOTH", smooth),
         ("POW2", D & (D - 1) == 0),
+        ("TAIL", tail),
     ]
     return template, tile, R
 
@@ -261,10 +271,10 @@ def _fused_plan(
 ):
     """What a fused call needs besides its queries and keys, built once per layer shape."""
     GL = Hq // Hkv * L
-    # recent: the window; then query i reads packed rows j < S - E + i + c, causally from a
-    # view, whatever the mask (see _recent_offset).
+    # recent: the window; then query i reads packed rows j < S - E + i + c = S - recent + i
+    # (see _recent_offset): the kernel leaves out the last `recent` rows and reads causally.
     template, tile, R = _decode_template(
-        dtype, D, key_bits, value_bits, GL, causal or recent > 0, smooth
+        dtype, D, key_bits, value_bits, GL, causal or recent > 0, smooth, recent
     )
     attend = kernels.kernel(
         "decode_attention",
@@ -299,7 +309,7 @@ def _fused_plan(
     unrotation = mx.contiguous(rotation_matrix(D, seeds[1]).T)
     mx.eval(constants, ones, no_starts, zeros, unrotation)
     merge_kernel = kernels.kernel(
-        "merge", ("o", "ml", "rt_t", "q", "kr", "vr", "k_off", "scale"), ("out",), contiguous=False
+        "merge", ("o", "ml", "rt_t", "q", "kv", "k_off", "scale"), ("out",), contiguous=False
     )
     return SimpleNamespace(
         attend=attend,
@@ -316,30 +326,29 @@ def _fused_plan(
     )
 
 
-def _fused_attention(queries, keys, values, scale, causal, starts=None):
+def _fused_attention(queries, keys, values, scale, causal, starts=None, pair=None):
     """The split-K kernel, then the merge kernel that also rotates back; (B, Hq, L, D).
-    `starts`: (B,) int32, the first key each batch row sees (left padding), else 0."""
+    `starts`: (B,) int32, the first key each batch row sees (left padding), else 0.
+    `pair`: the recent rows of keys and values as one (2, B, Hkv, E, D) array, if at hand."""
     B, Hq, L, D = queries.shape
     Hkv, S = keys.data.shape[1:3]
-    smooth = keys.channel_scale is not None
     recent = keys.recent is not None
     p = _fused_plan(
-        queries.dtype, B, Hq, Hkv, L, D, keys.bits, values.bits,
-        (keys.seed, values.seed), causal, smooth, float(scale), keys.window if recent else 0,
+        queries.dtype, B, Hq, Hkv, L, D, keys.bits, values.bits, (keys.seed, values.seed),
+        causal, keys.channel_scale is not None, float(scale), keys.window if recent else 0,
     )  # fmt: skip
-    kd, vd = keys.data, values.data
-    if recent:  # query i: packed rows j < S - E + i + c, a view read causally
-        S = max(S - keys.recent.shape[2] + L - 1 + _recent_offset(keys, L), 0)
-        kd, vd = kd[:, :, :S], vd[:, :, :S]
+    if recent:  # the kernel reads the packed rows before the last `window` (_recent_offset)
+        _recent_offset(keys, L)
+        S = max(S - keys.window, 0)
     splits = max(1, min(-(-S // p.tile), TARGET_GROUPS // (B * Hkv * p.blocks)))
     GL = Hq // Hkv * L
     o, ml = p.attend(
         inputs=[
             queries,
-            kd,
-            vd,
+            keys.data,
+            values.data,
             *p.constants,
-            keys.channel_scale if smooth else p.ones,  # read with its strides
+            p.ones if keys.channel_scale is None else keys.channel_scale,  # with its strides
             p.no_starts if starts is None else starts.astype(mx.int32),
         ],
         template=p.template,
@@ -348,10 +357,11 @@ def _fused_attention(queries, keys, values, scale, causal, starts=None):
         output_shapes=[(B * Hkv, splits, GL, D), (B * Hkv, splits, GL, 2)],
         output_dtypes=[mx.float32, mx.float32],
     )
-    exact = (o,) * 5  # (not read)
+    exact = (o,) * 4  # (not read)
     if recent:
+        pair = mx.stack([keys.recent, values.recent]) if pair is None else pair
         offset = p.zeros if keys.offset is None else keys.offset
-        exact = (queries, keys.recent, values.recent, offset, p.constants[1])
+        exact = (queries, pair, offset, p.constants[1])
     return p.merge(inputs=[o, ml, p.rt_t, *exact], **p.merge_args)[0]
 
 

@@ -60,6 +60,7 @@ class _TurboQuantMixin:
         raise AttributeError("TurboQuant caches are already quantised")
 
     recent_tokens = 0  # (rotating and batch caches hold none)
+    _step = None  # (keys, window) of the last decode step, for the patched attention
     # The window: exact keys then values (2, B, H, W, D) of positions [offset - W, offset)
     # in order (fewer positions: zero rows first), or None.
     _ring = None
@@ -172,7 +173,10 @@ class _TurboQuantMixin:
                 self._ring = out[2]
         k, v = super().update_and_fetch(k, v)
         if step:  # one query attends the whole window
-            return self._wrap(k, v, (self._ring[0], self._ring[1]))
+            fetched = self._wrap(k, v, (self._ring[0], self._ring[1]))
+            # The patched attention reads the window as the one array when it gets these keys.
+            self._step = (fetched[0], self._ring)
+            return fetched
         recent = self._hold_recent(keys, values) if self.recent_tokens else None
         return self._wrap(k, v, recent)
 

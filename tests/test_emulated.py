@@ -43,6 +43,10 @@ def test_recent_window_matches_float64(config):
     test_gpu.test_recent_window_matches_float64(config)
 
 
+def test_cache_decode_step_through_mlx_lm_matches_float64():
+    test_gpu.test_cache_decode_step_through_mlx_lm_matches_float64(mx.bfloat16)
+
+
 @pytest.mark.parametrize("L", [1, 3])
 def test_left_padding_matches_float64(L):
     test_gpu.test_fused_left_padding_matches_float64(L)

@@ -338,6 +338,42 @@ def test_recent_window_matches_float64(config):
     assert public <= TOL_ATTENTION + 6 * ROUNDING[mx.float16], errors
 
 
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_cache_decode_step_through_mlx_lm_matches_float64(dtype):
+    """Decode steps of a cache with a window, attended as a model does (mlx-lm's patched
+    function with the cache: the fused kernel reads the window as the cache's one array)
+    against float64 of the same packed rows and window; a step that passes a mask array
+    takes the general path, and keys that are not the step's are not read as the window."""
+    import mlx_lm.models.base as base
+
+    from mlx_tq import patch, unpatch
+    from mlx_tq.cache import TurboQuantKVCache
+
+    rng = np.random.default_rng(11)
+    B, Hkv, G, D, W = 2, 2, 3, 128, 4
+    cache = TurboQuantKVCache(4, 3, smooth_keys=0.5, warmup_tokens=0, recent_tokens=W)
+    cache.update_and_fetch(*(normal(rng, (B, Hkv, 200, D), dtype) for _ in range(2)))
+    patch()
+    try:
+        for mask in (None, "causal", mx.array([[True] * 203])):
+            new = [normal(rng, (B, Hkv, 1, D), dtype) for _ in range(2)]
+            keys, values = cache.update_and_fetch(*new)
+            assert cache._step[0] is keys and keys.recent.shape[2] == W
+            q = normal(rng, (B, Hkv * G, 1, D), dtype)
+            out = base.scaled_dot_product_attention(
+                q, keys, values, cache=cache, scale=D**-0.5, mask=mask
+            )
+            ref = attention_recent_f64(q.astype(mx.float32), keys, values, D**-0.5, None)
+            assert out.dtype == dtype and rel_err(out, ref) <= TOL_ATTENTION + 4 * ROUNDING[dtype]
+        # Other keys (a copy) never take the cache's window for theirs.
+        other = replace(keys, recent=mx.zeros_like(keys.recent))
+        out = base.scaled_dot_product_attention(q, other, values, cache=cache, scale=D**-0.5, mask=None)
+        ref = attention_recent_f64(q.astype(mx.float32), other, values, D**-0.5, None)
+        assert rel_err(out, ref) <= TOL_ATTENTION + 4 * ROUNDING[dtype]
+    finally:
+        unpatch()
+
+
 # Keys S and the bad value row j, chosen so that some queries cannot see j: with L = 8 and
 # S = 129 (two tiles) the split holding j = 128 is entirely masked for queries 0-6.
 NON_FINITE_ROWS = [(2, 1), (129, 128), (1000, 995)]

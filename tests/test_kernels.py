@@ -66,8 +66,7 @@ SIGNATURES = {
             ("ml", mx.float32, 1024),
             ("rt_t", mx.float32, 1024),
             ("q", None, 1024),
-            ("kr", None, 1024),
-            ("vr", None, 1024),
+            ("kv", None, 1024),
             ("k_off", mx.float32, 128),
             ("scale", mx.float32, 1),
         ],
@@ -87,7 +86,8 @@ def variants():
         for bits in (2, 3, 4, 5, 8):
             for value_bits in (2, 3, 4):
                 for GL, causal, dtype in ((1, False, mx.float16), (32, True, mx.bfloat16)):
-                    template = _decode_template(dtype, D, bits, value_bits, GL, causal, causal)
+                    tail = 4 * causal
+                    template = _decode_template(dtype, D, bits, value_bits, GL, causal, causal, tail)
                     yield "decode_attention", template[0]
         for dtype, window, causal in zip(FLOATS, (0, 4, 16), (False, True, False), strict=True):
             pow2 = D & (D - 1) == 0
@@ -314,8 +314,11 @@ DISPATCH_SHAPE = dict(B=2, Hq=8, Hkv=2, D=128, S=300)
 
 def stub_decode_step(monkeypatch, cache):
     """Fills `cache` with S tokens on the CPU path, then runs one decode step (quantise the
-    new token, attend) with every kernel replaced by a `RecordingKernel`. Returns the
+    new token, attend through mlx-lm's patched attention) with every kernel replaced by a
+    `RecordingKernel`. Returns the
     query, the fetched keys and values and the output."""
+    import mlx_lm.models.base as base
+
     from mlx_tq import patch, unpatch
 
     B, Hq, Hkv, D, S = DISPATCH_SHAPE.values()
@@ -329,7 +332,8 @@ def stub_decode_step(monkeypatch, cache):
         new = rows((B, Hkv, 1, D), mx.float16, 2)
         keys, values = cache.update_and_fetch(new, new)
         q = rows((B, Hq, 1, D), mx.float16, 3)
-        out = scaled_dot_product_attention(q, keys, values, 0.1)
+        # As a model calls it: mlx-lm's function, patched, with the cache.
+        out = base.scaled_dot_product_attention(q, keys, values, cache, scale=0.1, mask=None)
     finally:
         unpatch()
     return q, keys, values, out
@@ -360,7 +364,7 @@ def test_gpu_dispatch_arguments(monkeypatch):
     assert m_t == {"T": mx.float16, "D": D, "POW2": True, "RECENT": False, "WINDOW": 0} | {
         "CAUSAL": False
     }
-    assert len(m_in) == 8
+    assert len(m_in) == 7
 
 
 def test_gpu_dispatch_arguments_with_recent_window(monkeypatch):
@@ -373,7 +377,8 @@ def test_gpu_dispatch_arguments_with_recent_window(monkeypatch):
     q, keys, values, out = stub_decode_step(monkeypatch, cache)
     assert keys.recent.shape == (B, Hkv, 4, D) and keys.window == 4
     _, a_in, a_t, _, _ = RecordingKernel.calls[1]
-    assert a_t["CAUSAL"] and a_in[1].shape[2] == S + 1 - 4  # (j < S - E + i for i = 0)
+    # The packed rows in place; the kernel leaves out the window's (j < S - E + i for i = 0).
+    assert a_t["CAUSAL"] and a_t["TAIL"] == 4 and a_in[1].shape[2] == S + 1
     _, m_in, m_t, _, _ = RecordingKernel.calls[2]
     assert m_t["RECENT"] and m_t["WINDOW"] == 4 and m_in[3] is q
-    assert m_in[4] is keys.recent and m_in[5] is values.recent and m_in[6] is cache.key_offset
+    assert m_in[4] is cache._ring and m_in[5] is cache.key_offset  # the window, one array
