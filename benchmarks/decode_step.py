@@ -6,7 +6,10 @@ heads, head_dim 128; `--layers` layers, small MLP and vocabulary: their host cos
 does not depend on width), fills each cache with `--context` random keys and values, and
 times per token:
 - host: `model(token, cache=cache)` alone (the graph is built, nothing runs);
-- step: the same plus `mx.eval` (GPU only);
+- encode: `mx.async_eval` of it (MLX turns the graph into launches; GPU only);
+- step: host + encode + waiting for the result (GPU only);
+- pipelined: mlx-lm's loop, the next step built and launched while the GPU runs this one
+  (GPU only);
 interleaving fp16 (mlx-lm's caches + mx.fast SDPA) and TurboQuant `kv_bits=4`.
 With `--stub` (any machine) the custom kernels are replaced by stubs that only return
 arrays of the right shapes, so a CPU measures the Python side of a GPU decode step.
@@ -70,24 +73,39 @@ def main():
         stub_kernels()
     mlx_tq.patch()
     token = mx.array([[1]])
-    runs = {name: {"host": [], "step": []} for name in caches}
+    kinds = ("host",) if args.stub else ("host", "encode", "step", "pipelined")
+    runs = {name: {kind: [] for kind in kinds} for name in caches}
     for _ in range(args.repeats):  # interleaved, so drift hits both
         for name, cache in caches.items():
-            host = step = 0.0
+            t = dict.fromkeys(kinds, 0.0)
             for i in range(args.steps):
                 t0 = time.perf_counter()
                 out = model(token, cache=cache)
                 t1 = time.perf_counter()
+                t["host"] += t1 - t0
                 if not args.stub:
+                    mx.async_eval(out)
+                    t2 = time.perf_counter()
                     mx.eval(out)
-                t2 = time.perf_counter()
-                host, step = host + t1 - t0, step + t2 - t0
+                    t["encode"] += t2 - t1
+                    t["step"] += time.perf_counter() - t0
                 # The caches grow by the steps taken (no trim: a trim refills TurboQuant's
                 # exact window from packed rows, which a decode step never does).
                 if args.stub and i % 50 == 49:  # bound the unevaluated graph
                     mx.eval([c.state for c in cache])
-            runs[name]["host"].append(1e3 * host / args.steps)
-            runs[name]["step"].append(1e3 * step / args.steps)
+            if not args.stub:
+                out = model(token, cache=cache)
+                mx.async_eval(out)
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    nxt = model(token, cache=cache)
+                    mx.async_eval(nxt)
+                    mx.eval(out)
+                    out = nxt
+                mx.eval(out)
+                t["pipelined"] = time.perf_counter() - t0
+            for kind in kinds:
+                runs[name][kind].append(1e3 * t[kind] / args.steps)
     report = {
         "device": "stub kernels" if args.stub else str(mx.default_device()),
         "context": args.context,
@@ -96,10 +114,9 @@ def main():
             f"{name}_{kind}_ms": statistics.median(v)
             for name, r in runs.items()
             for kind, v in r.items()
-            if not (args.stub and kind == "step")
         },
     }
-    for kind in ("host",) if args.stub else ("host", "step"):
+    for kind in kinds:
         fp, tq = report[f"fp16_{kind}_ms"], report[f"tq4_{kind}_ms"]
         report[f"{kind}_us_per_layer"] = {
             n: 1e3 * report[f"{n}_{kind}_ms"] / args.layers for n in caches
