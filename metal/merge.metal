@@ -4,8 +4,8 @@
 // per row.
 // o: [B * Hkv, n_splits, GL, D] float; ml: [B * Hkv, n_splits, GL, 2] (max, sum)
 // rt_t: [D, D] float, the transposed rotation; out: [B * Hkv, GL, D] T (= [B, Hq, L, D])
-// Read when RECENT (strided): q [B, Hq, L, D] T, the queries; kv [2, B, Hkv, E, D] T, the
-// exact keys then values of the last E positions, of which query i of L attends its WINDOW
+// Read when RECENT (strided): q [B, Hq, L, D] T, the queries; kr, vr [B, Hkv, E, D] T, the
+// exact keys and values of the last E positions, of which query i of L attends its WINDOW
 // newest (the packed splits hold the positions before);
 // k_off [B, Hkv, 1, D] float, the keys' offset the packed scores leave out; scale [1] float.
 constexpr int NW = (D + 31) / 32;
@@ -35,14 +35,14 @@ for (int s = 0; s < n_splits; ++s) {
 }
 float ex = 0.0f;  // this thread's dim of the exact values' weighted sum, original space
 if (RECENT) {
-  const int n_kv = kv_shape[2];
-  const int E = kv_shape[3];
+  const int n_kv = kr_shape[1];
+  const int E = kr_shape[2];
   const int L = q_shape[2];
   const int b = bh / n_kv;
   const int h = bh % n_kv;
   const int i = row % L;
-  const auto kp = kv + b * kv_strides[1] + h * kv_strides[2];
-  const auto vp = kp + kv_strides[0];
+  const auto kp = kr + b * kr_strides[0] + h * kr_strides[1];
+  const auto vp = vr + b * vr_strides[0] + h * vr_strides[1];
   float qd = 0.0f;
   float mu = 0.0f;
   if (d < D) {
@@ -59,7 +59,7 @@ if (RECENT) {
     for (int e = 0; e < n; ++e) {
       float p = 0.0f;
       if (d < D) {
-        p = qd * (static_cast<float>(kp[(e0 + e) * kv_strides[3] + d * kv_strides[4]]) - mu);
+        p = qd * (static_cast<float>(kp[(e0 + e) * kr_strides[2] + d * kr_strides[3]]) - mu);
       }
       p = WARP_SUM(p);
       if (LANE == 0) {
@@ -99,7 +99,7 @@ if (RECENT) {
           const float p = EXP(sc[e] - shift);
           den += p;
           if (d < D) {
-            ex += p * static_cast<float>(vp[(e0 + e) * kv_strides[3] + d * kv_strides[4]]);
+            ex += p * static_cast<float>(vp[(e0 + e) * vr_strides[2] + d * vr_strides[3]]);
           }
         }
       }

@@ -309,13 +309,24 @@ def _fused_plan(
     unrotation = mx.contiguous(rotation_matrix(D, seeds[1]).T)
     mx.eval(constants, ones, no_starts, zeros, unrotation)
     merge_kernel = kernels.kernel(
-        "merge", ("o", "ml", "rt_t", "q", "kv", "k_off", "scale"), ("out",), contiguous=False
+        "merge", ("o", "ml", "rt_t", "q", "kr", "vr", "k_off", "scale"), ("out",), contiguous=False
     )
+    blocks = -(-GL // R)
+
+    @cache
+    def attend_args(splits):  # the launch for a split count (one per 128 keys, then fixed)
+        return dict(
+            template=template,
+            grid=(tile * splits, B * Hkv, blocks),
+            threadgroup=(tile, 1, 1),
+            output_shapes=[(B * Hkv, splits, GL, D), (B * Hkv, splits, GL, 2)],
+            output_dtypes=[mx.float32, mx.float32],
+        )
+
     return SimpleNamespace(
         attend=attend,
-        template=template,
-        tile=tile,
-        blocks=-(-GL // R),
+        attend_args=attend_args,
+        splits=lambda S: max(1, min(-(-S // tile), TARGET_GROUPS // (B * Hkv * blocks))),
         constants=constants,
         ones=ones,
         zeros=zeros,
@@ -326,10 +337,9 @@ def _fused_plan(
     )
 
 
-def _fused_attention(queries, keys, values, scale, causal, starts=None, pair=None):
+def _fused_attention(queries, keys, values, scale, causal, starts=None):
     """The split-K kernel, then the merge kernel that also rotates back; (B, Hq, L, D).
-    `starts`: (B,) int32, the first key each batch row sees (left padding), else 0.
-    `pair`: the recent rows of keys and values as one (2, B, Hkv, E, D) array, if at hand."""
+    `starts`: (B,) int32, the first key each batch row sees (left padding), else 0."""
     B, Hq, L, D = queries.shape
     Hkv, S = keys.data.shape[1:3]
     recent = keys.recent is not None
@@ -340,8 +350,6 @@ def _fused_attention(queries, keys, values, scale, causal, starts=None, pair=Non
     if recent:  # the kernel reads the packed rows before the last `window` (_recent_offset)
         _recent_offset(keys, L)
         S = max(S - keys.window, 0)
-    splits = max(1, min(-(-S // p.tile), TARGET_GROUPS // (B * Hkv * p.blocks)))
-    GL = Hq // Hkv * L
     o, ml = p.attend(
         inputs=[
             queries,
@@ -351,17 +359,12 @@ def _fused_attention(queries, keys, values, scale, causal, starts=None, pair=Non
             p.ones if keys.channel_scale is None else keys.channel_scale,  # with its strides
             p.no_starts if starts is None else starts.astype(mx.int32),
         ],
-        template=p.template,
-        grid=(p.tile * splits, B * Hkv, p.blocks),
-        threadgroup=(p.tile, 1, 1),
-        output_shapes=[(B * Hkv, splits, GL, D), (B * Hkv, splits, GL, 2)],
-        output_dtypes=[mx.float32, mx.float32],
+        **p.attend_args(p.splits(S)),
     )
-    exact = (o,) * 4  # (not read)
+    exact = (o,) * 5  # (not read)
     if recent:
-        pair = mx.stack([keys.recent, values.recent]) if pair is None else pair
         offset = p.zeros if keys.offset is None else keys.offset
-        exact = (queries, pair, offset, p.constants[1])
+        exact = (queries, keys.recent, values.recent, offset, p.constants[1])
     return p.merge(inputs=[o, ml, p.rt_t, *exact], **p.merge_args)[0]
 
 

@@ -60,10 +60,10 @@ class _TurboQuantMixin:
         raise AttributeError("TurboQuant caches are already quantised")
 
     recent_tokens = 0  # (rotating and batch caches hold none)
-    _step = None  # (keys, window) of the last decode step, for the patched attention
-    # The window: exact keys then values (2, B, H, W, D) of positions [offset - W, offset)
-    # in order (fewer positions: zero rows first), or None.
-    _ring = None
+    # The window: exact keys and values (B, H, W, D) of positions [offset - W, offset) in
+    # order (fewer positions: zero rows first), or None.
+    _window = None
+    _step = None  # the keys of the last decode step
 
     def _configure(self, key_bits, value_bits, seed, center_keys, smooth_keys, warmup_tokens):
         check_bits(key_bits, "key_bits")
@@ -164,18 +164,17 @@ class _TurboQuantMixin:
                 mx.eval(*self._stat_arrays())
             # A decode step past the first W tokens, the window in the keys' dtype: the
             # quantise launch itself shifts the token into the window (else _hold_recent).
-            ring = self._ring
-            step = ring is not None and keys.shape[2] == 1 and self.offset >= self.recent_tokens
-            step = step and ring.dtype == keys.dtype
-            out = quantize_kv_rows(keys, values, *bits, *self._rows, ring if step else None)
+            window = self._window
+            step = window is not None and keys.shape[2] == 1 and self.offset >= self.recent_tokens
+            step = step and window[0].dtype == keys.dtype
+            out = quantize_kv_rows(keys, values, *bits, *self._rows, window if step else None)
             k, v = out[:2]
             if step:
-                self._ring = out[2]
+                self._window = out[2:]
         k, v = super().update_and_fetch(k, v)
         if step:  # one query attends the whole window
-            fetched = self._wrap(k, v, (self._ring[0], self._ring[1]))
-            # The patched attention reads the window as the one array when it gets these keys.
-            self._step = (fetched[0], self._ring)
+            fetched = self._wrap(k, v, self._window)
+            self._step = fetched[0]  # the patched attention trusts these keys (patch.py)
             return fetched
         recent = self._hold_recent(keys, values) if self.recent_tokens else None
         return self._wrap(k, v, recent)
@@ -186,7 +185,7 @@ class _TurboQuantMixin:
         (each query its recent_tokens newest); for a longer prefill chunk none."""
         W, L, end = self.recent_tokens, keys.shape[2], self.offset
         rows = (keys, values)
-        if self._ring is not None:
+        if self._window is not None:
             rows = tuple(
                 mx.concatenate([old, new.astype(old.dtype)], axis=2)
                 for old, new in zip(self._window_rows(end - L), rows, strict=True)
@@ -200,13 +199,13 @@ class _TurboQuantMixin:
     def _window_rows(self, end):
         """The window's keys and values of positions [max(0, end - W), end), in order."""
         n = min(end, self.recent_tokens)
-        return tuple(r[..., self.recent_tokens - n :, :] for r in (self._ring[0], self._ring[1]))
+        return tuple(r[..., self.recent_tokens - n :, :] for r in self._window)
 
     def _set_window(self, k, v):
         """Holds the last W rows of keys k and values v (B, H, n, D) as the window."""
         W = self.recent_tokens
-        ring = mx.stack([k[..., -W:, :], v[..., -W:, :]])
-        self._ring = mx.pad(ring, [(0, 0)] * 3 + [(W - ring.shape[3], 0), (0, 0)])
+        pad = [(0, 0), (0, 0), (max(0, W - k.shape[2]), 0), (0, 0)]
+        self._window = tuple(mx.pad(x[..., -W:, :], pad) for x in (k, v))
 
     def _encode(self, k, v, stats):
         """Plain (B, H, L, D) keys and values as packed rows, keys with `stats` (offset, scale)."""
@@ -240,7 +239,7 @@ class _TurboQuantMixin:
         if not self.is_trimmable():
             return 0  # a wrapped window: the tokens to drop are no longer at its end
         n = super().trim(n)
-        if self._ring is not None and n:
+        if self._window is not None and n:
             # The window again: its rows still held, then the older ones decoded.
             end, W = self.offset, self.recent_tokens
             first = max(0, end + n - W)  # the oldest position the window held
@@ -286,7 +285,7 @@ class _TurboQuantMixin:
     def nbytes(self):
         if self.keys is None:
             return 0
-        extra = sum(a.nbytes for a in (*self._stat_arrays(), self._ring) if a is not None)
+        extra = sum(a.nbytes for a in (*self._stat_arrays(), *(self._window or ())))
         return self.keys.nbytes + self.values.nbytes + extra
 
 
@@ -335,15 +334,15 @@ class TurboQuantKVCache(_TurboQuantMixin, KVCache):
         if self.keys is None:
             return []
         n = self.offset
-        window = () if self._ring is None else (self._ring,)
+        window = () if self._window is None else (mx.stack(self._window),)
         return self.keys[..., :n, :], self.values[..., :n, :], *self._stat_arrays(), *window
 
     @state.setter
     def state(self, v):
         self.keys, self.values, *stats = v if v else (None, None)
         self.offset = 0 if self.keys is None else self.keys.shape[2]
-        # The window is the one 5-D array: (2, B, H, W, D).
-        self._ring = stats.pop() if stats and stats[-1].ndim == 5 else None
+        # The window is stored as one 5-D array: (2, B, H, W, D).
+        self._window = tuple(stats.pop()) if stats and stats[-1].ndim == 5 else None
         self._set_stats(*stats)
 
 

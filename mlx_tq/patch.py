@@ -30,14 +30,11 @@ def _attention(queries, keys, values, cache, scale, mask, sinks=None):
     reached = getattr(_probe, "reached", None)
     if reached is not None:
         reached.add(id(cache))
-    step = getattr(cache, "_step", None)
-    if step is not None and step[0] is keys and not isinstance(mask, mx.array):
-        # The keys of the cache's own decode step, which it built and checked; the fused
-        # kernel reads its window as the one array.
+    if getattr(cache, "_step", None) is keys and not isinstance(mask, mx.array):
+        # The keys the cache built for a decode step: only the queries need a check.
         attention.check_queries(queries, keys)
-        if attention._path(queries, keys, values, mask) != "fused" or queries.shape[2] != 1:
-            return attention.scaled_dot_product_attention(queries, keys, values, scale, mask)
-        return attention._fused_attention(queries, keys, values, scale, False, pair=step[1])
+        if queries.shape[2] == 1 and attention._path(queries, keys, values, None) == "fused":
+            return attention._fused_attention(queries, keys, values, scale, False)
     # A batch of left-padded rows (not a sliding window): its mask is causal from each row's
     # first token, which the fused kernel applies itself instead of decoding for an array mask.
     pads = None if hasattr(cache, "max_size") else getattr(cache, "left_padding", None)

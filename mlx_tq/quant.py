@@ -3,7 +3,7 @@ pack tightly; and back. Encode and decode kernels are dispatched here, attention
 
 import math
 from dataclasses import dataclass, replace
-from functools import cache
+from functools import cache, lru_cache
 
 import mlx.core as mx
 import numpy as np
@@ -235,7 +235,7 @@ def quantize_kv_ops(keys, values, key_bits, value_bits, seed=0, key_offset=None,
 
 
 @cache
-def quantize_template(dtype, dim, key_bits, value_bits, scaled=False, ring=0):
+def quantize_template(dtype, dim, key_bits, value_bits, scaled=False, window=0):
     """Template constants of quantize.metal (built once per variant: decode is launch-bound)."""
     return [
         ("T", dtype),
@@ -247,7 +247,7 @@ def quantize_template(dtype, dim, key_bits, value_bits, scaled=False, ring=0):
         ("ROWS", QUANTIZE_ROWS),
         ("SCALE", scaled),
         ("POW2", dim & (dim - 1) == 0),
-        ("RW", ring),
+        ("RW", window),
     ]
 
 
@@ -313,41 +313,48 @@ def quantize_kv(
     return k.reshape(*lead, L, -1), v.reshape(*lead, L, -1)
 
 
-@cache
-def _quantize_plan(dtype, dim, key_bits, value_bits, seed, scaled, ring):
-    """The quantise kernel, its template and constant inputs, built once per variant."""
+@lru_cache(maxsize=64)
+def _quantize_call(dtype, shape, key_bits, value_bits, seed, scaled, window):
+    """The quantise kernel and its arguments other than the inputs that change, for keys
+    of `shape` (B, H, L, D): built once per variant and shape (a decode step repeats one)."""
     kernel = kernels.kernel(
         "quantize",
-        ("k", "v", "rt", "k_levels", "k_bounds", "v_levels", "v_bounds", "offset", "scale", "ring"),
-        ("k_out", "v_out", "ring_out"),
+        ("k", "v", "rt", "k_levels", "k_bounds", "v_levels", "v_bounds", "offset", "scale")
+        + ("k_win", "v_win"),
+        ("k_out", "v_out", "k_win_out", "v_win_out"),
     )
-    template = quantize_template(dtype, dim, key_bits, value_bits, scaled, ring)
+    *lead, dim = shape
+    W = 0 if window is None else window[-2]
     constants = [rotation_matrix(dim, seed), *codebook(key_bits, dim), *codebook(value_bits, dim)]
+    threads = 32 * -(-dim // 32)
     words = (words_per_row(dim, key_bits), words_per_row(dim, value_bits))
-    return kernel, template, constants, words, 32 * -(-dim // 32)
+    call = dict(
+        template=quantize_template(dtype, dim, key_bits, value_bits, scaled, W),
+        grid=(threads * 2 * -(-math.prod(lead) // QUANTIZE_ROWS), 1, 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[*((*lead, w) for w in words)] + [window or (1,)] * 2,
+        output_dtypes=[mx.uint32, mx.uint32, dtype, dtype],
+    )
+    return kernel, constants, call
 
 
-def quantize_kv_rows(keys, values, key_bits, value_bits, seed, offset, scale, ring=None):
+def quantize_kv_rows(keys, values, key_bits, value_bits, seed, offset, scale, window=None):
     """The kernel of `quantize_kv`, inputs checked: keys and values (B, H, L, D), `offset`
     and `scale` (or None) float32 (B * H, D) rows, or one (1, D) offset row for all when
-    B * H * L keys are passed as (1, 1, N, D). With `ring` (2, B, H, W, D) in the keys'
-    dtype (a cache's exact window, oldest row first) and L = 1, the same launch also
-    returns the window shifted by one row with these keys and values last."""
-    *lead, dim = keys.shape
-    W = 0 if ring is None else ring.shape[-2]
-    kernel, template, constants, words, threads = _quantize_plan(
-        keys.dtype, dim, key_bits, value_bits, seed, scale is not None, W
+    B * H * L keys are passed as (1, 1, N, D). With `window`, a cache's exact keys and values
+    (B, H, W, D) each in the keys' dtype (oldest row first) and L = 1, the same launch also
+    returns them shifted by one row with these keys and values last: (k, v, k_win, v_win)."""
+    shape = None if window is None else window[0].shape
+    kernel, constants, call = _quantize_call(
+        keys.dtype, keys.shape, key_bits, value_bits, seed, scale is not None, shape
     )
+    # scale is not read without SCALE, nor the window's inputs and outputs without RW.
+    unread = (offset, offset) if window is None else window
     out = kernel(
-        inputs=[keys, values, *constants, offset, offset if scale is None else scale]
-        + [offset if ring is None else ring],
-        template=template,
-        grid=(threads * 2 * -(-(keys.size // dim) // QUANTIZE_ROWS), 1, 1),
-        threadgroup=(threads, 1, 1),
-        output_shapes=[*((*lead, w) for w in words), (1,) if ring is None else ring.shape],
-        output_dtypes=[mx.uint32, mx.uint32, keys.dtype],
-    )  # scale is not read without SCALE, nor ring and ring_out without RW
-    return out if W else out[:2]
+        inputs=[keys, values, *constants, offset, offset if scale is None else scale, *unread],
+        **call,
+    )
+    return out if window else out[:2]
 
 
 def _qjl_rotated(q: TurboQuantized) -> mx.array:

@@ -159,5 +159,5 @@ def emulate(monkeypatch):
     side's kernels leak into the other's (a GPU run may hold both)."""
     monkeypatch.setattr(kernels, "backend", lambda: "cuda")
     monkeypatch.setattr(kernels, "kernel", kernel)
-    for module, name in ((attention, "_fused_plan"), (quant, "_quantize_plan")):
+    for module, name in ((attention, "_fused_plan"), (quant, "_quantize_call")):
         monkeypatch.setattr(module, name, cache(getattr(module, name).__wrapped__))

@@ -180,14 +180,14 @@ def test_decode_step_shifts_the_window_in_the_quantise_launch(dtype):
         n = plain.offset
         assert mx.array_equal(ours.keys[..., :n, :], bare.keys[..., :n, :])
         assert mx.array_equal(ours.values[..., :n, :], bare.values[..., :n, :])
-        assert ours._ring.dtype == dtype and ours._ring.shape == (2, B, H, W, D)
-        assert mx.array_equal(ours._ring[0], plain.keys[..., n - W : n, :])
-        assert mx.array_equal(ours._ring[1], plain.values[..., n - W : n, :])
+        assert all(w.dtype == dtype and w.shape == (B, H, W, D) for w in ours._window)
+        assert mx.array_equal(ours._window[0], plain.keys[..., n - W : n, :])
+        assert mx.array_equal(ours._window[1], plain.values[..., n - W : n, :])
     k = normal(rng, (B, H, 1, D), mx.float32)  # another dtype than the window's
     ours.update_and_fetch(k, k)
     plain.update_and_fetch(k.astype(dtype), k.astype(dtype))
     n = plain.offset
-    assert mx.array_equal(ours._ring[0], plain.keys[..., n - W : n, :])
+    assert mx.array_equal(ours._window[0], plain.keys[..., n - W : n, :])
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -341,9 +341,9 @@ def test_recent_window_matches_float64(config):
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
 def test_cache_decode_step_through_mlx_lm_matches_float64(dtype):
     """Decode steps of a cache with a window, attended as a model does (mlx-lm's patched
-    function with the cache: the fused kernel reads the window as the cache's one array)
-    against float64 of the same packed rows and window; a step that passes a mask array
-    takes the general path, and keys that are not the step's are not read as the window."""
+    function with the cache, which takes the step's keys straight to the fused kernel)
+    against float64 of the same packed rows and window; with a mask array (the general
+    path), and for keys that are not the step's own."""
     import mlx_lm.models.base as base
 
     from mlx_tq import patch, unpatch
@@ -353,23 +353,23 @@ def test_cache_decode_step_through_mlx_lm_matches_float64(dtype):
     B, Hkv, G, D, W = 2, 2, 3, 128, 4
     cache = TurboQuantKVCache(4, 3, smooth_keys=0.5, warmup_tokens=0, recent_tokens=W)
     cache.update_and_fetch(*(normal(rng, (B, Hkv, 200, D), dtype) for _ in range(2)))
+    tol = TOL_ATTENTION + 4 * ROUNDING[dtype]
     patch()
     try:
         for mask in (None, "causal", mx.array([[True] * 203])):
             new = [normal(rng, (B, Hkv, 1, D), dtype) for _ in range(2)]
             keys, values = cache.update_and_fetch(*new)
-            assert cache._step[0] is keys and keys.recent.shape[2] == W
+            assert cache._step is keys and keys.recent.shape[2] == W
             q = normal(rng, (B, Hkv * G, 1, D), dtype)
             out = base.scaled_dot_product_attention(
                 q, keys, values, cache=cache, scale=D**-0.5, mask=mask
             )
             ref = attention_recent_f64(q.astype(mx.float32), keys, values, D**-0.5, None)
-            assert out.dtype == dtype and rel_err(out, ref) <= TOL_ATTENTION + 4 * ROUNDING[dtype]
-        # Other keys (a copy) never take the cache's window for theirs.
+            assert out.dtype == dtype and rel_err(out, ref) <= tol
         other = replace(keys, recent=mx.zeros_like(keys.recent))
-        out = base.scaled_dot_product_attention(q, other, values, cache=cache, scale=D**-0.5, mask=None)
+        out = base.scaled_dot_product_attention(q, other, values, cache, D**-0.5, None)
         ref = attention_recent_f64(q.astype(mx.float32), other, values, D**-0.5, None)
-        assert rel_err(out, ref) <= TOL_ATTENTION + 4 * ROUNDING[dtype]
+        assert rel_err(out, ref) <= tol
     finally:
         unpatch()
 

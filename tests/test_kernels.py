@@ -41,9 +41,10 @@ SIGNATURES = {
             ("v_bounds", mx.float32, 15),
             ("offset", mx.float32, 128),
             ("scale", mx.float32, 128),
-            ("ring", None, 1024),
+            ("k_win", None, 1024),
+            ("v_win", None, 1024),
         ],
-        [("k_out", mx.uint32), ("v_out", mx.uint32), ("ring_out", None)],
+        [("k_out", mx.uint32), ("v_out", mx.uint32), ("k_win_out", None), ("v_win_out", None)],
     ),
     "decode_attention": (
         [
@@ -66,7 +67,8 @@ SIGNATURES = {
             ("ml", mx.float32, 1024),
             ("rt_t", mx.float32, 1024),
             ("q", None, 1024),
-            ("kv", None, 1024),
+            ("kr", None, 1024),
+            ("vr", None, 1024),
             ("k_off", mx.float32, 128),
             ("scale", mx.float32, 1),
         ],
@@ -81,8 +83,8 @@ def variants():
         for bits in SUPPORTED_BITS:
             for dtype in FLOATS:
                 value_bits = SUPPORTED_BITS[-1 - SUPPORTED_BITS.index(bits)]
-                scaled, ring = dtype == mx.float32, 4 * (dtype == mx.float16)
-                yield "quantize", quantize_template(dtype, D, bits, value_bits, scaled, ring)
+                scaled, window = dtype == mx.float32, 4 * (dtype == mx.float16)
+                yield "quantize", quantize_template(dtype, D, bits, value_bits, scaled, window)
         for bits in (2, 3, 4, 5, 8):
             for value_bits in (2, 3, 4):
                 for GL, causal, dtype in ((1, False, mx.float16), (32, True, mx.bfloat16)):
@@ -364,7 +366,7 @@ def test_gpu_dispatch_arguments(monkeypatch):
     assert m_t == {"T": mx.float16, "D": D, "POW2": True, "RECENT": False, "WINDOW": 0} | {
         "CAUSAL": False
     }
-    assert len(m_in) == 7
+    assert len(m_in) == 8
 
 
 def test_gpu_dispatch_arguments_with_recent_window(monkeypatch):
@@ -381,4 +383,5 @@ def test_gpu_dispatch_arguments_with_recent_window(monkeypatch):
     assert a_t["CAUSAL"] and a_t["TAIL"] == 4 and a_in[1].shape[2] == S + 1
     _, m_in, m_t, _, _ = RecordingKernel.calls[2]
     assert m_t["RECENT"] and m_t["WINDOW"] == 4 and m_in[3] is q
-    assert m_in[4] is cache._ring and m_in[5] is cache.key_offset  # the window, one array
+    assert m_in[4] is keys.recent is cache._window[0] and m_in[5] is values.recent
+    assert m_in[6] is cache.key_offset
