@@ -11,13 +11,14 @@ import mlx.core as mx
 
 def backend() -> str | None:
     """'metal' or 'cuda' when the default device is a GPU that runs custom kernels, else None."""
-    if mx.default_device() != mx.gpu:
-        return None
+    return _gpu_backend() if mx.default_device() == mx.gpu else None
+
+
+@cache
+def _gpu_backend() -> str | None:
     if mx.metal.is_available():
         return "metal"
-    if mx.cuda.is_available():
-        return "cuda"
-    return None
+    return "cuda" if mx.cuda.is_available() else None
 
 
 @cache
