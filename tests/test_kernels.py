@@ -88,9 +88,8 @@ def variants():
         for bits in (2, 3, 4, 5, 8):
             for value_bits in (2, 3, 4):
                 for GL, causal, dtype in ((1, False, mx.float16), (32, True, mx.bfloat16)):
-                    tail = 4 * causal
-                    template = _decode_template(dtype, D, bits, value_bits, GL, causal, causal, tail)
-                    yield "decode_attention", template[0]
+                    args = (dtype, D, bits, value_bits, GL, causal, causal, 4 * causal)
+                    yield "decode_attention", _decode_template(*args)[0]
         for dtype, window, causal in zip(FLOATS, (0, 4, 16), (False, True, False), strict=True):
             pow2 = D & (D - 1) == 0
             template = [("T", dtype), ("D", D), ("POW2", pow2), ("RECENT", window > 0)]
