@@ -107,7 +107,7 @@ def cli(*argv):
 
 
 nan_offset = mx.full((1, 1, 1, 64), np.nan)
-bad_query_shape = "queries (1, 4, 1, 128), keys (1, 2, 10, 64) and values (1, 2, 10, 64) must share"
+bad_query_shape = "queries (1, 4, 1, 128) and keys (1, 2, 10, 64) must share B and D"
 
 # (case, call(tmp_path), error, message)
 CASES = [
