@@ -7,6 +7,7 @@ unchanged on them: the subclasses only encode on the way in and wrap on the way 
 
 import json
 import os
+import weakref
 from pathlib import Path
 
 import mlx.core as mx
@@ -63,7 +64,7 @@ class _TurboQuantMixin:
     # The window: exact keys and values (B, H, W, D) of positions [offset - W, offset) in
     # order (fewer positions: zero rows first), or None.
     _window = None
-    _step = None  # the keys of the last decode step
+    _step = None  # a weak reference to the packed keys of the last decode step
 
     def _configure(self, key_bits, value_bits, seed, center_keys, smooth_keys, warmup_tokens):
         check_bits(key_bits, "key_bits")
@@ -174,7 +175,8 @@ class _TurboQuantMixin:
         k, v = super().update_and_fetch(k, v)
         if step:  # one query attends the whole window
             fetched = self._wrap(k, v, self._window)
-            self._step = fetched[0]  # the patched attention trusts these keys (patch.py)
+            if is_patched():  # the patched attention trusts these keys (patch.py)
+                self._step = weakref.ref(fetched[0].data)
             return fetched
         recent = self._hold_recent(keys, values) if self.recent_tokens else None
         return self._wrap(k, v, recent)

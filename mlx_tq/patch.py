@@ -30,7 +30,8 @@ def _attention(queries, keys, values, cache, scale, mask, sinks=None):
     reached = getattr(_probe, "reached", None)
     if reached is not None:
         reached.add(id(cache))
-    if getattr(cache, "_step", None) is keys and not isinstance(mask, mx.array):
+    step = getattr(cache, "_step", None)
+    if step is not None and step() is keys.data and not isinstance(mask, mx.array):
         # The keys the cache built for a decode step: only the queries need a check.
         attention.check_queries(queries, keys)
         if queries.shape[2] == 1 and attention._path(queries, keys, values, None) == "fused":

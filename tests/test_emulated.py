@@ -47,6 +47,10 @@ def test_cache_decode_step_through_mlx_lm_matches_float64():
     test_gpu.test_cache_decode_step_through_mlx_lm_matches_float64(mx.bfloat16)
 
 
+def test_cache_after_decode_steps_holds_no_fetched_keys_and_copies():
+    test_gpu.test_cache_after_decode_steps_holds_no_fetched_keys_and_copies()
+
+
 @pytest.mark.parametrize("L", [1, 3])
 def test_left_padding_matches_float64(L):
     test_gpu.test_fused_left_padding_matches_float64(L)

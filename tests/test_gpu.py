@@ -359,7 +359,7 @@ def test_cache_decode_step_through_mlx_lm_matches_float64(dtype):
         for mask in (None, "causal", mx.array([[True] * 203])):
             new = [normal(rng, (B, Hkv, 1, D), dtype) for _ in range(2)]
             keys, values = cache.update_and_fetch(*new)
-            assert cache._step is keys and keys.recent.shape[2] == W
+            assert cache._step() is keys.data and keys.recent.shape[2] == W
             q = normal(rng, (B, Hkv * G, 1, D), dtype)
             out = base.scaled_dot_product_attention(
                 q, keys, values, cache=cache, scale=D**-0.5, mask=mask
@@ -372,6 +372,35 @@ def test_cache_decode_step_through_mlx_lm_matches_float64(dtype):
         assert rel_err(out, ref) <= tol
     finally:
         unpatch()
+
+
+def test_cache_after_decode_steps_holds_no_fetched_keys_and_copies():
+    """After decode steps (patched or not) the cache keeps nothing of what it handed out
+    (unpatched: the layer's keys dequantised, an fp16 cache's worth), and deep-copies."""
+    import copy
+    import gc
+    import weakref
+
+    from mlx_tq import patch, unpatch
+    from mlx_tq.cache import TurboQuantKVCache
+
+    rng = np.random.default_rng(12)
+    for patched in (False, True):
+        cache = TurboQuantKVCache(warmup_tokens=0, recent_tokens=4)
+        cache.update_and_fetch(*(normal(rng, (1, 2, 40, 64), mx.float16) for _ in range(2)))
+        if patched:
+            patch()
+        try:
+            keys, values = cache.update_and_fetch(*(normal(rng, (1, 2, 1, 64), mx.float16),) * 2)
+            mx.eval(keys.data if patched else keys)
+            twin = copy.deepcopy(cache)
+            assert twin.offset == cache.offset == 41
+            held = weakref.ref(keys.data if patched else keys)
+            del keys, values
+            gc.collect()
+            assert held() is None, f"patched={patched}: the cache holds the fetched keys"
+        finally:
+            unpatch()
 
 
 # Keys S and the bad value row j, chosen so that some queries cannot see j: with L = 8 and
