@@ -271,8 +271,9 @@ def _fused_plan(
 ):
     """What a fused call needs besides its queries and keys, built once per layer shape."""
     GL = Hq // Hkv * L
-    # recent: the window; then query i reads packed rows j < S - E + i + c = S - recent + i
-    # (see _recent_offset): the kernel leaves out the last `recent` rows and reads causally.
+    # recent: the window; then query i of L reads packed rows j < S - E + i + c
+    # = (S - recent) - L + 1 + i (see _recent_offset): the kernel leaves out the last
+    # `recent` rows and reads the rest causally.
     template, tile, R = _decode_template(
         dtype, D, key_bits, value_bits, GL, causal or recent > 0, smooth, recent
     )

@@ -171,7 +171,7 @@ class _TurboQuantMixin:
             out = quantize_kv_rows(keys, values, *bits, *self._rows, window if step else None)
             k, v = out[:2]
             if step:
-                self._window = out[2:]
+                self._window = tuple(out[2:])
         k, v = super().update_and_fetch(k, v)
         if step:  # one query attends the whole window
             fetched = self._wrap(k, v, self._window)
