@@ -314,9 +314,10 @@ def quantize_kv(
 
 
 @lru_cache(maxsize=64)
-def _quantize_call(dtype, shape, key_bits, value_bits, seed, scaled, window):
+def _quantize_call(dtype, shape, key_bits, value_bits, seed, scaled, window_shape):
     """The quantise kernel and its arguments other than the inputs that change, for keys
-    of `shape` (B, H, L, D): built once per variant and shape (a decode step repeats one)."""
+    of `shape` (B, H, L, D) and a window of `window_shape` (B, H, W, D) or None: built once
+    per variant and shape (a decode step repeats one)."""
     kernel = kernels.kernel(
         "quantize",
         ("k", "v", "rt", "k_levels", "k_bounds", "v_levels", "v_bounds", "offset", "scale")
@@ -324,7 +325,7 @@ def _quantize_call(dtype, shape, key_bits, value_bits, seed, scaled, window):
         ("k_out", "v_out", "k_win_out", "v_win_out"),
     )
     *lead, dim = shape
-    W = 0 if window is None else window[-2]
+    W = 0 if window_shape is None else window_shape[-2]
     constants = [rotation_matrix(dim, seed), *codebook(key_bits, dim), *codebook(value_bits, dim)]
     threads = 32 * -(-dim // 32)
     words = (words_per_row(dim, key_bits), words_per_row(dim, value_bits))
@@ -332,7 +333,7 @@ def _quantize_call(dtype, shape, key_bits, value_bits, seed, scaled, window):
         template=quantize_template(dtype, dim, key_bits, value_bits, scaled, W),
         grid=(threads * 2 * -(-math.prod(lead) // QUANTIZE_ROWS), 1, 1),
         threadgroup=(threads, 1, 1),
-        output_shapes=[*((*lead, w) for w in words)] + [window or (1,)] * 2,
+        output_shapes=[*((*lead, w) for w in words)] + [window_shape or (1,)] * 2,
         output_dtypes=[mx.uint32, mx.uint32, dtype, dtype],
     )
     return kernel, constants, call
