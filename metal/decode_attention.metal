@@ -111,16 +111,34 @@ if (CAUSAL) {
   }
   end = stop < end ? stop : end;
 }
+// The last key each of the block's rows sees (causal: query i of L sees [0, S - L + i]).
+int last[R];
+for (int r = 0; r < R; ++r) {
+  last[r] = CAUSAL ? S - L + (row0 + r) % L : S;
+}
 for (int t0 = begin; t0 < end; t0 += TILE) {
   const int nk = end - t0 < TILE ? end - t0 : TILE;
-  // Coalesced copy of the tile: consecutive threads read consecutive words.
-  for (int f = TID; f < nk * RK; f += TILE) {
-    const int t = f / RK;
-    ks[f] = kp[(t0 + t) * k_row + (f - t * RK)];
+  // Coalesced copy of the tile: consecutive threads read consecutive words (a cache's
+  // rows are adjacent: no per-word row arithmetic).
+  const auto kt = kp + t0 * k_row;
+  const auto vt = vp + t0 * v_row;
+  if (k_row == RK) {
+    for (int f = TID; f < nk * RK; f += TILE) {
+      ks[f] = kt[f];
+    }
+  } else {
+    for (int f = TID; f < nk * RK; f += TILE) {
+      ks[f] = kt[(f / RK) * k_row + f % RK];
+    }
   }
-  for (int f = TID; f < nk * RV; f += TILE) {
-    const int t = f / RV;
-    vs[f] = vp[(t0 + t) * v_row + (f - t * RV)];
+  if (v_row == RV) {
+    for (int f = TID; f < nk * RV; f += TILE) {
+      vs[f] = vt[f];
+    }
+  } else {
+    for (int f = TID; f < nk * RV; f += TILE) {
+      vs[f] = vt[(f / RV) * v_row + f % RV];
+    }
   }
   BARRIER();
 
@@ -142,16 +160,18 @@ for (int t0 = begin; t0 < end; t0 += TILE) {
         const float z2 = lk[TQ_FIELD(kw, (d + 2) * KB, KB)];
         const float z3 = lk[TQ_FIELD(kw, (d + 3) * KB, KB)];
         UNROLL for (int r = 0; r < R; ++r) {
+          // One fused multiply-add per product (a sum of products first costs one more).
           const float4 qv = qs4[r * (D / 4) + d / 4];
-          sc[r] += qv.x * z0 + qv.y * z1 + qv.z * z2 + qv.w * z3;
+          sc[r] += qv.x * z0;
+          sc[r] += qv.y * z1;
+          sc[r] += qv.z * z2;
+          sc[r] += qv.w * z3;
         }
       }
       scale_k = AS_FLOAT(kw[WK]);
     }
     for (int r = 0; r < R; ++r) {
-      // Causal: query i of L sees keys [0, S - L + i].
-      const bool seen =
-          t < nk && t0 + t >= first && (!CAUSAL || t0 + t <= S - L + (row0 + r) % L);
+      const bool seen = t < nk && t0 + t >= first && t0 + t <= last[r];
       ps[r * TILE + t] = seen ? sc[r] * scale_k : NEG_INF;
     }
   }
@@ -193,20 +213,33 @@ for (int t0 = begin; t0 < end; t0 += TILE) {
   }
   if (LANE * E < D) {
     constexpr uint32_t mask = (1u << VB) - 1;
-    // The lane's E * VB bits: within one word when they divide 32, else a 64-bit window.
+    // The lane's E * VB bits: within one word when they divide 32 (32-bit shifts), else
+    // a 64-bit window.
     constexpr bool one_word = 32 % (E * VB) == 0;
     const int bit = LANE * E * VB;
     const int t_end = (WARP + 1) * (TILE / NW) < nk ? (WARP + 1) * (TILE / NW) : nk;
     for (int t = WARP * (TILE / NW); t < t_end; ++t) {
-      uint64_t win = vs[t * RV + bit / 32];
-      if (!one_word) {
-        win |= static_cast<uint64_t>(vs[t * RV + bit / 32 + 1]) << 32;
+      float p[R];
+      UNROLL for (int r = 0; r < R; ++r) {
+        p[r] = ps[r * TILE + t];
       }
-      win >>= bit % 32;
-      UNROLL for (int e = 0; e < E; ++e) {
-        const float z = lv[(win >> (e * VB)) & mask];
-        UNROLL for (int r = 0; r < R; ++r) {
-          acc[r][e] += ps[r * TILE + t] * z;
+      if (one_word) {
+        const uint32_t win = vs[t * RV + bit / 32] >> (bit % 32);
+        UNROLL for (int e = 0; e < E; ++e) {
+          const float z = lv[(win >> (e * VB)) & mask];
+          UNROLL for (int r = 0; r < R; ++r) {
+            acc[r][e] += p[r] * z;
+          }
+        }
+      } else {
+        uint64_t win = vs[t * RV + bit / 32];
+        win |= static_cast<uint64_t>(vs[t * RV + bit / 32 + 1]) << 32;
+        win >>= bit % 32;
+        UNROLL for (int e = 0; e < E; ++e) {
+          const float z = lv[(win >> (e * VB)) & mask];
+          UNROLL for (int r = 0; r < R; ++r) {
+            acc[r][e] += p[r] * z;
+          }
         }
       }
     }

@@ -3,8 +3,9 @@
 where there is no GPU. `emulate()` makes `mlx_tq.kernels` hand these out.
 
 Differences from a GPU, by design: every float input and output is float32 (T = float);
-inputs are passed contiguous (their strides describe that copy); one threadgroup runs at a
-time. Small sizes only (a threadgroup costs ~1 ms of thread start-up).
+float inputs are copied to float32 (their strides describe that copy), integer ones (packed
+rows) keep their strides unless the kernel asks for contiguous inputs; one threadgroup runs
+at a time. Small sizes only (a threadgroup costs ~1 ms of thread start-up).
 """
 
 import hashlib
@@ -69,7 +70,7 @@ template <typename X> struct Arr {{ std::vector<int> shape; std::vector<int64_t>
 template <typename X> Arr<X> read(const char* path) {{
   std::ifstream f(path, std::ios::binary); int nd; f.read((char*)&nd, 4); Arr<X> a;
   a.shape.resize(8); a.strides.resize(8); f.read((char*)a.shape.data(), 4 * nd);
-  int64_t n = 1; for (int i = nd - 1; i >= 0; --i) {{ a.strides[i] = n; n *= a.shape[i]; }}
+  f.read((char*)a.strides.data(), 8 * nd); int64_t n; f.read((char*)&n, 8);
   a.data.resize(n); f.read((char*)a.data.data(), sizeof(X) * n); return a; }}
 template <typename X> void write(const char* path, const Arr<X>& a) {{
   std::ofstream f(path, std::ios::binary); int nd = 0; f.write((char*)&nd, 4);
@@ -118,17 +119,31 @@ def _binary(source: str) -> Path:
 
 
 def _write(path, a: np.ndarray):
+    """ndim, shape, strides (elements), then the elements from the first to the last the
+    strides reach: a view keeps its layout."""
+    strides = [s // a.itemsize for s in a.strides]
+    if a.size == 0 or min(strides) < 0 or any(s % a.itemsize for s in a.strides):
+        a = np.ascontiguousarray(a)
+        strides = [s // a.itemsize for s in a.strides]
+    span = 1 + sum((n - 1) * s for n, s in zip(a.shape, strides, strict=True)) if a.size else 0
     with open(path, "wb") as f:
         f.write(np.int32(a.ndim).tobytes())
         f.write(np.array(a.shape, np.int32).tobytes())
-        f.write(np.ascontiguousarray(a).tobytes())
+        f.write(np.array(strides, np.int64).tobytes())
+        f.write(np.int64(span).tobytes())
+        f.write(np.lib.stride_tricks.as_strided(a, (span,), (a.itemsize,)).tobytes())
 
 
 def kernel(name, inputs, outputs, contiguous=True):
     """A stand-in for `mlx_tq.kernels.kernel(name, ...)` that runs on the CPU."""
 
     def call(inputs: list, template, grid, threadgroup, output_shapes, output_dtypes, **_):
-        arrays = [np.array(a.astype(mx.float32) if a.dtype not in CTYPES else a) for a in inputs]
+        arrays = [
+            np.array(a.astype(mx.float32)) if a.dtype not in CTYPES else np.asarray(memoryview(a))
+            for a in inputs
+        ]
+        if contiguous:  # as MLX copies them for a kernel that asks for row-contiguous inputs
+            arrays = [np.ascontiguousarray(a) for a in arrays]
         in_dtypes = [a.dtype for a in inputs]
         src = _source(name, call.inputs, call.outputs, in_dtypes, output_dtypes, template)
         exe = _binary(src)

@@ -51,6 +51,11 @@ def test_cache_after_decode_steps_holds_no_fetched_keys_and_copies():
     test_gpu.test_cache_after_decode_steps_holds_no_fetched_keys_and_copies()
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_reads_rows_with_a_stride(causal, monkeypatch):
+    test_gpu.test_fused_reads_rows_with_a_stride(causal, monkeypatch)
+
+
 @pytest.mark.parametrize("L", [1, 3])
 def test_left_padding_matches_float64(L):
     test_gpu.test_fused_left_padding_matches_float64(L)

@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_tq import kernels, quantize, quantize_kv, scaled_dot_product_attention
+from mlx_tq import attention, kernels, quantize, quantize_kv, scaled_dot_product_attention
 from mlx_tq.attention import FUSED_MAX_ROWS, _decoded_attention, _fused_attention
 from mlx_tq.codebook import codebook
 from mlx_tq.quant import TurboQuantized, decode_rotated
@@ -486,6 +486,24 @@ def test_prefill_memory_bound():
     assert peak < scores_bytes / 4, mb
     assert peak + LAYERS * packed < LAYERS * fp16_bytes, mb
     assert peak_fused + packed < fp16_bytes, mb
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_reads_rows_with_a_stride(causal, monkeypatch):
+    """Packed rows that sit apart in their buffer (row stride > words per row), not only the
+    adjacent rows of a cache, against float64: 3 splits of two tiles each."""
+    monkeypatch.setattr(attention, "TARGET_GROUPS", 12)
+    rng = np.random.default_rng(7)
+    B, Hkv, G, L, S, D = 2, 2, 4, 2 if causal else 1, 700, 128
+    keys = packed_view(rng, B, Hkv, S, D, 3, 0, 5, smooth=True)
+    values = packed_view(rng, B, Hkv, S, D, 4, 1, 5, keys=False)
+    keys, values = (
+        replace(t, data=mx.pad(t.data, [(0, 0)] * 3 + [(0, 3)])[..., : t.data.shape[-1]])
+        for t in (keys, values)
+    )
+    q = normal(rng, (B, Hkv * G, L, D))
+    ref = attention_f64(q, keys, values, D**-0.5, "causal" if causal else None)
+    assert rel_err(_fused_attention(q, keys, values, D**-0.5, causal), ref) <= TOL_ATTENTION
 
 
 @pytest.mark.parametrize("L", [1, 3])
