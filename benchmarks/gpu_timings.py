@@ -11,7 +11,8 @@ Their correctness is checked by `pytest -m gpu tests/test_gpu.py`; run it first.
 2. The quantise step: one token's keys (offset and key scale) and values, 8 KV heads, in one
    `quantize_kv_rows` launch as the cache makes it.
 3. Prefill: 2,048 causal queries over 32,768 TQ4 keys: time and peak memory above the inputs of
-   the public call (decoded path), of the fused kernel alone, and fp16 SDPA's time.
+   the public call (decoded path), of the fused kernel alone, and fp16 SDPA's time; the decoded
+   path's pieces (decoding K and V, SDPA on them) and the chunk's quantise launch.
 Writes gpu_timings.json to --out.
 """
 
@@ -29,7 +30,7 @@ from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
 from mlx_tq import attention, kernels, quantize, scaled_dot_product_attention
 from mlx_tq.attention import _fused_attention
-from mlx_tq.quant import quantize_kv_rows
+from mlx_tq.quant import decode_rotated, quantize_kv_rows
 
 DEFAULT_KEYS = (4096, 32768, 131072)
 HQ, HKV, D = 32, 8, 128  # Llama-3.1-8B's attention
@@ -131,7 +132,20 @@ def prefill(runs, S=32768, L=2048):
     _, peak_fused = peak_above_inputs(fused)
     k, v = normal((1, HKV, S, D)), normal((1, HKV, S, D))
     fp16 = partial(mx.fast.scaled_dot_product_attention, q, k, v, scale=D**-0.5, mask="causal")
+
+    # The decoded path's pieces: decoding the packed keys and values, SDPA on them, and the
+    # chunk's own quantise launch (as a cache makes it for L new rows).
+    def decode_kv():
+        return [decode_rotated(t, mx.float16, 4) for t in (keys, values)]
+
+    dk, dv = decode_kv()
+    on_decoded = partial(mx.fast.scaled_dot_product_attention, q, dk, dv, scale=1.0, mask="causal")
+    offset, chunk = normal((HKV, D), mx.float32), normal((1, HKV, L, D))
+    quantize_chunk = partial(quantize_kv_rows, chunk, chunk, 4, 4, 0, offset, None)
     return {
+        "decode_kv_ms": median_ms(decode_kv, 1, runs),
+        "sdpa_on_decoded_ms": median_ms(on_decoded, 1, runs),
+        "quantize_chunk_ms": median_ms(quantize_chunk, 1, runs),
         "keys": S,
         "queries": L,
         "ms": median_ms(public, 1, runs),
@@ -155,6 +169,7 @@ def main():
         nargs="+",
         help="only time TQ4 decode with each of these attention.TARGET_GROUPS",
     )
+    parser.add_argument("--prefill", action="store_true", help="only the prefill timings")
     args = parser.parse_args()
     if kernels.backend() is None:
         raise SystemExit("no GPU that runs mlx_tq's kernels (Metal or CUDA): nothing to time")
@@ -176,11 +191,12 @@ def main():
         with open(os.path.join(args.out, "gpu_split_sweep.json"), "w") as f:
             json.dump(report, f, indent=1)
         return
-    for S in DEFAULT_KEYS:
+    for S in () if args.prefill else DEFAULT_KEYS:
         report["decode"].append(decode(S, runs))
         print(json.dumps(report["decode"][-1]), flush=True)
-    report["quantize_step"] = quantize_step(runs)
-    print("quantize step", json.dumps(report["quantize_step"]), flush=True)
+    if not args.prefill:
+        report["quantize_step"] = quantize_step(runs)
+        print("quantize step", json.dumps(report["quantize_step"]), flush=True)
     report["prefill"] = prefill(5 if args.quick else 10)
     print("prefill", json.dumps(report["prefill"]), flush=True)
     with open(os.path.join(args.out, "gpu_timings.json"), "w") as f:
