@@ -21,6 +21,7 @@ TARGET_GROUPS = 640
 # Query tokens L up to which a GPU runs the fused kernel (decode, speculative decoding);
 # longer prefill chunks go through mx.fast SDPA on decoded keys and values.
 FUSED_MAX_ROWS = 8
+_queued = []  # the last decoded attention's marker, waited for by the next (_decoded_attention)
 # Floats per block of scores or accumulators of the reference: 1/16 of the bytes of an
 # fp16 cache of the same keys, clamped. (MLX may still hold all blocks of one lazy graph at
 # once; on a GPU the reference runs only for 1-D masks and empty caches.)
@@ -410,9 +411,16 @@ def _decoded_attention(queries, keys, values, scale, mask):
     # mlx-lm evaluates a prefill chunk's graph of all layers at once; MLX encodes it ahead of
     # the GPU and frees buffers as command buffers complete, so every layer's temporaries can
     # be held together: 9-16 GB above the cache at 8-32K tokens of Llama-3.1-8B's shape on an
-    # H100 (fp16 caches: 3-11 GB), 0.6-0.7 GB when each layer's attention is waited for; prefill
-    # time moved within run-to-run spread (benchmarks/prefill_memory.py; mx.async_eval: 9-12 GB).
-    mx.eval(out)
+    # H100 (fp16 caches: 3-11 GB), 0.6-0.7 GB when each layer's attention is waited for
+    # (benchmarks/prefill_memory.py; mx.async_eval alone: 9-12 GB). Waiting for this layer
+    # left the GPU idle while the host built the next (17-24 ms of a 2,048-token chunk, 32
+    # layers, H200): so this layer is queued and the previous one waited for (two layers'
+    # temporaries), through a one-element copy made after it.
+    done = out.reshape(-1)[:1] + 0
+    mx.async_eval(out, done)
+    if _queued:
+        mx.eval(_queued.pop())
+    _queued.append(done)
     return out
 
 
