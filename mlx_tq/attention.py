@@ -418,9 +418,8 @@ def _decoded_attention(queries, keys, values, scale, mask):
     # temporaries), through a one-element copy made after it.
     done = out.reshape(-1)[:1] + 0
     mx.async_eval(out, done)
-    if _queued:
-        mx.eval(_queued.pop())
-    _queued.append(done)
+    previous, _queued[:] = list(_queued), [done]
+    mx.eval(previous)
     return out
 
 
