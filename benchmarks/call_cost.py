@@ -58,6 +58,12 @@ def main():
         "+12 template ints": (make(one, ["x0"]), [x], consts),
         "+10 inputs": (make(one, names), [x] * 11, {}),
         "+10 strided inputs": (make(strided, names), [x] * 11, {}),
+        "+6 bool template constants": (
+            make(one, ["x0"]),
+            [x],
+            {"template": [(f"B{i}", i % 2 == 0) for i in range(6)]},
+        ),
+        "+1 dtype template constant": (make(one, ["x0"]), [x], {"template": [("T", mx.float16)]}),
         "+3 outputs": (
             make(one, ["x0"], ("out", "o1", "o2", "o3")),
             [x],
@@ -78,7 +84,41 @@ def main():
     buf, start = mx.zeros((8, 4)), mx.array([3])
     mx.eval(buf, start)
     rows["slice_update"] = timed(lambda: mx.slice_update(buf, x[None], start, (0,)), n)
+    rows.update(mlx_tq_calls(n))
     print(json.dumps(rows, indent=1))
+
+
+def mlx_tq_calls(n):
+    """A decode step's own calls (8 KV heads, D 128, a 4-row window): each Python function,
+    then its kernel call alone with the arguments prebuilt."""
+    from mlx_tq import TurboQuantKVCache, patch, quant
+    from mlx_tq.attention import _fused_attention
+
+    patch()  # the cache hands packed keys to a patched mlx-lm only
+    x = mx.random.normal((1, 8, 1, 128)).astype(mx.float16)
+    stats = mx.random.normal((8, 128))
+    window = tuple(mx.zeros((1, 8, 4, 128), mx.float16) for _ in range(2))
+    mx.eval(x, stats, *window)
+    shapes = (x.shape, 4, 4, 0, True, window[0].shape)
+    kernel, constants, call = quant._quantize_call(mx.float16, *shapes)
+    inputs = [x, x, *constants, stats, stats, *window]
+    cache = TurboQuantKVCache(4, 4, warmup_tokens=0, recent_tokens=4)
+    cache.update_and_fetch(*(mx.random.normal((1, 8, 1024, 128)).astype(mx.float16),) * 2)
+    keys, values = cache.update_and_fetch(x, x)
+    q = mx.random.normal((1, 32, 1, 128)).astype(mx.float16)
+    mx.eval(q, keys.data, values.data, keys.recent, values.recent)
+    return {
+        "quantize_kv_rows (window)": timed(
+            lambda: quant.quantize_kv_rows(x, x, 4, 4, 0, stats, stats, window), n
+        ),
+        "its kernel call alone": timed(lambda: kernel(inputs=inputs, **call), n),
+        "cache.update_and_fetch (step)": timed(
+            lambda: cache.update_and_fetch(x, x)[0].data, n // 4
+        ),
+        "_fused_attention (attend + merge)": timed(
+            lambda: _fused_attention(q, keys, values, 0.088, False), n
+        ),
+    }
 
 
 if __name__ == "__main__":
