@@ -517,6 +517,10 @@ def test_fused_left_padding_matches_float64(L):
     values = packed_view(rng, B, Hkv, S, D, 4, 1, 7, keys=False)
     q = normal(rng, (B, Hkv * G, L, D))
     got = _fused_attention(q, keys, values, D**-0.5, L > 1, starts=mx.array(starts))
+    # The starts read with their stride (a column of a wider int32 array): the same result.
+    column = mx.array([[s, 299] for s in starts], mx.int32)[:, 0]
+    strided = _fused_attention(q, keys, values, D**-0.5, L > 1, starts=column)
+    assert mx.array_equal(strided, got).item()
     for b, start in enumerate(starts):
         mask = mx.array(seen_matrix("causal", L, S) & (np.arange(S) >= start)[None])
         kb = TurboQuantized(
