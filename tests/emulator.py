@@ -22,7 +22,11 @@ import numpy as np
 from mlx_tq import attention, kernels, quant
 
 HERE = Path(__file__).resolve().parent
-BUILD = Path(tempfile.gettempdir()) / "mlx_tq_emulator"
+# MLX_TQ_EMULATOR_SANITIZE=1: kernels built with AddressSanitizer and UBSan, so a read past
+# an input (which a GPU would not report either) aborts the test.
+SANITIZE = os.environ.get("MLX_TQ_EMULATOR_SANITIZE") == "1"
+FLAGS = ["-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"] if SANITIZE else []
+BUILD = Path(tempfile.gettempdir()) / ("mlx_tq_emulator" + ("_asan" if SANITIZE else ""))
 CTYPES = {mx.uint32: "uint32_t", mx.int32: "int32_t"}
 # A C++20 compiler (tests/run.sh installs clang++ on Linux when missing).
 COMPILER = shutil.which("g++") or shutil.which("clang++")
@@ -111,7 +115,7 @@ def _binary(source: str) -> Path:
         src.write_text(source)
         package = Path(kernels.__file__).resolve().parent
         metal = next(p for p in (package / "metal", package.parent / "metal") if p.is_dir())
-        cmd = [COMPILER, "-std=c++20", "-O1", "-pthread", "-w", f"-I{HERE}", f"-I{metal}"]
+        cmd = [COMPILER, "-std=c++20", "-O1", *FLAGS, "-pthread", "-w", f"-I{HERE}", f"-I{metal}"]
         tmp = f"{exe}.{os.getpid()}.tmp"  # renamed into place: parallel runs never see half
         subprocess.run(cmd + ["-o", tmp, str(src)], check=True, capture_output=True)
         Path(tmp).rename(exe)
@@ -157,7 +161,10 @@ def kernel(name, inputs, outputs, contiguous=True):
             for j, (shape, dtype) in enumerate(zip(output_shapes, output_dtypes, strict=True)):
                 paths.append(f"{tmp}/out{j}")
                 _write(paths[-1], np.zeros(shape, _npdtype(dtype)))
-            subprocess.run([str(exe), str(n), *map(str, groups), *paths], check=True, timeout=600)
+            # (ASan must be the first library loaded: no LD_PRELOAD for the kernel's process.)
+            env = {k: v for k, v in os.environ.items() if not (SANITIZE and k == "LD_PRELOAD")}
+            cmd = [str(exe), str(n), *map(str, groups), *paths]
+            subprocess.run(cmd, check=True, timeout=600, env=env)
             outs = []
             for j, (shape, dtype) in enumerate(zip(output_shapes, output_dtypes, strict=True)):
                 raw = np.fromfile(paths[len(arrays) + j], np.uint8)[4:]
