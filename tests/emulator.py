@@ -107,14 +107,16 @@ int main(int argc, char** argv) {{
 
 
 def _binary(source: str) -> Path:
-    key = hashlib.sha256(source.encode()).hexdigest()[:16]
+    package = Path(kernels.__file__).resolve().parent
+    metal = next(p for p in (package / "metal", package.parent / "metal") if p.is_dir())
+    # The headers it includes are part of the key: an edit to them builds anew.
+    headers = (HERE / "emu_prelude.h").read_text() + (metal / "common.h").read_text()
+    key = hashlib.sha256((source + headers).encode()).hexdigest()[:16]
     exe = BUILD / f"k_{key}"
     if not exe.exists():
         BUILD.mkdir(parents=True, exist_ok=True)
         src = BUILD / f"k_{key}.{os.getpid()}.cpp"
         src.write_text(source)
-        package = Path(kernels.__file__).resolve().parent
-        metal = next(p for p in (package / "metal", package.parent / "metal") if p.is_dir())
         cmd = [COMPILER, "-std=c++20", "-O1", *FLAGS, "-pthread", "-w", f"-I{HERE}", f"-I{metal}"]
         tmp = f"{exe}.{os.getpid()}.tmp"  # renamed into place: parallel runs never see half
         subprocess.run(cmd + ["-o", tmp, str(src)], check=True, capture_output=True)
