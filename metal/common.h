@@ -7,6 +7,19 @@
         ? ((w)[(bit) / 32] >> ((bit) % 32)) | ((w)[(bit) / 32 + 1] << (32 - (bit) % 32)) \
         : ((w)[(bit) / 32] >> ((bit) % 32))) &                                   \
    ((1u << (n)) - 1))
+// dst[f] = word f of n rows of RW words, row i at src + i * row: a coalesced copy by nt
+// threads (consecutive threads, consecutive words); adjacent rows (row == RW, a cache's)
+// need no per-word row arithmetic.
+#define TQ_COPY_ROWS(dst, src, n, RW, row, tid, nt)                             \
+  if ((row) == (RW)) {                                                           \
+    for (int f_ = (tid); f_ < (n) * (RW); f_ += (nt)) {                          \
+      (dst)[f_] = (src)[f_];                                                     \
+    }                                                                            \
+  } else {                                                                       \
+    for (int f_ = (tid); f_ < (n) * (RW); f_ += (nt)) {                          \
+      (dst)[f_] = (src)[(f_ / (RW)) * (row) + f_ % (RW)];                        \
+    }                                                                            \
+  }
 // y[r] += (x[r] @ m)[j] for the NR rows x[r] of D floats and the [D, D] matrix m, with
 // eight loads of m in flight at once (not one latency per element).
 #define TQ_MATVEC(y, x, m, j, NR)                                                \

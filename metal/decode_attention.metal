@@ -103,43 +103,19 @@ BARRIER();
 
 const int begin = split * per_split;
 int end = begin + per_split < S ? begin + per_split : S;
-if (CAUSAL) {
-  // Stop after the last key any of the block's rows sees (query i sees [0, S - L + i]).
-  int stop = 0;
-  for (int row = row0; row < row0 + R && row < GL; ++row) {
-    stop = S - L + row % L + 1 > stop ? S - L + row % L + 1 : stop;
-  }
-  end = stop < end ? stop : end;
-}
-// The last key each of the block's rows sees (causal: query i of L sees [0, S - L + i]).
+// The last key each of the block's rows sees (causal: query i of L sees [0, S - L + i]);
+// causal, the block stops after the last key any of its rows sees.
 int last[R];
+int stop = 0;
 for (int r = 0; r < R; ++r) {
   last[r] = CAUSAL ? S - L + (row0 + r) % L : S;
+  stop = row0 + r < GL && last[r] + 1 > stop ? last[r] + 1 : stop;
 }
+end = CAUSAL && stop < end ? stop : end;
 for (int t0 = begin; t0 < end; t0 += TILE) {
   const int nk = end - t0 < TILE ? end - t0 : TILE;
-  // Coalesced copy of the tile: consecutive threads read consecutive words (a cache's
-  // rows are adjacent: no per-word row arithmetic).
-  const auto kt = kp + t0 * k_row;
-  const auto vt = vp + t0 * v_row;
-  if (k_row == RK) {
-    for (int f = TID; f < nk * RK; f += TILE) {
-      ks[f] = kt[f];
-    }
-  } else {
-    for (int f = TID; f < nk * RK; f += TILE) {
-      ks[f] = kt[(f / RK) * k_row + f % RK];
-    }
-  }
-  if (v_row == RV) {
-    for (int f = TID; f < nk * RV; f += TILE) {
-      vs[f] = vt[f];
-    }
-  } else {
-    for (int f = TID; f < nk * RV; f += TILE) {
-      vs[f] = vt[(f / RV) * v_row + f % RV];
-    }
-  }
+  TQ_COPY_ROWS(ks, kp + t0 * k_row, nk, RK, k_row, TID, TILE)
+  TQ_COPY_ROWS(vs, vp + t0 * v_row, nk, RV, v_row, TID, TILE)
   BARRIER();
 
   {
@@ -223,23 +199,23 @@ for (int t0 = begin; t0 < end; t0 += TILE) {
       UNROLL for (int r = 0; r < R; ++r) {
         p[r] = ps[r * TILE + t];
       }
+      float z[E];
       if (one_word) {
         const uint32_t win = vs[t * RV + bit / 32] >> (bit % 32);
         UNROLL for (int e = 0; e < E; ++e) {
-          const float z = lv[(win >> (e * VB)) & mask];
-          UNROLL for (int r = 0; r < R; ++r) {
-            acc[r][e] += p[r] * z;
-          }
+          z[e] = lv[(win >> (e * VB)) & mask];
         }
       } else {
         uint64_t win = vs[t * RV + bit / 32];
         win |= static_cast<uint64_t>(vs[t * RV + bit / 32 + 1]) << 32;
         win >>= bit % 32;
         UNROLL for (int e = 0; e < E; ++e) {
-          const float z = lv[(win >> (e * VB)) & mask];
-          UNROLL for (int r = 0; r < R; ++r) {
-            acc[r][e] += p[r] * z;
-          }
+          z[e] = lv[(win >> (e * VB)) & mask];
+        }
+      }
+      UNROLL for (int e = 0; e < E; ++e) {
+        UNROLL for (int r = 0; r < R; ++r) {
+          acc[r][e] += p[r] * z[e];
         }
       }
     }
