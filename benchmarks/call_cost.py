@@ -17,8 +17,8 @@ from mlx_tq import kernels
 
 
 def make(source, inputs, outputs=("out",), header=""):
-    make = mx.fast.metal_kernel if kernels.backend() == "metal" else mx.fast.cuda_kernel
-    return make(
+    build = mx.fast.metal_kernel if kernels.backend() == "metal" else mx.fast.cuda_kernel
+    return build(
         name="cost", input_names=list(inputs), output_names=list(outputs), source=source,
         header=header, ensure_row_contiguous=False,
     )  # fmt: skip

@@ -42,6 +42,18 @@ def stub_kernels():
     kernels.kernel = lambda *a, **k: stub
 
 
+def llama_model(layers, dtype, small_mlp=True):
+    """Llama-3.1-8B's shape with random weights and `layers` layers; with `small_mlp`, its
+    attention's shape and little else (a small MLP and vocabulary)."""
+    config = dict(RANDOM_MODELS["llama-3.1-8b"][0], num_hidden_layers=layers)
+    if small_mlp:
+        config.update(intermediate_size=512, vocab_size=1024)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    return model
+
+
 def filled(cache, context, dtype):
     """`cache` holding `context` random tokens (one update per layer, no model)."""
     for c in cache:
@@ -97,11 +109,7 @@ def main():
     dtype = mx.float16
     if args.one_layer:
         return one_layer(args, dtype)
-    config = dict(RANDOM_MODELS["llama-3.1-8b"][0], num_hidden_layers=args.layers)
-    config.update(intermediate_size=512, vocab_size=1024)  # attention's shape, little else
-    model = llama.Model(llama.ModelArgs.from_dict(config))
-    model.set_dtype(dtype)
-    mx.eval(model.parameters())
+    model = llama_model(args.layers, dtype)
     caches = {
         "fp16": filled(fp16_cache(model), args.context, dtype),
         "tq4": filled(mlx_tq.make_prompt_cache(model, kv_bits=4), args.context, dtype),

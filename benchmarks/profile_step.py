@@ -17,9 +17,7 @@ import time
 
 import mlx.core as mx
 import mlx_lm.models.base as base
-from decode_step import filled
-from gpu_bench import RANDOM_MODELS
-from mlx_lm.models import llama
+from decode_step import filled, llama_model
 from mlx_lm.models.cache import make_prompt_cache as fp16_cache
 
 import mlx_tq
@@ -37,10 +35,7 @@ def per_call_us(fn, n=300):
 def prefill_chunk(args, dtype):
     from mlx_lm.models.cache import trim_prompt_cache
 
-    config = dict(RANDOM_MODELS["llama-3.1-8b"][0], num_hidden_layers=args.layers)
-    model = llama.Model(llama.ModelArgs.from_dict(config))
-    model.set_dtype(dtype)
-    mx.eval(model.parameters())
+    model = llama_model(args.layers, dtype, small_mlp=False)
     mlx_tq.patch()
     tokens = mx.random.randint(0, 1000, (1, args.chunk))
     row = {"context": args.context, "chunk": args.chunk, "layers": args.layers}
@@ -72,11 +67,7 @@ def main():
     dtype = mx.float16
     if args.chunk:
         return prefill_chunk(args, dtype)
-    config = dict(RANDOM_MODELS["llama-3.1-8b"][0], num_hidden_layers=args.layers)
-    config.update(intermediate_size=512, vocab_size=1024)
-    model = llama.Model(llama.ModelArgs.from_dict(config))
-    model.set_dtype(dtype)
-    mx.eval(model.parameters())
+    model = llama_model(args.layers, dtype)
     mlx_tq.patch()
     token = mx.array([[1]])
     for name, make in (
