@@ -83,16 +83,19 @@ def variants():
         for bits in SUPPORTED_BITS:
             for dtype in FLOATS:
                 value_bits = SUPPORTED_BITS[-1 - SUPPORTED_BITS.index(bits)]
-                scaled, window = dtype == mx.float32, 4 * (dtype == mx.float16)
-                yield "quantize", quantize_template(dtype, D, bits, value_bits, scaled, window)
+                scaled = dtype == mx.float32
+                yield "quantize", quantize_template(dtype, D, bits, value_bits, scaled)
         for bits in (2, 3, 4, 5, 8):
             for value_bits in (2, 3, 4):
                 for GL, causal, dtype in ((1, False, mx.float16), (32, True, mx.bfloat16)):
                     args = (dtype, D, bits, value_bits, GL, causal, causal, 4 * causal)
                     yield "decode_attention", _decode_template(*args)[0]
-        for dtype, window, causal in zip(FLOATS, (0, 4, 16), (False, True, False), strict=True):
+        # (dtype, recent rows, window, causal); window 0 with recent rows: all of them.
+        merges = ((FLOATS[0], False, 0, False), (FLOATS[1], True, 4, True))
+        merges += ((FLOATS[2], True, 16, False), (FLOATS[0], True, 0, False))
+        for dtype, recent, window, causal in merges:
             pow2 = D & (D - 1) == 0
-            template = [("T", dtype), ("D", D), ("POW2", pow2), ("RECENT", window > 0)]
+            template = [("T", dtype), ("D", D), ("POW2", pow2), ("RECENT", recent)]
             yield "merge", template + [("WINDOW", window), ("CAUSAL", causal)]
         for bits in SUPPORTED_BITS:
             for dtype, shift in ((mx.float16, 4), (mx.bfloat16, 0)):
@@ -369,18 +372,23 @@ def test_gpu_dispatch_arguments(monkeypatch):
 
 
 def test_gpu_dispatch_arguments_with_recent_window(monkeypatch):
-    """A decode step over a cache holding its newest tokens exactly: the packed rows before
-    the window are a view (no copy), the merge reads the window's rows and the key offset."""
+    """A decode step over a cache holding its newest tokens exactly: no quantise launch (the
+    token goes to the exact buffer), the packed rows before the buffered ones are a view (no
+    copy) read whole, the merge reads all buffered rows and the key offset."""
     from mlx_tq.cache import TurboQuantKVCache
 
     B, Hq, Hkv, D, S = DISPATCH_SHAPE.values()
     cache = TurboQuantKVCache(4, 4, warmup_tokens=0, recent_tokens=4)
     q, keys, values, out = stub_decode_step(monkeypatch, cache)
-    assert keys.recent.shape == (B, Hkv, 4, D) and keys.window == 4
-    _, a_in, a_t, _, _ = RecordingKernel.calls[1]
-    # The packed rows in place; the kernel leaves out the window's (j < S - E + i for i = 0).
-    assert a_t["CAUSAL"] and a_t["TAIL"] == 4 and a_in[1].shape[2] == S + 1
-    _, m_in, m_t, _, _ = RecordingKernel.calls[2]
-    assert m_t["RECENT"] and m_t["WINDOW"] == 4 and m_in[3] is q
-    assert m_in[4] is keys.recent is cache._window[0] and m_in[5] is values.recent
+    # Query S attends positions 288 = 16 * floor((S + 1 - 4) / 16) to S exactly.
+    E = S + 1 - 288
+    assert keys.recent.shape == (B, Hkv, E, D) and (keys.window, keys.block) == (4, 16)
+    assert [c[0] for c in RecordingKernel.calls] == ["decode_attention", "merge"]
+    _, a_in, a_t, _, _ = RecordingKernel.calls[0]
+    # The packed rows in place, those of the exact positions left out.
+    assert not a_t["CAUSAL"] and a_t["TAIL"] == 0 and a_in[1].shape[2] == S + 1 - E
+    _, m_in, m_t, _, _ = RecordingKernel.calls[1]
+    assert m_t["RECENT"] and m_t["WINDOW"] == 0 and m_in[3] is q
+    assert m_in[4] is keys.recent and m_in[5] is values.recent
+    assert mx.array_equal(keys.recent[..., -1:, :], rows((B, Hkv, 1, D), mx.float16, 2))
     assert m_in[6] is cache.key_offset
