@@ -364,32 +364,33 @@ def _fused_attention(queries, keys, values, scale, causal, starts=None):
     # Queries of one first exact row f (one group; two if a block starts among them) read
     # the packed rows before it whole, and the recent rows from it (up to the group's last
     # query when causal): one kernel variant whatever f.
+    if f[0] == f[-1] == 0:  # one group, all recent rows (a decode step)
+        return _fused_call(queries, keys, values, 0, scale, causal and L > 1, starts, S - E)
     outs, i0 = [], 0
     for i1 in range(1, L + 1):
         if i1 < L and f[i1] == f[i0]:
             continue
-        n, stop = S - E + f[i0], E - (L - i1) if causal else E
-        whole = f[i0] == 0 and stop == E
-        k, v = (
-            replace(
-                t,
-                data=t.data[..., :n, :],
-                recent=t.recent if whole else t.recent[..., f[i0] : stop, :],
-            )
-            for t in (keys, values)
-        )
+        stop = E - (L - i1) if causal else E
+        recent = tuple(t.recent[:, :, f[i0] : stop] for t in (keys, values))
         q = queries if i1 - i0 == L else queries[:, :, i0:i1]
-        outs.append(_fused_call(q, k, v, 0, scale, causal and i1 - i0 > 1, starts))
+        causal_group = causal and i1 - i0 > 1
+        outs.append(
+            _fused_call(q, keys, values, 0, scale, causal_group, starts, S - E + f[i0], recent)
+        )
         i0 = i1
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
 
-def _fused_call(queries, keys, values, window, scale, causal, starts):
-    """One launch of each kernel over the packed rows of keys and values. window: None
-    (recent rows not read), 0 (the merge reads all recent rows, the kernel every packed
-    row), or > 0 (the kernel leaves out the last `window` packed rows, see _fused_plan)."""
+def _fused_call(queries, keys, values, window, scale, causal, starts, rows=None, recent=None):
+    """One launch of each kernel over the packed rows of keys and values (the first `rows`
+    if given). window: None (recent rows not read), 0 (the merge reads all recent rows, or
+    `recent` (keys, values) if given; the kernel every packed row), or > 0 (the kernel leaves
+    out the last `window` packed rows, see _fused_plan)."""
     B, Hq, L, D = queries.shape
-    Hkv, S = keys.data.shape[1:3]
+    k_data, v_data = keys.data, values.data
+    if rows is not None:
+        k_data, v_data = k_data[:, :, :rows], v_data[:, :, :rows]
+    Hkv, S = k_data.shape[1:3]
     p = _fused_plan(
         queries.dtype, B, Hq, Hkv, L, D, keys.bits, values.bits, (keys.seed, values.seed),
         causal, keys.channel_scale is not None, float(scale), window,
@@ -398,8 +399,8 @@ def _fused_call(queries, keys, values, window, scale, causal, starts):
     o, ml = p.attend(
         inputs=[
             queries,
-            keys.data,
-            values.data,
+            k_data,
+            v_data,
             *p.constants,
             p.ones if keys.channel_scale is None else keys.channel_scale,  # with its strides
             p.no_starts if starts is None else starts.astype(mx.int32),
@@ -409,7 +410,8 @@ def _fused_call(queries, keys, values, window, scale, causal, starts):
     exact = (o,) * 5  # (not read)
     if window is not None:
         offset = p.zeros if keys.offset is None else keys.offset
-        exact = (queries, keys.recent, values.recent, offset, p.constants[1])
+        kr, vr = recent or (keys.recent, values.recent)
+        exact = (queries, kr, vr, offset, p.constants[1])
     return p.merge(inputs=[o, ml, p.rt_t, *exact], **p.merge_args)[0]
 
 

@@ -216,14 +216,15 @@ class _TurboQuantMixin:
             kb[..., : n - RECENT_BLOCK, :] = kb[..., RECENT_BLOCK:, :]
             vb[..., : n - RECENT_BLOCK, :] = vb[..., RECENT_BLOCK:, :]
             n -= RECENT_BLOCK
-        kb[..., n : n + 1, :] = keys
-        vb[..., n : n + 1, :] = values
+        kb[:, :, n : n + 1] = keys
+        vb[:, :, n : n + 1] = values
         n, end = n + 1, end + 1
         self._exact = (kb, vb, n, packed)
         self.offset = end
-        self._reserve(end)
-        k, v = self.keys[..., :end, :], self.values[..., :end, :]
-        fetched = self._wrap(k, v, tuple(b[..., n - (end - start) : n, :] for b in (kb, vb)))
+        if end > self.keys.shape[2]:
+            self._reserve(end)
+        k, v = self.keys[:, :, :end], self.values[:, :, :end]
+        fetched = self._wrap(k, v, (kb[:, :, n - end + start : n], vb[:, :, n - end + start : n]))
         if is_patched():  # the patched attention trusts these keys (patch.py)
             self._step = weakref.ref(fetched[0].data)
         return fetched
