@@ -283,12 +283,14 @@ def _fused_plan(
     GL = Hq // Hkv * L
     # The kernel's causal limit is for packed rows: with window 0 they all precede the queries.
     attend_causal = causal if window is None else window > 0
+    # window 0: the kernel leaves out as many packed rows as there are recent ones (TAIL -1).
+    tail = -1 if window == 0 else window or 0
     template, tile, R = _decode_template(
-        dtype, D, key_bits, value_bits, GL, attend_causal, smooth, window or 0
+        dtype, D, key_bits, value_bits, GL, attend_causal, smooth, tail
     )
     attend = kernels.kernel(
         "decode_attention",
-        ("q", "k", "v", "rt", "scale", "k_levels", "v_levels", "qscale", "starts"),
+        ("q", "k", "v", "rt", "scale", "k_levels", "v_levels", "qscale", "starts", "kr"),
         ("o", "ml"),
         contiguous=False,
     )
@@ -365,37 +367,35 @@ def _fused_attention(queries, keys, values, scale, causal, starts=None):
     # the packed rows before it whole, and the recent rows from it (up to the group's last
     # query when causal): one kernel variant whatever f.
     if f[0] == f[-1] == 0:  # one group, all recent rows (a decode step)
-        return _fused_call(queries, keys, values, 0, scale, causal and L > 1, starts, S - E)
+        return _fused_call(queries, keys, values, 0, scale, causal and L > 1, starts)
     outs, i0 = [], 0
     for i1 in range(1, L + 1):
         if i1 < L and f[i1] == f[i0]:
             continue
-        stop = E - (L - i1) if causal else E
+        stop = E - (L - i1) if causal else E  # the group's recent rows: [f[i0], stop)
         recent = tuple(t.recent[:, :, f[i0] : stop] for t in (keys, values))
+        data = tuple(t.data[:, :, : S - E + stop] for t in (keys, values))
         q = queries if i1 - i0 == L else queries[:, :, i0:i1]
         causal_group = causal and i1 - i0 > 1
-        outs.append(
-            _fused_call(q, keys, values, 0, scale, causal_group, starts, S - E + f[i0], recent)
-        )
+        outs.append(_fused_call(q, keys, values, 0, scale, causal_group, starts, recent, data))
         i0 = i1
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
 
-def _fused_call(queries, keys, values, window, scale, causal, starts, rows=None, recent=None):
-    """One launch of each kernel over the packed rows of keys and values (the first `rows`
-    if given). window: None (recent rows not read), 0 (the merge reads all recent rows, or
-    `recent` (keys, values) if given; the kernel every packed row), or > 0 (the kernel leaves
-    out the last `window` packed rows, see _fused_plan)."""
+def _fused_call(queries, keys, values, window, scale, causal, starts, recent=None, data=None):
+    """One launch of each kernel over the packed rows of keys and values (or `data`: (keys,
+    values) rows). window: None (recent rows not read), 0 (the merge reads all recent rows,
+    or `recent` (keys, values) if given, and the kernel the packed rows before as many), or
+    > 0 (the kernel leaves out the last `window` packed rows, see _fused_plan)."""
     B, Hq, L, D = queries.shape
-    k_data, v_data = keys.data, values.data
-    if rows is not None:
-        k_data, v_data = k_data[:, :, :rows], v_data[:, :, :rows]
+    k_data, v_data = data or (keys.data, values.data)
+    kr, vr = recent or (keys.recent, values.recent)
     Hkv, S = k_data.shape[1:3]
     p = _fused_plan(
         queries.dtype, B, Hq, Hkv, L, D, keys.bits, values.bits, (keys.seed, values.seed),
         causal, keys.channel_scale is not None, float(scale), window,
     )  # fmt: skip
-    S = max(S - (window or 0), 0)
+    S = max(S - (kr.shape[2] if window == 0 else window or 0), 0)
     o, ml = p.attend(
         inputs=[
             queries,
@@ -404,13 +404,13 @@ def _fused_call(queries, keys, values, window, scale, causal, starts, rows=None,
             *p.constants,
             p.ones if keys.channel_scale is None else keys.channel_scale,  # with its strides
             p.no_starts if starts is None else starts.astype(mx.int32),
+            kr if window == 0 else queries,  # (its shape: the rows left out)
         ],
         **p.attend_args(p.splits(S)),
     )
     exact = (o,) * 5  # (not read)
     if window is not None:
         offset = p.zeros if keys.offset is None else keys.offset
-        kr, vr = recent or (keys.recent, values.recent)
         exact = (queries, kr, vr, offset, p.constants[1])
     return p.merge(inputs=[o, ml, p.rt_t, *exact], **p.merge_args)[0]
 

@@ -41,10 +41,8 @@ SIGNATURES = {
             ("v_bounds", mx.float32, 15),
             ("offset", mx.float32, 128),
             ("scale", mx.float32, 128),
-            ("k_win", None, 1024),
-            ("v_win", None, 1024),
         ],
-        [("k_out", mx.uint32), ("v_out", mx.uint32), ("k_win_out", None), ("v_win_out", None)],
+        [("k_out", mx.uint32), ("v_out", mx.uint32)],
     ),
     "decode_attention": (
         [
@@ -57,6 +55,7 @@ SIGNATURES = {
             ("v_levels", mx.float32, 16),
             ("qscale", mx.float32, 128),
             ("starts", mx.int32, 2),
+            ("kr", None, 1024),
         ],
         [("o", mx.float32), ("ml", mx.float32)],
     ),
@@ -88,7 +87,7 @@ def variants():
         for bits in (2, 3, 4, 5, 8):
             for value_bits in (2, 3, 4):
                 for GL, causal, dtype in ((1, False, mx.float16), (32, True, mx.bfloat16)):
-                    args = (dtype, D, bits, value_bits, GL, causal, causal, 4 * causal)
+                    args = (dtype, D, bits, value_bits, GL, causal, causal, 4 if causal else -1)
                     yield "decode_attention", _decode_template(*args)[0]
         # (dtype, recent rows, window, causal); window 0 with recent rows: all of them.
         merges = ((FLOATS[0], False, 0, False), (FLOATS[1], True, 4, True))
@@ -386,7 +385,8 @@ def test_gpu_dispatch_arguments_with_recent_window(monkeypatch):
     assert [c[0] for c in RecordingKernel.calls] == ["decode_attention", "merge"]
     _, a_in, a_t, _, _ = RecordingKernel.calls[0]
     # The packed rows in place, those of the exact positions left out.
-    assert not a_t["CAUSAL"] and a_t["TAIL"] == 0 and a_in[1].shape[2] == S + 1 - E
+    assert not a_t["CAUSAL"] and a_t["TAIL"] == -1 and a_in[1] is keys.data
+    assert a_in[9] is keys.recent  # its rows left out
     _, m_in, m_t, _, _ = RecordingKernel.calls[1]
     assert m_t["RECENT"] and m_t["WINDOW"] == 0 and m_in[3] is q
     assert m_in[4] is keys.recent and m_in[5] is values.recent
