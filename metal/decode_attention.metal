@@ -30,9 +30,9 @@ SHARED float a_s[R];
 SHARED_PTR(float) qs = reinterpret_cast<SHARED_PTR(float)>(qs4);
 
 const int n_kv = k_shape[1];
-// The last TAIL rows are left out (a cache's exact window, read by the merge); TAIL < 0:
-// as many as kr has.
-const int tail = TAIL < 0 ? kr_shape[2] : TAIL;
+// The last TAIL rows are left out (a cache's exact window, read by the merge); with
+// TAIL_KR, as many as kr has.
+const int tail = TAIL_KR ? kr_shape[2] : TAIL;
 const int S = k_shape[2] > tail ? k_shape[2] - tail : 0;
 const int G = q_shape[1] / n_kv;
 const int L = q_shape[2];

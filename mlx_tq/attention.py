@@ -249,7 +249,7 @@ def scaled_dot_product_attention_ops(
 
 
 @cache
-def _decode_template(dtype, D, key_bits, value_bits, GL, causal, smooth, tail=0):
+def _decode_template(dtype, D, key_bits, value_bits, GL, causal, smooth, tail=0, tail_kr=False):
     """Template constants of decode_attention.metal, tile and R (built once per variant)."""
     wk, wv = words_per_row(D, key_bits) - 1, words_per_row(D, value_bits) - 1
     # Keys per tile, one per thread: the K and V tiles stay within 20 KB of threadgroup memory.
@@ -269,6 +269,7 @@ def _decode_template(dtype, D, key_bits, value_bits, GL, causal, smooth, tail=0)
         ("SMOOTH", smooth),
         ("POW2", D & (D - 1) == 0),
         ("TAIL", tail),
+        ("TAIL_KR", tail_kr),
     ]
     return template, tile, R
 
@@ -283,10 +284,9 @@ def _fused_plan(
     GL = Hq // Hkv * L
     # The kernel's causal limit is for packed rows: with window 0 they all precede the queries.
     attend_causal = causal if window is None else window > 0
-    # window 0: the kernel leaves out as many packed rows as there are recent ones (TAIL -1).
-    tail = -1 if window == 0 else window or 0
+    # window 0: the kernel leaves out as many packed rows as there are recent ones (TAIL_KR).
     template, tile, R = _decode_template(
-        dtype, D, key_bits, value_bits, GL, attend_causal, smooth, tail
+        dtype, D, key_bits, value_bits, GL, attend_causal, smooth, window or 0, window == 0
     )
     attend = kernels.kernel(
         "decode_attention",

@@ -87,7 +87,7 @@ def variants():
         for bits in (2, 3, 4, 5, 8):
             for value_bits in (2, 3, 4):
                 for GL, causal, dtype in ((1, False, mx.float16), (32, True, mx.bfloat16)):
-                    args = (dtype, D, bits, value_bits, GL, causal, causal, 4 if causal else -1)
+                    args = (dtype, D, bits, value_bits, GL, causal, causal, 4 * causal, not causal)
                     yield "decode_attention", _decode_template(*args)[0]
         # (dtype, recent rows, window, causal); window 0 with recent rows: all of them.
         merges = ((FLOATS[0], False, 0, False), (FLOATS[1], True, 4, True))
@@ -171,6 +171,16 @@ using Shape = cuda::std::array<int32_t, 8>;
 using Strides = cuda::std::array<int64_t, 8>;
 }
 """
+
+
+def test_template_constants_make_valid_kernel_names():
+    """MLX's CUDA backend names each kernel after its template constants
+    (custom_kernel.cpp: "_{int}", "_t"/"_f", "_{dtype}"): a negative int there is a
+    compile error on the GPU only."""
+    for name, template in variants():
+        for key, value in template:
+            if isinstance(value, int) and not isinstance(value, bool):
+                assert value >= 0, f"{name}: template constant {key}={value}"
 
 
 @pytest.mark.skipif(shutil.which("clang++") is None, reason="needs clang++ (apt: clang)")
@@ -385,7 +395,7 @@ def test_gpu_dispatch_arguments_with_recent_window(monkeypatch):
     assert [c[0] for c in RecordingKernel.calls] == ["decode_attention", "merge"]
     _, a_in, a_t, _, _ = RecordingKernel.calls[0]
     # The packed rows in place, those of the exact positions left out.
-    assert not a_t["CAUSAL"] and a_t["TAIL"] == -1 and a_in[1] is keys.data
+    assert not a_t["CAUSAL"] and a_t["TAIL_KR"] and a_in[1] is keys.data
     assert a_in[9] is keys.recent  # its rows left out
     _, m_in, m_t, _, _ = RecordingKernel.calls[1]
     assert m_t["RECENT"] and m_t["WINDOW"] == 0 and m_in[3] is q
