@@ -97,17 +97,20 @@ def mlx_tq_calls(n):
     patch()  # the cache hands packed keys to a patched mlx-lm only
     x = mx.random.normal((1, 8, 1, 128)).astype(mx.float16)
     stats = mx.random.normal((8, 128))
-    mx.eval(x, stats)
-    shapes = (x.shape, 4, 4, 0, True)
+    window = tuple(mx.zeros((1, 8, 4, 128), mx.float16) for _ in range(2))
+    mx.eval(x, stats, *window)
+    shapes = (x.shape, 4, 4, 0, True, window[0].shape)
     kernel, constants, call = quant._quantize_call(mx.float16, *shapes)
-    inputs = [x, x, *constants, stats, stats]
+    inputs = [x, x, *constants, stats, stats, *window]
     cache = TurboQuantKVCache(4, 4, warmup_tokens=0, recent_tokens=4)
     cache.update_and_fetch(*(mx.random.normal((1, 8, 1024, 128)).astype(mx.float16),) * 2)
     keys, values = cache.update_and_fetch(x, x)
     q = mx.random.normal((1, 32, 1, 128)).astype(mx.float16)
     mx.eval(q, keys.data, values.data, keys.recent, values.recent)
     return {
-        "quantize_kv_rows": timed(lambda: quant.quantize_kv_rows(x, x, 4, 4, 0, stats, stats), n),
+        "quantize_kv_rows (window)": timed(
+            lambda: quant.quantize_kv_rows(x, x, 4, 4, 0, stats, stats, window), n
+        ),
         "its kernel call alone": timed(lambda: kernel(inputs=inputs, **call), n),
         "cache.update_and_fetch (step)": timed(
             lambda: cache.update_and_fetch(x, x)[0].data, n // 4

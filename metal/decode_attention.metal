@@ -11,7 +11,6 @@
 // qscale: [B, Hkv, 1, D] float (strided), read only when SMOOTH: keys stored divided by it
 // k_levels, v_levels: [2^KB], [2^VB] float
 // starts: [B] int32, each batch row's first visible key (a batch's left padding; else 0)
-// kr: [..., E, D], exact rows that replace the last E packed ones; only its shape is read
 // o: [B * Hkv, n_splits, GL, D] float, unnormalised; ml: [B * Hkv, n_splits, GL, 2] (max, sum)
 constexpr int NW = TILE / 32;
 constexpr int E = (D + 31) / 32;
@@ -30,10 +29,8 @@ SHARED float a_s[R];
 SHARED_PTR(float) qs = reinterpret_cast<SHARED_PTR(float)>(qs4);
 
 const int n_kv = k_shape[1];
-// The last TAIL rows are left out (a cache's exact window, read by the merge); with
-// TAIL_KR, as many as kr has.
-const int tail = TAIL_KR ? kr_shape[2] : TAIL;
-const int S = k_shape[2] > tail ? k_shape[2] - tail : 0;
+// The last TAIL rows are left out (a cache's exact window, read by the merge).
+const int S = k_shape[2] > TAIL ? k_shape[2] - TAIL : 0;
 const int G = q_shape[1] / n_kv;
 const int L = q_shape[2];
 const int GL = G * L;

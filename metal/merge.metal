@@ -6,7 +6,7 @@
 // rt_t: [D, D] float, the transposed rotation; out: [B * Hkv, GL, D] T (= [B, Hq, L, D])
 // Read when RECENT (strided): q [B, Hq, L, D] T, the queries; kr, vr [B, Hkv, E, D] T, the
 // exact keys and values of the last E positions, of which query i of L attends its WINDOW
-// newest (WINDOW 0: all E; the packed splits hold the positions before);
+// newest (the packed splits hold the positions before);
 // k_off [B, Hkv, 1, D] float, the keys' offset the packed scores leave out; scale [1] float.
 constexpr int NW = (D + 31) / 32;
 SHARED float z[D];
@@ -41,7 +41,6 @@ if (RECENT) {
   const int b = bh / n_kv;
   const int h = bh % n_kv;
   const int i = row % L;
-  const int window = WINDOW > 0 ? WINDOW : E;
   const auto kp = kr + b * kr_strides[0] + h * kr_strides[1];
   const auto vp = vr + b * vr_strides[0] + h * vr_strides[1];
   float qd = 0.0f;
@@ -73,11 +72,11 @@ if (RECENT) {
       for (int w = 0; w < NW; ++w) {
         s += red[w * 32 + TID];
       }
-      // Query i of L attends recent rows e >= i + c exactly, c = E - L - window + 1 (its
-      // window newest positions; older ones packed) and, causal, positions up to S - L + i:
+      // Query i of L attends recent rows e >= i + c exactly, c = E - L - WINDOW + 1 (its
+      // WINDOW newest positions; older ones packed) and, causal, positions up to S - L + i:
       // row e sits at S - E + e.
       const int e = e0 + TID;
-      sc[TID] = e >= i + E - L - window + 1 && (!CAUSAL || e <= E - L + i) ? s : NEG_INF;
+      sc[TID] = e >= i + E - L - WINDOW + 1 && (!CAUSAL || e <= E - L + i) ? s : NEG_INF;
     }
     BARRIER();
     float mc = m;

@@ -6,6 +6,9 @@
 // k_levels, k_bounds: [2^KB], [2^KB - 1] float; v_levels, v_bounds: the same for VB
 // offset, scale: [B * H, D] float, for keys (scale read only when SCALE)
 // k_out, v_out: [N, WK + 1], [N, WV + 1] uint32
+// When RW > 0 (one token per row, N = B * H): k_win, v_win [N, RW, D] T, a cache's exact
+// window of keys and values, oldest row first; k_win_out, v_win_out the same shifted by one
+// row, the new vector last (read and written only when RW > 0)
 constexpr int NW = (D + 31) / 32;
 SHARED float us[ROWS * D];
 SHARED uint32_t idx_s[ROWS * D];
@@ -119,5 +122,16 @@ for (int r = 0; r < ROWS; ++r) {
       word = AS_UINT(norm[r] / SQRT(lsq));
     }
     out[row * (W + 1) + w] = word;
+  }
+}
+if (RW > 0 && j < D) {
+  auto win = is_v ? v_win : k_win;
+  auto win_out = is_v ? v_win_out : k_win_out;
+  for (int r = 0; r < ROWS && row0 + r < n_rows; ++r) {
+    const int base = (row0 + r) * RW;
+    for (int w = 0; w + 1 < RW; ++w) {
+      win_out[(base + w) * D + j] = win[(base + w + 1) * D + j];
+    }
+    win_out[(base + RW - 1) * D + j] = x[(row0 + r) * D + j];
   }
 }

@@ -102,57 +102,50 @@ def _mask_chunk(mask, L, S, start, stop):
     return mask
 
 
-def exact_start(t, window, block=1):
-    """The first position that a query at position t attends exactly: its `window` newest
-    positions and, with block > 1, back to the multiple of `block` at or below t + 1 -
-    window (window to window + block - 1 positions), so that a cache quantises a block of
-    positions at a time. Depends on t alone: any chunking of decode gives the same result."""
-    return max(0, (t + 1 - window) // block * block)
-
-
-def _exact_from(keys, L):
-    """For each query i of L (position S - L + i): the first recent row f_i it attends
-    exactly; it reads packed rows j < S - E + f_i. The E recent rows must reach back to the
-    first query's exact positions (f_0 >= 0)."""
+def _recent_offset(keys, L):
+    """c such that query i of L (position S - L + i) attends recent rows e >= i + c exactly
+    and packed rows j < S - E + i + c: its `window` newest positions exactly. c = 0 when the
+    E recent rows are the window - 1 + L a cache hands over; the rows must reach back that
+    far unless they are all S keys."""
     S, E = keys.data.shape[-2], keys.recent.shape[-2]
-    f = [exact_start(t, keys.window, keys.block) - (S - E) for t in range(S - L, S)]
-    if f[0] < 0:
+    c = E - L - keys.window + 1
+    if c < 0 and E < S:
         raise ValueError(
-            f"{E} recent rows of {S} for {L} queries with window {keys.window} (block "
-            f"{keys.block}): they must be at least the last {E - f[0]} rows, or all of them"
+            f"{E} recent rows of {S} for {L} queries with window {keys.window}: they must be "
+            "at least the last window - 1 + L rows, or all of them"
         )
-    return f
+    return c
 
 
 def _use_recent(keys, values, mask, L):
     """Keys, values and mask as a plain attention reads them: up to FUSED_MAX_ROWS queries
-    (decode) take their exact positions from the recent rows; a longer chunk (prefill) reads
-    packed rows only, so that it needs no mask array (MLX's SDPA would form the L x S scores)."""
+    (decode) take their window from the recent rows; a longer chunk (prefill) reads packed
+    rows only, so that it needs no mask array (MLX's SDPA would form the L x S scores)."""
     if keys.recent is None:
         return keys, values, mask
     if L > FUSED_MAX_ROWS:
         return replace(keys, recent=None), replace(values, recent=None), mask
-    f = _exact_from(keys, L)
-    if L == 1 and f[0] == 0:  # the recent rows replace the packed ones
+    c = _recent_offset(keys, L)
+    if L == 1:  # the recent rows replace the packed ones
         return keys, values, mask
-    return _with_recent(keys, values, mask, L, f)
+    return _with_recent(keys, values, mask, L, c)
 
 
-def _with_recent(keys, values, mask, L, f):
-    """Keys, values and mask for queries over keys with recent rows, as a plain attention
-    reads them: the packed rows up to S - E + f[-1] (f: `_exact_from`), then the E recent
-    ones, and a mask over those keys."""
+def _with_recent(keys, values, mask, L, c):
+    """Keys, values and mask for L > 1 queries over keys with recent rows, as a plain
+    attention reads them: the packed rows up to S - E + L - 1 + c (c: `_recent_offset`),
+    then the E recent ones, and a mask over those S + L - 1 + c keys."""
     S, E = keys.data.shape[-2], keys.recent.shape[-2]
-    n = S - E + f[-1]
+    n = max(S - E + L - 1 + c, 0)
 
     def extend(t):  # the recent rows' packed words stay behind their exact vectors
         return replace(t, data=mx.concatenate([t.data[..., :n, :], t.data[..., S - E :, :]], -2))
 
-    i, e, first = mx.arange(L)[:, None], mx.arange(E)[None], mx.array(f)[:, None]
-    exact = e >= first
+    i, e = mx.arange(L)[:, None], mx.arange(E)[None]
+    exact = e >= i + c
     if isinstance(mask, str):  # causal: query i sees positions up to S - L + i
         exact = exact & (e <= E - L + i)
-    lagged = mx.concatenate([mx.arange(n)[None] < S - E + first, exact], axis=1)
+    lagged = mx.concatenate([mx.arange(n)[None] < S - E + i + c, exact], axis=1)
     if isinstance(mask, mx.array):
         if mask.shape[-1] != 1:  # its columns for the keys above
             mask = mx.concatenate([mask[..., :n], mask[..., S - E :]], axis=-1)
@@ -249,7 +242,7 @@ def scaled_dot_product_attention_ops(
 
 
 @cache
-def _decode_template(dtype, D, key_bits, value_bits, GL, causal, smooth, tail=0, tail_kr=False):
+def _decode_template(dtype, D, key_bits, value_bits, GL, causal, smooth, tail=0):
     """Template constants of decode_attention.metal, tile and R (built once per variant)."""
     wk, wv = words_per_row(D, key_bits) - 1, words_per_row(D, value_bits) - 1
     # Keys per tile, one per thread: the K and V tiles stay within 20 KB of threadgroup memory.
@@ -269,28 +262,25 @@ def _decode_template(dtype, D, key_bits, value_bits, GL, causal, smooth, tail=0,
         ("SMOOTH", smooth),
         ("POW2", D & (D - 1) == 0),
         ("TAIL", tail),
-        ("TAIL_KR", tail_kr),
     ]
     return template, tile, R
 
 
 @cache
 def _fused_plan(
-    dtype, B, Hq, Hkv, L, D, key_bits, value_bits, seeds, causal, smooth, scale, window
+    dtype, B, Hq, Hkv, L, D, key_bits, value_bits, seeds, causal, smooth, scale, recent
 ):
-    """What a fused call needs besides its queries and keys, built once per layer shape.
-    window (see _fused_call): None, 0, or > 0: query i of L reads packed rows
-    j < (S - window) - L + 1 + i, the last `window` left out and the rest read causally."""
+    """What a fused call needs besides its queries and keys, built once per layer shape."""
     GL = Hq // Hkv * L
-    # The kernel's causal limit is for packed rows: with window 0 they all precede the queries.
-    attend_causal = causal if window is None else window > 0
-    # window 0: the kernel leaves out as many packed rows as there are recent ones (TAIL_KR).
+    # recent: the window; then query i of L reads packed rows j < S - E + i + c
+    # = (S - recent) - L + 1 + i (see _recent_offset): the kernel leaves out the last
+    # `recent` rows and reads the rest causally.
     template, tile, R = _decode_template(
-        dtype, D, key_bits, value_bits, GL, attend_causal, smooth, window or 0, window == 0
+        dtype, D, key_bits, value_bits, GL, causal or recent > 0, smooth, recent
     )
     attend = kernels.kernel(
         "decode_attention",
-        ("q", "k", "v", "rt", "scale", "k_levels", "v_levels", "qscale", "starts", "kr"),
+        ("q", "k", "v", "rt", "scale", "k_levels", "v_levels", "qscale", "starts"),
         ("o", "ml"),
         contiguous=False,
     )
@@ -308,8 +298,8 @@ def _fused_plan(
             ("T", dtype),
             ("D", D),
             ("POW2", D & (D - 1) == 0),
-            ("RECENT", window is not None),
-            ("WINDOW", window or 0),
+            ("RECENT", recent > 0),
+            ("WINDOW", recent),
             ("CAUSAL", causal),
         ],
         grid=(threads * B * Hkv * GL, 1, 1),
@@ -352,66 +342,31 @@ def _fused_plan(
 def _fused_attention(queries, keys, values, scale, causal, starts=None):
     """The split-K kernel, then the merge kernel that also rotates back; (B, Hq, L, D).
     `starts`: (B,) int32, the first key each batch row sees (left padding), else 0."""
-    L = queries.shape[2]
-    if keys.recent is None:
-        return _fused_call(queries, keys, values, None, scale, causal, starts)
-    S, E = keys.data.shape[-2], keys.recent.shape[-2]
-    f = _exact_from(keys, L)
-    if keys.block == 1:
-        # Query i reads packed rows j < S - E + f_i = (S - window) - L + 1 + i: the kernel
-        # leaves out the last `window` rows and reads the rest causally.
-        return _fused_call(queries, keys, values, keys.window, scale, causal, starts)
-    if S - E + f[0] == 0:  # every position exact for some query (a new cache): no packed view
-        return _decoded_attention(queries, keys, values, scale, "causal" if causal else None)
-    # Queries of one first exact row f (one group; two if a block starts among them) read
-    # the packed rows before it whole, and the recent rows from it (up to the group's last
-    # query when causal): one kernel variant whatever f.
-    if f[0] == f[-1] == 0:  # one group, all recent rows (a decode step)
-        return _fused_call(queries, keys, values, 0, scale, causal and L > 1, starts)
-    outs, i0 = [], 0
-    for i1 in range(1, L + 1):
-        if i1 < L and f[i1] == f[i0]:
-            continue
-        stop = E - (L - i1) if causal else E  # the group's recent rows: [f[i0], stop)
-        recent = tuple(t.recent[:, :, f[i0] : stop] for t in (keys, values))
-        data = tuple(t.data[:, :, : S - E + stop] for t in (keys, values))
-        q = queries if i1 - i0 == L else queries[:, :, i0:i1]
-        causal_group = causal and i1 - i0 > 1
-        outs.append(_fused_call(q, keys, values, 0, scale, causal_group, starts, recent, data))
-        i0 = i1
-    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
-
-
-def _fused_call(queries, keys, values, window, scale, causal, starts, recent=None, data=None):
-    """One launch of each kernel over the packed rows of keys and values (or `data`: (keys,
-    values) rows). window: None (recent rows not read), 0 (the merge reads all recent rows,
-    or `recent` (keys, values) if given, and the kernel the packed rows before as many), or
-    > 0 (the kernel leaves out the last `window` packed rows, see _fused_plan)."""
     B, Hq, L, D = queries.shape
-    k_data, v_data = data or (keys.data, values.data)
-    kr, vr = recent or (keys.recent, values.recent)
-    Hkv, S = k_data.shape[1:3]
+    Hkv, S = keys.data.shape[1:3]
+    recent = keys.recent is not None
     p = _fused_plan(
         queries.dtype, B, Hq, Hkv, L, D, keys.bits, values.bits, (keys.seed, values.seed),
-        causal, keys.channel_scale is not None, float(scale), window,
+        causal, keys.channel_scale is not None, float(scale), keys.window if recent else 0,
     )  # fmt: skip
-    S = max(S - (kr.shape[2] if window == 0 else window or 0), 0)
+    if recent:  # the kernel reads the packed rows before the last `window` (_recent_offset)
+        _recent_offset(keys, L)
+        S = max(S - keys.window, 0)
     o, ml = p.attend(
         inputs=[
             queries,
-            k_data,
-            v_data,
+            keys.data,
+            values.data,
             *p.constants,
             p.ones if keys.channel_scale is None else keys.channel_scale,  # with its strides
             p.no_starts if starts is None else starts.astype(mx.int32),
-            kr if window == 0 else queries,  # (its shape: the rows left out)
         ],
         **p.attend_args(p.splits(S)),
     )
     exact = (o,) * 5  # (not read)
-    if window is not None:
+    if recent:
         offset = p.zeros if keys.offset is None else keys.offset
-        exact = (queries, kr, vr, offset, p.constants[1])
+        exact = (queries, keys.recent, values.recent, offset, p.constants[1])
     return p.merge(inputs=[o, ml, p.rt_t, *exact], **p.merge_args)[0]
 
 

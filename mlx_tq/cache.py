@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from . import kernels
-from .attention import FUSED_MAX_ROWS, exact_start
+from .attention import FUSED_MAX_ROWS
 from .codebook import SUPPORTED_BITS
 from .patch import check_routing, is_patched
 from .quant import (
@@ -30,7 +30,7 @@ from .quant import (
     quantize_kv_rows,
 )
 
-FILE_FORMAT = "mlx_tq.prompt_cache/5"
+FILE_FORMAT = "mlx_tq.prompt_cache/4"
 # kv_bits budget -> (key_bits, value_bits, smooth_keys, key bits of sliding-window layers). On
 # Gemma-3-270M key smoothing 0.5 beat every key/value split at the same bits (K4/V4-s0.5 KL 0.026
 # vs K5/V3 0.038; K3/V3-s0.5 0.113 vs K4/V2 0.151: benchmarks/RESULTS.md, issue 5). A sliding
@@ -46,11 +46,6 @@ WARMUP_TOKENS = 256
 # 4 exact recent tokens cut the 4-bit KL to 0.32x, 16 to 0.19x (benchmarks/RESULTS.md):
 # the quantisation error hurts most in attention to the last few tokens.
 RECENT_TOKENS = 4
-# Each query also attends back to the multiple of RECENT_BLOCK at or below its position + 1 -
-# recent_tokens exactly (recent_tokens to recent_tokens + RECENT_BLOCK - 1 positions;
-# attention.exact_start): so decode steps quantise a block of RECENT_BLOCK tokens in one
-# launch, and a step is two row writes, as an fp16 cache's, not also a quantise launch.
-RECENT_BLOCK = 16
 
 
 def check_recent_tokens(n):
@@ -66,14 +61,9 @@ class _TurboQuantMixin:
         raise AttributeError("TurboQuant caches are already quantised")
 
     recent_tokens = 0  # (rotating and batch caches hold none)
-    # The window: exact keys and values (B, H, held, D) of positions [offset - held, offset)
-    # in order (fewer positions: zero rows first), held = recent_tokens + RECENT_BLOCK - 1:
-    # those the next query may attend exactly (see _held). Or None.
+    # The window: exact keys and values (B, H, W, D) of positions [offset - W, offset) in
+    # order (fewer positions: zero rows first), or None.
     _window = None
-    # Decode steps (see _step_exact): (keys, values, n, packed): buffers (B, H, held +
-    # RECENT_BLOCK, D) of which the first n rows are the exact positions [offset - n,
-    # offset), and the position below which packed rows are written; else None.
-    _exact = None
     _step = None  # a weak reference to the packed keys of the last decode step
 
     def _configure(self, key_bits, value_bits, seed, center_keys, smooth_keys, warmup_tokens):
@@ -152,10 +142,6 @@ class _TurboQuantMixin:
             self.keys, self.values = self._encode(self.keys, self.values, self._stats())
 
     def update_and_fetch(self, keys, values):
-        if self._exact is not None:  # decode steps so far
-            if self._is_step(keys, values):
-                return self._step_exact(keys, values)
-            self._settle()
         if self.key_offset is None:
             self._check(keys, values)
             if self.offset + keys.shape[2] < self.warmup_tokens:
@@ -169,97 +155,37 @@ class _TurboQuantMixin:
             or keys.dtype not in FLOAT_DTYPES
         ):
             self._check(keys, values)
-        if self._window is not None and self._is_step(keys, values):
-            # Decode from here: the window becomes the first rows of the exact buffer.
-            pad = [(0, 0), (0, 0), (0, RECENT_BLOCK), (0, 0)]
-            self._exact = (*(mx.pad(w, pad) for w in self._window), self._held(), self.offset)
-            self._window = None
-            return self._step_exact(keys, values)
-        k, v = super().update_and_fetch(*self._quantize(keys, values))
+        bits = (self.key_bits, self.value_bits, self.seed)
+        step = False
+        if kernels.backend() is None:
+            k, v = quantize_kv_ops(keys, values, *bits, self.key_offset, self.key_scale)
+        else:
+            if self._rows is None:  # the statistics as the kernel reads them, built once
+                self._rows = [a if a is None else a.reshape(-1, a.shape[-1]) for a in self._stats()]
+                mx.eval(*self._stat_arrays())
+            # A decode step past the first W tokens, the window in the keys' dtype: the
+            # quantise launch itself shifts the token into the window (else _hold_recent).
+            window = self._window
+            step = window is not None and keys.shape[2] == 1 and self.offset >= self.recent_tokens
+            step = step and window[0].dtype == keys.dtype
+            out = quantize_kv_rows(keys, values, *bits, *self._rows, window if step else None)
+            k, v = out[:2]
+            if step:
+                self._window = tuple(out[2:])
+        k, v = super().update_and_fetch(k, v)
+        if step:  # one query attends the whole window
+            fetched = self._wrap(k, v, self._window)
+            if is_patched():  # the patched attention trusts these keys (patch.py)
+                self._step = weakref.ref(fetched[0].data)
+            return fetched
         recent = self._hold_recent(keys, values) if self.recent_tokens else None
         return self._wrap(k, v, recent)
 
-    def _quantize(self, keys, values):
-        """Keys and values (B, H, L, D) as packed rows, with the frozen statistics."""
-        bits = (self.key_bits, self.value_bits, self.seed)
-        if kernels.backend() is None:
-            return quantize_kv_ops(keys, values, *bits, self.key_offset, self.key_scale)
-        if self._rows is None:  # the statistics as the kernel reads them, built once
-            self._rows = [a if a is None else a.reshape(-1, a.shape[-1]) for a in self._stats()]
-            mx.eval(*self._stat_arrays())
-        return quantize_kv_rows(keys, values, *bits, *self._rows)
-
-    def _is_step(self, keys, values):
-        """A decode step the exact buffer takes: one token of the buffer's (B, H, D, dtype)."""
-        held = self._exact[0] if self._exact is not None else self._window[0]
-        return (
-            keys.shape[2] == 1
-            and keys.dtype == held.dtype
-            and values.dtype == held.dtype
-            and keys.shape == values.shape
-            and (*keys.shape[:2], keys.shape[3]) == (*held.shape[:2], held.shape[3])
-        )
-
-    def _step_exact(self, keys, values):
-        """A decode step: the token goes to the exact buffer (two row writes, as an fp16
-        cache's); once per RECENT_BLOCK steps the positions that leave the query's exact
-        set are quantised, in one launch, and the oldest rows dropped."""
-        kb, vb, n, packed = self._exact
-        end = self.offset
-        start = exact_start(end, self.recent_tokens, RECENT_BLOCK)
-        if packed < start:
-            lo = packed - (end - n)  # their rows in the buffer
-            rows = (b[..., lo : lo + start - packed, :] for b in (kb, vb))
-            self._write(*self._quantize(*rows), packed)
-            packed = start
-        if n == kb.shape[2]:  # full: the oldest rows are packed and older than the window
-            kb[..., : n - RECENT_BLOCK, :] = kb[..., RECENT_BLOCK:, :]
-            vb[..., : n - RECENT_BLOCK, :] = vb[..., RECENT_BLOCK:, :]
-            n -= RECENT_BLOCK
-        kb[:, :, n : n + 1] = keys
-        vb[:, :, n : n + 1] = values
-        n, end = n + 1, end + 1
-        self._exact = (kb, vb, n, packed)
-        self.offset = end
-        if end > self.keys.shape[2]:
-            self._reserve(end)
-        k, v = self.keys[:, :, :end], self.values[:, :, :end]
-        fetched = self._wrap(k, v, (kb[:, :, n - end + start : n], vb[:, :, n - end + start : n]))
-        if is_patched():  # the patched attention trusts these keys (patch.py)
-            self._step = weakref.ref(fetched[0].data)
-        return fetched
-
-    def _write(self, k, v, start):
-        """Packed rows k, v (B, H, n, W + 1) into positions [start, start + n)."""
-        self.keys[..., start : start + k.shape[2], :] = k
-        self.values[..., start : start + v.shape[2], :] = v
-
-    def _reserve(self, n):
-        """Grows the packed buffers to hold n positions, in steps of `step` as mlx-lm's."""
-        have = self.keys.shape[2]
-        if n > have:
-            pad = [(0, 0), (0, 0), (0, -(-(n - have) // self.step) * self.step), (0, 0)]
-            self.keys, self.values = mx.pad(self.keys, pad), mx.pad(self.values, pad)
-
-    def _settle(self):
-        """Ends decode steps: the positions not yet packed quantised into place, the last
-        `_held()` kept as the window (the form every other method reads)."""
-        kb, vb, n, packed = self._exact
-        self._exact = None
-        lo = packed - (self.offset - n)
-        if lo < n:
-            self._write(*self._quantize(kb[..., lo:n, :], vb[..., lo:n, :]), packed)
-        self._set_window(kb[..., :n, :], vb[..., :n, :])
-
-    def _held(self):
-        """Rows the window holds: the positions the next query may attend exactly."""
-        return self.recent_tokens + RECENT_BLOCK - 1 if self.recent_tokens else 0
-
     def _hold_recent(self, keys, values):
         """Holds the update's keys and values in the window; returns the exact rows its
-        attention reads: for L <= FUSED_MAX_ROWS those from the first query's first exact
-        position (attention.exact_start) on; for a longer prefill chunk none."""
-        L, end = keys.shape[2], self.offset
+        attention reads: for L <= FUSED_MAX_ROWS the last recent_tokens - 1 + L in order
+        (each query its recent_tokens newest); for a longer prefill chunk none."""
+        W, L, end = self.recent_tokens, keys.shape[2], self.offset
         rows = (keys, values)
         if self._window is not None:
             rows = tuple(
@@ -269,20 +195,19 @@ class _TurboQuantMixin:
         self._set_window(*rows)
         if L > FUSED_MAX_ROWS:
             return None
-        n = end - exact_start(end - L, self.recent_tokens, RECENT_BLOCK)
+        n = min(W - 1 + L, end)
         return tuple(r[..., -n:, :] for r in rows)
 
     def _window_rows(self, end):
-        """The window's keys and values of positions [max(0, end - held), end), in order."""
-        held = self._held()
-        n = min(end, held)
-        return tuple(r[..., held - n :, :] for r in self._window)
+        """The window's keys and values of positions [max(0, end - W), end), in order."""
+        n = min(end, self.recent_tokens)
+        return tuple(r[..., self.recent_tokens - n :, :] for r in self._window)
 
     def _set_window(self, k, v):
-        """Holds the last `_held()` rows of keys k and values v (B, H, n, D) as the window."""
-        held = self._held()
-        pad = [(0, 0), (0, 0), (max(0, held - k.shape[2]), 0), (0, 0)]
-        self._window = tuple(mx.pad(x[..., -held:, :], pad) for x in (k, v))
+        """Holds the last W rows of keys k and values v (B, H, n, D) as the window."""
+        W = self.recent_tokens
+        pad = [(0, 0), (0, 0), (max(0, W - k.shape[2]), 0), (0, 0)]
+        self._window = tuple(mx.pad(x[..., -W:, :], pad) for x in (k, v))
 
     def _encode(self, k, v, stats):
         """Plain (B, H, L, D) keys and values as packed rows, keys with `stats` (offset, scale)."""
@@ -295,9 +220,8 @@ class _TurboQuantMixin:
     def _packed(self, k, v, recent=None):
         args = (self.head_dim, self.seed, getattr(mx, self.dtype))
         rk, rv, w = (None, None, 0) if recent is None else (*recent, self.recent_tokens)
-        w = dict(window=w, block=RECENT_BLOCK if w else 1)
-        k = TurboQuantized(k, self.key_bits, *args, self.key_offset, None, self.key_scale, rk, **w)
-        return k, TurboQuantized(v, self.value_bits, *args, recent=rv, **w)
+        k = TurboQuantized(k, self.key_bits, *args, self.key_offset, None, self.key_scale, rk, w)
+        return k, TurboQuantized(v, self.value_bits, *args, recent=rv, window=w)
 
     def _wrap(self, k, v, recent=None):
         """Packed keys and values for the patched attention, else dequantised for any (the
@@ -316,15 +240,13 @@ class _TurboQuantMixin:
             raise ValueError(f"cannot trim {n} tokens: n must be >= 0")
         if not self.is_trimmable():
             return 0  # a wrapped window: the tokens to drop are no longer at its end
-        if self._exact is not None:
-            self._settle()
         n = super().trim(n)
         if self._window is not None and n:
             # The window again: its rows still held, then the older ones decoded.
-            end, held = self.offset, self._held()
-            first = max(0, end + n - held)  # the oldest position the window held
+            end, W = self.offset, self.recent_tokens
+            first = max(0, end + n - W)  # the oldest position the window held
             k, v = (r[..., : max(0, end - first), :] for r in self._window_rows(end + n))
-            lo, hi = max(0, end - held), min(end, first)
+            lo, hi = max(0, end - W), min(end, first)
             if hi > lo:
                 dk, dv = self._decode(self.keys[..., lo:hi, :], self.values[..., lo:hi, :])
                 k, v = mx.concatenate([dk, k], axis=2), mx.concatenate([dv, v], axis=2)
@@ -352,9 +274,6 @@ class _TurboQuantMixin:
     def merge(cls, caches):
         from . import batch
 
-        for c in caches:
-            if c._exact is not None:
-                c._settle()
         return getattr(batch, cls._batch).merge(caches)
 
     @classmethod
@@ -368,8 +287,7 @@ class _TurboQuantMixin:
     def nbytes(self):
         if self.keys is None:
             return 0
-        held = (*(self._window or ()), *(self._exact or ())[:2])
-        extra = sum(a.nbytes for a in (*self._stat_arrays(), *held))
+        extra = sum(a.nbytes for a in (*self._stat_arrays(), *(self._window or ())))
         return self.keys.nbytes + self.values.nbytes + extra
 
 
@@ -390,10 +308,9 @@ class TurboQuantKVCache(_TurboQuantMixin, KVCache):
             first update, whatever its size).
         recent_tokens: After the warm-up, each query of an update of at most
             FUSED_MAX_ROWS tokens (decode) attends the keys and values of its
-            `recent_tokens` newest positions exactly and, back to the multiple of
-            RECENT_BLOCK at or below its position + 1 - recent_tokens, up to
-            RECENT_BLOCK - 1 more (held beside the packed rows); older positions, and every
-            query of a longer (prefill) chunk, read packed rows. 0: none.
+            `recent_tokens` newest positions exactly, held beside the packed rows; older
+            positions, and every query of a longer (prefill) chunk, read packed rows.
+            0: none.
     """
 
     _META = ("offset",)  # mlx-lm's attributes in meta_state, before ours
@@ -418,8 +335,6 @@ class TurboQuantKVCache(_TurboQuantMixin, KVCache):
     def state(self):
         if self.keys is None:
             return []
-        if self._exact is not None:
-            self._settle()
         n = self.offset
         window = () if self._window is None else (mx.stack(self._window),)
         return self.keys[..., :n, :], self.values[..., :n, :], *self._stat_arrays(), *window

@@ -70,10 +70,8 @@ class TurboQuantized:
             channel, after the offset: x = s * (R^T z) + offset.
         recent: optional (..., E, D) exact vectors (the original dtype) of the last E rows,
             which replace them where read (a cache's newest tokens); attention takes
-            them for each query's exact positions only (see `attention.exact_start`).
+            them for each query's `window` newest positions only (see attention.py).
         window: positions per query attended through `recent` (with recent, >= 1).
-        block: with block > 1, a query attends back to the multiple of block at or below
-            its position + 1 - window exactly (window to window + block - 1 positions).
     """
 
     data: mx.array
@@ -86,7 +84,6 @@ class TurboQuantized:
     channel_scale: mx.array | None = None
     recent: mx.array | None = None
     window: int = 0
-    block: int = 1
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -238,7 +235,7 @@ def quantize_kv_ops(keys, values, key_bits, value_bits, seed=0, key_offset=None,
 
 
 @cache
-def quantize_template(dtype, dim, key_bits, value_bits, scaled=False):
+def quantize_template(dtype, dim, key_bits, value_bits, scaled=False, window=0):
     """Template constants of quantize.metal (built once per variant: decode is launch-bound)."""
     return [
         ("T", dtype),
@@ -250,6 +247,7 @@ def quantize_template(dtype, dim, key_bits, value_bits, scaled=False):
         ("ROWS", QUANTIZE_ROWS),
         ("SCALE", scaled),
         ("POW2", dim & (dim - 1) == 0),
+        ("RW", window),
     ]
 
 
@@ -316,38 +314,48 @@ def quantize_kv(
 
 
 @lru_cache(maxsize=64)
-def _quantize_call(dtype, shape, key_bits, value_bits, seed, scaled):
+def _quantize_call(dtype, shape, key_bits, value_bits, seed, scaled, window_shape):
     """The quantise kernel and its arguments other than the inputs that change, for keys
-    of `shape` (B, H, L, D): built once per variant and shape (a decode step repeats one)."""
+    of `shape` (B, H, L, D) and a window of `window_shape` (B, H, W, D) or None: built once
+    per variant and shape (a decode step repeats one)."""
     kernel = kernels.kernel(
         "quantize",
-        ("k", "v", "rt", "k_levels", "k_bounds", "v_levels", "v_bounds", "offset", "scale"),
-        ("k_out", "v_out"),
+        ("k", "v", "rt", "k_levels", "k_bounds", "v_levels", "v_bounds", "offset", "scale")
+        + ("k_win", "v_win"),
+        ("k_out", "v_out", "k_win_out", "v_win_out"),
     )
     *lead, dim = shape
+    W = 0 if window_shape is None else window_shape[-2]
     constants = [rotation_matrix(dim, seed), *codebook(key_bits, dim), *codebook(value_bits, dim)]
     threads = 32 * -(-dim // 32)
     words = (words_per_row(dim, key_bits), words_per_row(dim, value_bits))
     call = dict(
-        template=quantize_template(dtype, dim, key_bits, value_bits, scaled),
+        template=quantize_template(dtype, dim, key_bits, value_bits, scaled, W),
         grid=(threads * 2 * -(-math.prod(lead) // QUANTIZE_ROWS), 1, 1),
         threadgroup=(threads, 1, 1),
-        output_shapes=[(*lead, w) for w in words],
-        output_dtypes=[mx.uint32, mx.uint32],
+        output_shapes=[*((*lead, w) for w in words)] + [window_shape or (1,)] * 2,
+        output_dtypes=[mx.uint32, mx.uint32, dtype, dtype],
     )
     return kernel, constants, call
 
 
-def quantize_kv_rows(keys, values, key_bits, value_bits, seed, offset, scale):
+def quantize_kv_rows(keys, values, key_bits, value_bits, seed, offset, scale, window=None):
     """The kernel of `quantize_kv`, inputs checked: keys and values (B, H, L, D), `offset`
     and `scale` (or None) float32 (B * H, D) rows, or one (1, D) offset row for all when
-    B * H * L keys are passed as (1, 1, N, D). Returns packed (k, v)."""
+    B * H * L keys are passed as (1, 1, N, D). With `window`, a cache's exact keys and values
+    (B, H, W, D) each in the keys' dtype (oldest row first) and L = 1, the same launch also
+    returns them shifted by one row with these keys and values last: (k, v, k_win, v_win)."""
+    shape = None if window is None else window[0].shape
     kernel, constants, call = _quantize_call(
-        keys.dtype, keys.shape, key_bits, value_bits, seed, scale is not None
+        keys.dtype, keys.shape, key_bits, value_bits, seed, scale is not None, shape
     )
-    # scale is not read without SCALE.
-    scale = offset if scale is None else scale
-    return tuple(kernel(inputs=[keys, values, *constants, offset, scale], **call))
+    # scale is not read without SCALE, nor the window's inputs and outputs without RW.
+    unread = (offset, offset) if window is None else window
+    out = kernel(
+        inputs=[keys, values, *constants, offset, offset if scale is None else scale, *unread],
+        **call,
+    )
+    return out if window else out[:2]
 
 
 def _qjl_rotated(q: TurboQuantized) -> mx.array:

@@ -192,14 +192,14 @@ def test_dispatch_paths(monkeypatch):
 def test_recent_window_reference_matches_float64(config):
     """The plain-ops path with exact recent rows: each query takes its `window` newest
     positions from them (test_gpu.py runs the same check on the kernels)."""
-    B, Hkv, G, L, S, D, kb, vb, W, block = config
+    B, Hkv, G, L, S, D, kb, vb, W = config
     rng = np.random.default_rng(list(config))
-    E = test_gpu.recent_rows(S, L, W, block)
+    E = min(S, W - 1 + L)
     keys = test_gpu.packed_view(rng, B, Hkv, S, D, kb, 0, 7, smooth=True)
     values = test_gpu.packed_view(rng, B, Hkv, S, D, vb, 1, 7, keys=False)
     recent = [test_gpu.normal(rng, (B, Hkv, E, D)) for _ in range(2)]
-    keys = replace(keys, recent=recent[0], window=W, block=block)
-    values = replace(values, recent=recent[1], window=W, block=block)
+    keys = replace(keys, recent=recent[0], window=W)
+    values = replace(values, recent=recent[1], window=W)
     queries = test_gpu.normal(rng, (B, Hkv * G, L, D))
     mask = "causal" if L > 1 else None
     ref = test_gpu.attention_recent_f64(queries, keys, values, D**-0.5, mask)
@@ -213,5 +213,5 @@ def test_recent_rows_must_reach_back_over_the_window():
     recent = mx.zeros((1, 1, 5, 64))
     keys, values = (replace(t, recent=recent, window=4) for t in (keys, values))
     q = mx.zeros((1, 1, 3, 64))
-    with pytest.raises(ValueError, match="at least the last 6 rows, or all"):
+    with pytest.raises(ValueError, match="at least the last window - 1 \\+ L rows"):
         scaled_dot_product_attention_ops(q, keys, values, 0.1, "causal")

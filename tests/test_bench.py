@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_model
 
 from mlx_tq import bench, loading, unpatch
-from mlx_tq.cache import RECENT_BLOCK, RECENT_TOKENS
+from mlx_tq.cache import RECENT_TOKENS
 
 CONFIGS = ["fp16", "affine8", "affine4", "tq4", "tq3", "k4v3"]
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -59,9 +59,8 @@ def test_generate_writes_json_plot_and_table(tmp_path, capsys):
         assert by[n, "fp16"]["kv_bytes"] == (n + 3) * 2 * 2 * 2 * 64 * 4
         # below a 2-byte cache of the same tokens, per-head key statistics included
         assert by[n, "tq4"]["kv_bytes"] < by[n, "fp16"]["kv_bytes"] / 2
-        # (+ the float32 rows of the newest tokens, held exactly: after decode steps those
-        # a query may attend exactly and a block more, RECENT_TOKENS + 2 * 16 - 1)
-        window = (RECENT_TOKENS + 2 * RECENT_BLOCK - 1) * 32 / (n + 3)
+        # (+ the exact window's float32 rows of the newest tokens)
+        window = RECENT_TOKENS * 32 / (n + 3)
         assert 4.5 < by[n, "tq4"]["kv_bits"] - window < 5.5
         assert by[n, "tq3"]["kv_bytes"] < by[n, "tq4"]["kv_bytes"]
     assert report["errors"] == []

@@ -23,9 +23,6 @@ ATTENTION = [  # (B, Hkv, G, L, S, D, key bits, value bits, dtype, smooth): stra
     (1, 2, 6, 2, 300, 128, 8, 3, mx.bfloat16, False),
 ]
 
-# Windows of one position (block 1), then blocks of positions (a cache's decode steps).
-EMULATED_RECENT = test_gpu.RECENT[:5] + test_gpu.RECENT[7:]
-
 
 @pytest.fixture(autouse=True)
 def emulated(monkeypatch):
@@ -41,17 +38,13 @@ def test_attention_matches_float64(config, groups, monkeypatch):
     test_gpu.test_attention_matches_float64(config)
 
 
-@pytest.mark.parametrize("config", EMULATED_RECENT, ids=[str(c) for c in EMULATED_RECENT])
+@pytest.mark.parametrize("config", test_gpu.RECENT[:5], ids=[str(c) for c in test_gpu.RECENT[:5]])
 def test_recent_window_matches_float64(config):
     test_gpu.test_recent_window_matches_float64(config)
 
 
 def test_cache_decode_step_through_mlx_lm_matches_float64():
     test_gpu.test_cache_decode_step_through_mlx_lm_matches_float64(mx.bfloat16)
-
-
-def test_decode_steps_quantise_blocks():
-    test_gpu.test_decode_steps_quantise_blocks(mx.float16)
 
 
 def test_cache_after_decode_steps_holds_no_fetched_keys_and_copies():
@@ -76,6 +69,10 @@ def test_masked_non_finite_value_adds_nothing(path, mask):
 @pytest.mark.parametrize("D, key_bits, value_bits", [(128, 4, 3), (80, 2, 4)])
 def test_quantize_kv_matches_float64(D, key_bits, value_bits):
     test_gpu.test_quantize_kv_matches_float64(D, key_bits, value_bits)
+
+
+def test_decode_step_shifts_the_window_in_the_quantise_launch():
+    test_gpu.test_decode_step_shifts_the_window_in_the_quantise_launch(mx.float16)
 
 
 def test_decode_rotated_matches_float64():

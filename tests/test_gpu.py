@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mlx_tq import attention, kernels, quantize, quantize_kv, scaled_dot_product_attention
-from mlx_tq.attention import FUSED_MAX_ROWS, _decoded_attention, _fused_attention, exact_start
+from mlx_tq.attention import FUSED_MAX_ROWS, _decoded_attention, _fused_attention
 from mlx_tq.codebook import codebook
 from mlx_tq.quant import TurboQuantized, decode_rotated
 from mlx_tq.rotation import rotation_matrix
@@ -156,15 +156,13 @@ def test_quantize_kv_matches_float64(D, key_bits, value_bits):
         check_quantize_kv(rng, D, key_bits, value_bits, dtype, offset, scaled, strided)
 
 
-def check_decode_steps_quantise_blocks(dtype):
-    """Decode steps hold their tokens exactly and quantise a block of them in one launch:
-    the packed rows below each step's first exact position, and every row once saved, are
-    those of a cache without a window (a launch per token); the exact rows are mlx-lm's
-    plain cache's; a multi-token update and a step in another dtype end the steps. Patched
-    (the caches hand over packed rows); on whichever device runs."""
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_decode_step_shifts_the_window_in_the_quantise_launch(dtype):
+    """A decode step's quantise launch also returns the cache's window shifted by one row:
+    exactly mlx-lm's plain cache's last W keys and values, and the same packed rows as the
+    launch without a window; a step in another dtype than the window's takes the ops path."""
     from mlx_lm.models.cache import KVCache
 
-    from mlx_tq.attention import exact_start
     from mlx_tq.cache import TurboQuantKVCache
 
     rng = np.random.default_rng(5)
@@ -174,42 +172,22 @@ def check_decode_steps_quantise_blocks(dtype):
         TurboQuantKVCache(warmup_tokens=0, recent_tokens=0),
         KVCache(),
     )
-    for L in (6, *[1] * 40, 3, *[1] * 20):
+    for L in (6, 1, 1, 1):
         k, v = (normal(rng, (B, H, L, D), dtype) for _ in range(2))
-        keys, values = ours.update_and_fetch(k, v)
-        bare_k, bare_v = bare.update_and_fetch(k, v)
+        ours.update_and_fetch(k, v)
+        bare.update_and_fetch(k, v)
         plain.update_and_fetch(k, v)
         n = plain.offset
-        E = n - exact_start(n - L, W, 16)
-        assert (keys.window, keys.block, keys.recent.shape) == (W, 16, (B, H, E, D))
-        assert mx.array_equal(keys.recent, plain.keys[..., n - E : n, :])
-        assert mx.array_equal(values.recent, plain.values[..., n - E : n, :])
-        assert mx.array_equal(keys.data[..., : n - E, :], bare_k.data[..., : n - E, :])
-        assert mx.array_equal(values.data[..., : n - E, :], bare_v.data[..., : n - E, :])
+        assert mx.array_equal(ours.keys[..., :n, :], bare.keys[..., :n, :])
+        assert mx.array_equal(ours.values[..., :n, :], bare.values[..., :n, :])
+        assert all(w.dtype == dtype and w.shape == (B, H, W, D) for w in ours._window)
+        assert mx.array_equal(ours._window[0], plain.keys[..., n - W : n, :])
+        assert mx.array_equal(ours._window[1], plain.values[..., n - W : n, :])
     k = normal(rng, (B, H, 1, D), mx.float32)  # another dtype than the window's
     ours.update_and_fetch(k, k)
-    bare.update_and_fetch(k, k)
     plain.update_and_fetch(k.astype(dtype), k.astype(dtype))
-    n, held = plain.offset, ours._held()
-    assert all(w.dtype == dtype and w.shape == (B, H, held, D) for w in ours._window)
-    assert mx.array_equal(ours._window[0], plain.keys[..., n - held : n, :])
-    for _ in range(20):
-        ours.update_and_fetch(*(normal(rng, (B, H, 1, D), dtype),) * 2)
-        bare.update_and_fetch(*(normal(rng, (B, H, 1, D), dtype),) * 2)
-    state = ours.state  # saved: every row quantised
-    assert mx.array_equal(state[0][..., :n, :], bare.keys[..., :n, :])
-    assert mx.array_equal(state[1][..., :n, :], bare.values[..., :n, :])
-
-
-@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
-def test_decode_steps_quantise_blocks(dtype):
-    from mlx_tq import patch, unpatch
-
-    patch()
-    try:
-        check_decode_steps_quantise_blocks(dtype)
-    finally:
-        unpatch()
+    n = plain.offset
+    assert mx.array_equal(ours._window[0], plain.keys[..., n - W : n, :])
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -296,29 +274,19 @@ def test_attention_matches_float64(config):
     assert err_public <= tol_public, errors
 
 
-RECENT = [  # (B, Hkv, G, L, S, D, key bits, value bits, window, block): the E recent rows
-    # reach back to the first query's first exact position (recent_rows)
-    (1, 8, 4, 1, 4096, 128, 4, 4, 4, 1),
-    (1, 2, 4, 5, 1000, 128, 4, 4, 4, 1),
-    (2, 1, 2, 8, 129, 256, 5, 4, 16, 1),
-    (1, 2, 1, 3, 300, 80, 3, 3, 1, 1),
-    (1, 1, 8, 8, 9, 64, 4, 2, 4, 1),  # fewer keys than window - 1 + L: all of them recent
-    (1, 1, 2, 20, 600, 128, 4, 4, 4, 1),  # a prefill chunk: packed rows only
-    (1, 8, 4, 1, 4096, 128, 4, 4, 4, 16),  # a cache's decode step
-    (1, 2, 4, 8, 1000, 128, 4, 3, 4, 16),  # queries on both sides of a block's start
-    (2, 2, 2, 5, 301, 80, 3, 3, 1, 8),  # all five in one block
-    (1, 1, 4, 1, 12, 64, 4, 4, 4, 16),  # every position exact
+RECENT = [  # (B, Hkv, G, L, S, D, key bits, value bits, window): E = min(S, window - 1 + L)
+    (1, 8, 4, 1, 4096, 128, 4, 4, 4),
+    (1, 2, 4, 5, 1000, 128, 4, 4, 4),
+    (2, 1, 2, 8, 129, 256, 5, 4, 16),
+    (1, 2, 1, 3, 300, 80, 3, 3, 1),
+    (1, 1, 8, 8, 9, 64, 4, 2, 4),  # fewer keys than window - 1 + L: all of them recent
+    (1, 1, 2, 20, 600, 128, 4, 4, 4),  # a prefill chunk: packed rows only
 ]
-
-
-def recent_rows(S, L, W, block):
-    """E: the recent rows a cache hands over, from the first query's first exact position."""
-    return S - exact_start(S - L, W, block) if L <= FUSED_MAX_ROWS else min(S, W - 1 + L)
 
 
 def attention_recent_f64(queries, keys, values, scale, mask):
     """attention_f64 where query i of L <= FUSED_MAX_ROWS takes the keys and values of its
-    exact positions (`exact_start`) from the exact recent rows (E of them, the last ones)."""
+    `window` newest positions from the exact recent rows (E of them, the last positions)."""
     B, Hq, L, D = queries.shape
     Hkv, S = keys.shape[1:3]
     E, W, G = keys.recent.shape[2], keys.window, Hq // Hkv
@@ -334,8 +302,7 @@ def attention_recent_f64(queries, keys, values, scale, mask):
     out = np.zeros((B, Hkv, G, L, D))
     for i in range(L):
         k, v = rows64(keys), rows64(values)
-        # Its exact positions, among the recent rows.
-        near = np.arange(S - E, S) >= exact_start(S - L + i, W, keys.block)
+        near = np.arange(S - E, S) >= S - L + i - W + 1  # in the window, among the recent rows
         near &= L <= FUSED_MAX_ROWS  # a prefill chunk reads packed rows only
         k[:, :, S - E :][:, :, near] = exact_k[:, :, near]
         v[:, :, S - E :][:, :, near] = exact_v[:, :, near]
@@ -349,15 +316,14 @@ def attention_recent_f64(queries, keys, values, scale, mask):
 def test_recent_window_matches_float64(config):
     """Keys and values with exact recent rows (unrelated to their packed words, so that a
     mix-up shows): the fused kernel, the decoded path and the public call against float64."""
-    B, Hkv, G, L, S, D, kb, vb, W, block = config
+    B, Hkv, G, L, S, D, kb, vb, W = config
     rng = np.random.default_rng(list(config))
-    E = recent_rows(S, L, W, block)
+    E = min(S, W - 1 + L)
     keys = packed_view(rng, B, Hkv, S, D, kb, 0, 7, smooth=True)
     values = packed_view(rng, B, Hkv, S, D, vb, 1, 7, keys=False)
     recent = [normal(rng, (B, Hkv, E, D), mx.float16) for _ in range(2)]
-    window = dict(window=W, block=block, dtype=mx.float16)
-    keys = replace(keys, recent=recent[0], **window)
-    values = replace(values, recent=recent[1], **window)
+    keys = replace(keys, recent=recent[0], window=W, dtype=mx.float16)
+    values = replace(values, recent=recent[1], window=W, dtype=mx.float16)
     queries = normal(rng, (B, Hkv * G, L, D), mx.float16)
     scale, mask = D**-0.5, "causal" if L > 1 else None
     ref = attention_recent_f64(queries.astype(mx.float32), keys, values, scale, mask)
@@ -390,12 +356,10 @@ def test_cache_decode_step_through_mlx_lm_matches_float64(dtype):
     tol = TOL_ATTENTION + 4 * ROUNDING[dtype]
     patch()
     try:
-        for step in range(20):  # a block of positions quantised at 205
+        for mask in (None, "causal", mx.array([[True] * 203])):
             new = [normal(rng, (B, Hkv, 1, D), dtype) for _ in range(2)]
             keys, values = cache.update_and_fetch(*new)
-            mask = (None, "causal", mx.ones((1, 201 + step), mx.bool_))[step % 3]
-            E = 201 + step - exact_start(200 + step, W, 16)
-            assert cache._step() is keys.data and keys.recent.shape[2] == E
+            assert cache._step() is keys.data and keys.recent.shape[2] == W
             q = normal(rng, (B, Hkv * G, 1, D), dtype)
             out = base.scaled_dot_product_attention(
                 q, keys, values, cache=cache, scale=D**-0.5, mask=mask

@@ -41,8 +41,10 @@ SIGNATURES = {
             ("v_bounds", mx.float32, 15),
             ("offset", mx.float32, 128),
             ("scale", mx.float32, 128),
+            ("k_win", None, 1024),
+            ("v_win", None, 1024),
         ],
-        [("k_out", mx.uint32), ("v_out", mx.uint32)],
+        [("k_out", mx.uint32), ("v_out", mx.uint32), ("k_win_out", None), ("v_win_out", None)],
     ),
     "decode_attention": (
         [
@@ -55,7 +57,6 @@ SIGNATURES = {
             ("v_levels", mx.float32, 16),
             ("qscale", mx.float32, 128),
             ("starts", mx.int32, 2),
-            ("kr", None, 1024),
         ],
         [("o", mx.float32), ("ml", mx.float32)],
     ),
@@ -82,19 +83,16 @@ def variants():
         for bits in SUPPORTED_BITS:
             for dtype in FLOATS:
                 value_bits = SUPPORTED_BITS[-1 - SUPPORTED_BITS.index(bits)]
-                scaled = dtype == mx.float32
-                yield "quantize", quantize_template(dtype, D, bits, value_bits, scaled)
+                scaled, window = dtype == mx.float32, 4 * (dtype == mx.float16)
+                yield "quantize", quantize_template(dtype, D, bits, value_bits, scaled, window)
         for bits in (2, 3, 4, 5, 8):
             for value_bits in (2, 3, 4):
                 for GL, causal, dtype in ((1, False, mx.float16), (32, True, mx.bfloat16)):
-                    args = (dtype, D, bits, value_bits, GL, causal, causal, 4 * causal, not causal)
+                    args = (dtype, D, bits, value_bits, GL, causal, causal, 4 * causal)
                     yield "decode_attention", _decode_template(*args)[0]
-        # (dtype, recent rows, window, causal); window 0 with recent rows: all of them.
-        merges = ((FLOATS[0], False, 0, False), (FLOATS[1], True, 4, True))
-        merges += ((FLOATS[2], True, 16, False), (FLOATS[0], True, 0, False))
-        for dtype, recent, window, causal in merges:
+        for dtype, window, causal in zip(FLOATS, (0, 4, 16), (False, True, False), strict=True):
             pow2 = D & (D - 1) == 0
-            template = [("T", dtype), ("D", D), ("POW2", pow2), ("RECENT", recent)]
+            template = [("T", dtype), ("D", D), ("POW2", pow2), ("RECENT", window > 0)]
             yield "merge", template + [("WINDOW", window), ("CAUSAL", causal)]
         for bits in SUPPORTED_BITS:
             for dtype, shift in ((mx.float16, 4), (mx.bfloat16, 0)):
@@ -176,7 +174,7 @@ using Strides = cuda::std::array<int64_t, 8>;
 def test_template_constants_make_valid_kernel_names():
     """MLX's CUDA backend names each kernel after its template constants
     (custom_kernel.cpp: "_{int}", "_t"/"_f", "_{dtype}"): a negative int there is a
-    compile error on the GPU only."""
+    compile error on the GPU only (found on the H200, 2026-12-01)."""
     for name, template in variants():
         for key, value in template:
             if isinstance(value, int) and not isinstance(value, bool):
@@ -381,24 +379,18 @@ def test_gpu_dispatch_arguments(monkeypatch):
 
 
 def test_gpu_dispatch_arguments_with_recent_window(monkeypatch):
-    """A decode step over a cache holding its newest tokens exactly: no quantise launch (the
-    token goes to the exact buffer), the packed rows before the buffered ones are a view (no
-    copy) read whole, the merge reads all buffered rows and the key offset."""
+    """A decode step over a cache holding its newest tokens exactly: the packed rows before
+    the window are a view (no copy), the merge reads the window's rows and the key offset."""
     from mlx_tq.cache import TurboQuantKVCache
 
     B, Hq, Hkv, D, S = DISPATCH_SHAPE.values()
     cache = TurboQuantKVCache(4, 4, warmup_tokens=0, recent_tokens=4)
     q, keys, values, out = stub_decode_step(monkeypatch, cache)
-    # Query S attends positions 288 = 16 * floor((S + 1 - 4) / 16) to S exactly.
-    E = S + 1 - 288
-    assert keys.recent.shape == (B, Hkv, E, D) and (keys.window, keys.block) == (4, 16)
-    assert [c[0] for c in RecordingKernel.calls] == ["decode_attention", "merge"]
-    _, a_in, a_t, _, _ = RecordingKernel.calls[0]
-    # The packed rows in place, those of the exact positions left out.
-    assert not a_t["CAUSAL"] and a_t["TAIL_KR"] and a_in[1] is keys.data
-    assert a_in[9] is keys.recent  # its rows left out
-    _, m_in, m_t, _, _ = RecordingKernel.calls[1]
-    assert m_t["RECENT"] and m_t["WINDOW"] == 0 and m_in[3] is q
-    assert m_in[4] is keys.recent and m_in[5] is values.recent
-    assert mx.array_equal(keys.recent[..., -1:, :], rows((B, Hkv, 1, D), mx.float16, 2))
+    assert keys.recent.shape == (B, Hkv, 4, D) and keys.window == 4
+    _, a_in, a_t, _, _ = RecordingKernel.calls[1]
+    # The packed rows in place; the kernel leaves out the window's (j < S - E + i for i = 0).
+    assert a_t["CAUSAL"] and a_t["TAIL"] == 4 and a_in[1].shape[2] == S + 1
+    _, m_in, m_t, _, _ = RecordingKernel.calls[2]
+    assert m_t["RECENT"] and m_t["WINDOW"] == 4 and m_in[3] is q
+    assert m_in[4] is keys.recent is cache._window[0] and m_in[5] is values.recent
     assert m_in[6] is cache.key_offset
