@@ -16,6 +16,11 @@ arrays of the right shapes, so a CPU measures the Python side of a GPU decode st
 
     python benchmarks/decode_step.py [--context 8192] [--layers 8] [--steps 200] [--stub]
 
+`--full-model` keeps Llama-3.1-8B's MLP and vocabulary (random weights, 16 GB at 32 layers):
+the pipelined figure is then the decode speed of that model, caches filled without a
+prefill. `--configs` picks the caches (fp16, tq2-tq4: the `kv_bits` presets; -r0: no exact
+recent window).
+
 `--one-layer` times one attention layer's step alone instead (the cache update and mlx-lm's
 attention call, 500 steps): fp16's `KVCache` + `mx.fast` SDPA against a TurboQuant cache.
 """
@@ -63,6 +68,17 @@ def filled(cache, context, dtype):
     return cache
 
 
+def make_cache(model, name):
+    """fp16 (mlx-lm's caches) or a TurboQuant preset named tq<kv_bits>[-r0]."""
+    if name == "fp16":
+        return fp16_cache(model)
+    bits, _, r0 = name.removeprefix("tq").partition("-")
+    if not bits.isdigit() or r0 not in ("", "r0"):
+        raise ValueError(f"config {name!r} is not supported: use fp16, tq<bits> or tq<bits>-r0")
+    options = {"recent_tokens": 0} if r0 else {}
+    return mlx_tq.make_prompt_cache(model, kv_bits=int(bits), **options)
+
+
 def one_layer(args, dtype):
     """us per step of one layer's cache update + mlx-lm's (patched) attention call (with
     `--stub`: building it; else also evaluating it)."""
@@ -105,18 +121,14 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--stub", action="store_true", help="stub kernels (time the host only)")
     parser.add_argument("--one-layer", action="store_true", help="one layer's step alone")
+    parser.add_argument("--full-model", action="store_true", help="Llama-3.1-8B's MLP and vocab")
+    parser.add_argument("--configs", nargs="+", default=["fp16", "tq4", "tq4-r0"])
     args = parser.parse_args()
     dtype = mx.float16
     if args.one_layer:
         return one_layer(args, dtype)
-    model = llama_model(args.layers, dtype)
-    caches = {
-        "fp16": filled(fp16_cache(model), args.context, dtype),
-        "tq4": filled(mlx_tq.make_prompt_cache(model, kv_bits=4), args.context, dtype),
-        "tq4-r0": filled(
-            mlx_tq.make_prompt_cache(model, kv_bits=4, recent_tokens=0), args.context, dtype
-        ),
-    }
+    model = llama_model(args.layers, dtype, small_mlp=not args.full_model)
+    caches = {name: filled(make_cache(model, name), args.context, dtype) for name in args.configs}
     if args.stub:
         stub_kernels()
     mlx_tq.patch()
@@ -168,11 +180,16 @@ def main():
         },
     }
     for kind in kinds:
-        fp, tq = report[f"fp16_{kind}_ms"], report[f"tq4_{kind}_ms"]
         report[f"{kind}_us_per_layer"] = {
             n: 1e3 * report[f"{n}_{kind}_ms"] / args.layers for n in caches
         }
-        report[f"{kind}_tq4_over_fp16"] = tq / fp
+        for n in caches:
+            if n != "fp16" and "fp16" in caches:
+                report[f"{kind}_{n}_over_fp16"] = (
+                    report[f"{n}_{kind}_ms"] / report[f"fp16_{kind}_ms"]
+                )
+    if "pipelined" in kinds:  # decode tokens per second of mlx-lm's loop
+        report["decode_tok_s"] = {n: 1e3 / report[f"{n}_pipelined_ms"] for n in caches}
     print(json.dumps(report, indent=1))
 
 

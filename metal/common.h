@@ -8,16 +8,27 @@
         : ((w)[(bit) / 32] >> ((bit) % 32))) &                                   \
    ((1u << (n)) - 1))
 // dst[f] = word f of n rows of RW words, row i at src + i * row: a coalesced copy by nt
-// threads (consecutive threads, consecutive words); adjacent rows (row == RW, a cache's)
-// need no per-word row arithmetic.
+// threads (consecutive threads, consecutive words), eight loads in flight per thread (a
+// load then its store per word waited one memory latency per word); adjacent rows (row ==
+// RW, a cache's) need no per-word row arithmetic.
 #define TQ_COPY_ROWS(dst, src, n, RW, row, tid, nt)                             \
-  if ((row) == (RW)) {                                                           \
-    for (int f_ = (tid); f_ < (n) * (RW); f_ += (nt)) {                          \
-      (dst)[f_] = (src)[f_];                                                     \
+  for (int f0_ = (tid); f0_ < (n) * (RW); f0_ += 8 * (nt)) {                     \
+    uint32_t w_[8];                                                              \
+    if ((row) == (RW)) {                                                         \
+      UNROLL for (int u_ = 0; u_ < 8; ++u_) {                                    \
+        const int f_ = f0_ + u_ * (nt);                                          \
+        w_[u_] = f_ < (n) * (RW) ? (src)[f_] : 0u;                               \
+      }                                                                          \
+    } else {                                                                     \
+      UNROLL for (int u_ = 0; u_ < 8; ++u_) {                                    \
+        const int f_ = f0_ + u_ * (nt);                                          \
+        w_[u_] = f_ < (n) * (RW) ? (src)[(f_ / (RW)) * (row) + f_ % (RW)] : 0u;  \
+      }                                                                          \
     }                                                                            \
-  } else {                                                                       \
-    for (int f_ = (tid); f_ < (n) * (RW); f_ += (nt)) {                          \
-      (dst)[f_] = (src)[(f_ / (RW)) * (row) + f_ % (RW)];                        \
+    UNROLL for (int u_ = 0; u_ < 8; ++u_) {                                      \
+      if (f0_ + u_ * (nt) < (n) * (RW)) {                                        \
+        (dst)[f0_ + u_ * (nt)] = w_[u_];                                         \
+      }                                                                          \
     }                                                                            \
   }
 // y[r] += (x[r] @ m)[j] for the NR rows x[r] of D floats and the [D, D] matrix m, with

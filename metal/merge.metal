@@ -1,4 +1,5 @@
-// Merges the splits of one query row (rescales each to the common max), attends the row's
+// Merges the splits of one query row (rescales each to the common max; the splits' maxima
+// and weights staged in threadgroup memory by all threads), attends the row's
 // recent keys exactly (RECENT), rotates the packed part back (out = z @ rt^T; butterflies
 // when D is a power of two, POW2) and casts: one threadgroup of 32 * ceil(D / 32) threads
 // per row.
@@ -9,68 +10,118 @@
 // newest (the packed splits hold the positions before);
 // k_off [B, Hkv, 1, D] float, the keys' offset the packed scores leave out; scale [1] float.
 constexpr int NW = (D + 31) / 32;
+constexpr int NT = NW * 32;
+// At most this many splits (attention.py: MAX_SPLITS).
+constexpr int MAX_SPLITS = 1024;
 SHARED float z[D];
-SHARED float red[NW * 32];
-SHARED float sc[32];
+// Recent keys per chunk (a decode step has window - 1 + L of them).
+constexpr int CH = 8;
+SHARED float red[NW * CH];
+SHARED float sc[CH];
+SHARED float ws[MAX_SPLITS];
+SHARED float part[NW];
 const int n_splits = ml_shape[1];
 const int GL = ml_shape[2];
 const int bh = TGID.x / GL;
 const int row = TGID.x % GL;
 const int d = TID;
+// The recent rows' indices, and this thread's dim of the query and the keys' offset
+// (loaded first: their latency overlaps the splits' loads).
+const int n_kv = RECENT ? kr_shape[1] : 1;
+const int E = RECENT ? kr_shape[2] : 0;
+const int L = RECENT ? q_shape[2] : 1;
+const int b = bh / n_kv;
+const int h = bh % n_kv;
+const int i = row % L;
+float qd = 0.0f;
+float mu = 0.0f;
+if (RECENT && d < D) {
+  const int head = h * (q_shape[1] / n_kv) + row / L;
+  qd = static_cast<float>(
+           q[b * q_strides[0] + head * q_strides[1] + i * q_strides[2] + d * q_strides[3]]) *
+       scale[0];
+  mu = k_off[b * k_off_strides[0] + h * k_off_strides[1] + d * k_off_strides[3]];
+}
+// The splits' maxima, then their weights, staged by all threads at once: a loop over the
+// splits in each thread waited for one load after another.
+const auto mlr = ml + (bh * n_splits * GL + row) * 2;  // split s at mlr[s * GL * 2]
+float mt = NEG_INF;
+for (int s = TID; s < n_splits; s += NT) {
+  const float ms = mlr[s * GL * 2];
+  ws[s] = ms;
+  mt = ms > mt ? ms : mt;
+}
+mt = WARP_MAX(mt);
+if (LANE == 0) {
+  part[WARP] = mt;
+}
+BARRIER();
 float m = NEG_INF;
-for (int s = 0; s < n_splits; ++s) {
-  const float ms = ml[((bh * n_splits + s) * GL + row) * 2];
-  m = ms > m ? ms : m;
+for (int w = 0; w < NW; ++w) {
+  m = part[w] > m ? part[w] : m;
+}
+BARRIER();
+float dt = 0.0f;
+for (int s = TID; s < n_splits; s += NT) {
+  // A split that saw no key (max -inf) adds nothing.
+  const float w = ws[s] == NEG_INF ? 0.0f : EXP(ws[s] - m);
+  ws[s] = w;
+  dt += w * mlr[s * GL * 2 + 1];
+}
+dt = WARP_SUM(dt);
+if (LANE == 0) {
+  part[WARP] = dt;
+}
+BARRIER();
+float den = 0.0f;
+for (int w = 0; w < NW; ++w) {
+  den += part[w];
 }
 float num = 0.0f;
-float den = 0.0f;
-for (int s = 0; s < n_splits; ++s) {
-  const int i = (bh * n_splits + s) * GL + row;
-  // A split that saw no key (max -inf) adds nothing.
-  const float w = ml[i * 2] == NEG_INF ? 0.0f : EXP(ml[i * 2] - m);
-  den += w * ml[i * 2 + 1];
-  if (d < D) {
-    num += w * o[i * D + d];
+if (d < D) {
+  // Eight loads in flight per round.
+  const auto op = o + (bh * n_splits * GL + row) * D + d;  // split s at op[s * GL * D]
+  float n8[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  int s = 0;
+  for (; s + 8 <= n_splits; s += 8) {
+    UNROLL for (int u = 0; u < 8; ++u) {
+      n8[u] += ws[s + u] * op[(s + u) * GL * D];
+    }
   }
+  for (; s < n_splits; ++s) {
+    n8[0] += ws[s] * op[s * GL * D];
+  }
+  num = ((n8[0] + n8[1]) + (n8[2] + n8[3])) + ((n8[4] + n8[5]) + (n8[6] + n8[7]));
 }
 float ex = 0.0f;  // this thread's dim of the exact values' weighted sum, original space
 if (RECENT) {
-  const int n_kv = kr_shape[1];
-  const int E = kr_shape[2];
-  const int L = q_shape[2];
-  const int b = bh / n_kv;
-  const int h = bh % n_kv;
-  const int i = row % L;
   const auto kp = kr + b * kr_strides[0] + h * kr_strides[1];
   const auto vp = vr + b * vr_strides[0] + h * vr_strides[1];
-  float qd = 0.0f;
-  float mu = 0.0f;
-  if (d < D) {
-    const int head = h * (q_shape[1] / n_kv) + row / L;
-    qd = static_cast<float>(
-             q[b * q_strides[0] + head * q_strides[1] + i * q_strides[2] + d * q_strides[3]]) *
-         scale[0];
-    mu = k_off[b * k_off_strides[0] + h * k_off_strides[1] + d * k_off_strides[3]];
-  }
-  // 32 keys at a time: each SIMD-group sums its dims of the 32 scores, then 32 threads
+  // CH keys at a time: each SIMD-group sums its dims of the CH scores, then CH threads
   // add the groups' sums; online softmax against the splits' max.
-  for (int e0 = 0; e0 < E; e0 += 32) {
-    const int n = E - e0 < 32 ? E - e0 : 32;
-    for (int e = 0; e < n; ++e) {
-      float p = 0.0f;
-      if (d < D) {
-        p = qd * (static_cast<float>(kp[(e0 + e) * kr_strides[2] + d * kr_strides[3]]) - mu);
-      }
-      p = WARP_SUM(p);
-      if (LANE == 0) {
-        red[WARP * 32 + e] = p;
+  for (int e0 = 0; e0 < E; e0 += CH) {
+    const int n = E - e0 < CH ? E - e0 : CH;
+    // This thread's dim of the chunk's keys and values, all loads in flight at once.
+    float kd[CH];
+    float vd[CH];
+    UNROLL for (int e = 0; e < CH; ++e) {
+      const bool in = d < D && e < n;
+      kd[e] = in ? static_cast<float>(kp[(e0 + e) * kr_strides[2] + d * kr_strides[3]]) : 0.0f;
+      vd[e] = in ? static_cast<float>(vp[(e0 + e) * vr_strides[2] + d * vr_strides[3]]) : 0.0f;
+    }
+    UNROLL for (int e = 0; e < CH; ++e) {
+      if (e < n) {
+        const float p = WARP_SUM(qd * (kd[e] - mu));
+        if (LANE == 0) {
+          red[WARP * CH + e] = p;
+        }
       }
     }
     BARRIER();
     if (TID < n) {
       float s = 0.0f;
       for (int w = 0; w < NW; ++w) {
-        s += red[w * 32 + TID];
+        s += red[w * CH + TID];
       }
       // Query i of L attends recent rows e >= i + c exactly, c = E - L - WINDOW + 1 (its
       // WINDOW newest positions; older ones packed) and, causal, positions up to S - L + i:
@@ -93,14 +144,12 @@ if (RECENT) {
       den *= alpha;
       ex *= alpha;
       m = mc;
-      for (int e = 0; e < n; ++e) {
+      UNROLL for (int e = 0; e < CH; ++e) {
         // A masked key adds nothing, not 0 * a non-finite value.
-        if (sc[e] != NEG_INF) {
+        if (e < n && sc[e] != NEG_INF) {
           const float p = EXP(sc[e] - shift);
           den += p;
-          if (d < D) {
-            ex += p * static_cast<float>(vp[(e0 + e) * vr_strides[2] + d * vr_strides[3]]);
-          }
+          ex += p * vd[e];
         }
       }
     }

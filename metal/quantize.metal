@@ -13,6 +13,9 @@ constexpr int NW = (D + 31) / 32;
 SHARED float us[ROWS * D];
 SHARED uint32_t idx_s[ROWS * D];
 SHARED float red[ROWS * NW];
+constexpr int MB = KB > VB ? KB : VB;
+SHARED float lev_s[1 << MB];
+SHARED float bnd_s[1 << MB];
 
 const int per_offset = k_shape[2];
 const int n_rows = k_shape[0] * k_shape[1] * per_offset;
@@ -26,6 +29,13 @@ auto levels = is_v ? v_levels : k_levels;
 auto bounds = is_v ? v_bounds : k_bounds;
 auto out = is_v ? v_out : k_out;
 const int j = TID;
+// The codebook in threadgroup memory, and this coordinate's rotation sign, loaded at once:
+// the search below reads a level per step.
+for (int f = j; f < (1 << bits); f += NW * 32) {
+  lev_s[f] = levels[f];
+  bnd_s[f] = f + 1 < (1 << bits) ? bounds[f] : 0.0f;
+}
+const float sign = POW2 && j < D ? TQ_SIGN(rt[j * D]) : 0.0f;
 
 float norm[ROWS];
 for (int r = 0; r < ROWS; ++r) {
@@ -69,7 +79,7 @@ for (int r = 0; r < ROWS; ++r) {
 if (POW2) {
   // The signs and 1 / sqrt(D) of the rotation, then butterflies (threads == D).
   for (int r = 0; r < ROWS; ++r) {
-    us[r * D + j] *= TQ_SIGN(rt[j * D]);
+    us[r * D + j] *= sign;
   }
   BARRIER();
   TQ_FWHT(us, ROWS, j, D)
@@ -85,12 +95,12 @@ for (int r = 0; r < ROWS; ++r) {
   uint32_t idx = 0;
   for (int b = bits - 1; b >= 0; --b) {
     const uint32_t cand = idx + (1u << b);
-    idx = z[r] * sqrt_d > bounds[cand - 1] ? cand : idx;
+    idx = z[r] * sqrt_d > bnd_s[cand - 1] ? cand : idx;
   }
   float lsq = 0.0f;
   if (j < D) {
     idx_s[r * D + j] = idx;
-    lsq = levels[idx] * levels[idx];
+    lsq = lev_s[idx] * lev_s[idx];
   }
   lsq = WARP_SUM(lsq);
   if (LANE == 0) {

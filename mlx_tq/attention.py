@@ -18,6 +18,8 @@ from .rotation import rotate, rotation_matrix, unrotate
 
 # Threadgroups the split-K kernel aims for: about one full wave on an H100.
 TARGET_GROUPS = 640
+# Splits the merge kernel can stage in threadgroup memory (merge.metal).
+MAX_SPLITS = 1024
 # Query tokens L up to which a GPU runs the fused kernel (decode, speculative decoding);
 # longer prefill chunks go through mx.fast SDPA on decoded keys and values.
 FUSED_MAX_ROWS = 8
@@ -328,7 +330,9 @@ def _fused_plan(
     return SimpleNamespace(
         attend=attend,
         attend_args=attend_args,
-        splits=lambda S: max(1, min(-(-S // tile), TARGET_GROUPS // (B * Hkv * blocks))),
+        splits=lambda S: max(
+            1, min(-(-S // tile), TARGET_GROUPS // (B * Hkv * blocks), MAX_SPLITS)
+        ),
         constants=constants,
         ones=ones,
         zeros=zeros,

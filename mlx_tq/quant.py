@@ -222,8 +222,11 @@ def quantize(
     return TurboQuantized(data, mse_bits, dim, seed, x.dtype, offset, sketch, channel_scale)
 
 
-# Rows per threadgroup of quantize.metal: they share each read of rt.
+# Rows per threadgroup of quantize.metal: they share each read of rt. Up to
+# QUANTIZE_ONE_ROW rows (decode: B * H of them) one row per threadgroup instead, so that
+# no threadgroup waits for a loop over rows.
 QUANTIZE_ROWS = 4
+QUANTIZE_ONE_ROW = 256
 
 
 def quantize_kv_ops(keys, values, key_bits, value_bits, seed=0, key_offset=None, key_scale=None):
@@ -235,7 +238,7 @@ def quantize_kv_ops(keys, values, key_bits, value_bits, seed=0, key_offset=None,
 
 
 @cache
-def quantize_template(dtype, dim, key_bits, value_bits, scaled=False, window=0):
+def quantize_template(dtype, dim, key_bits, value_bits, scaled=False, window=0, rows=QUANTIZE_ROWS):
     """Template constants of quantize.metal (built once per variant: decode is launch-bound)."""
     return [
         ("T", dtype),
@@ -244,7 +247,7 @@ def quantize_template(dtype, dim, key_bits, value_bits, scaled=False, window=0):
         ("VB", value_bits),
         ("WK", words_per_row(dim, key_bits) - 1),
         ("WV", words_per_row(dim, value_bits) - 1),
-        ("ROWS", QUANTIZE_ROWS),
+        ("ROWS", rows),
         ("SCALE", scaled),
         ("POW2", dim & (dim - 1) == 0),
         ("RW", window),
@@ -329,9 +332,10 @@ def _quantize_call(dtype, shape, key_bits, value_bits, seed, scaled, window_shap
     constants = [rotation_matrix(dim, seed), *codebook(key_bits, dim), *codebook(value_bits, dim)]
     threads = 32 * -(-dim // 32)
     words = (words_per_row(dim, key_bits), words_per_row(dim, value_bits))
+    rows = 1 if math.prod(lead) <= QUANTIZE_ONE_ROW else QUANTIZE_ROWS
     call = dict(
-        template=quantize_template(dtype, dim, key_bits, value_bits, scaled, W),
-        grid=(threads * 2 * -(-math.prod(lead) // QUANTIZE_ROWS), 1, 1),
+        template=quantize_template(dtype, dim, key_bits, value_bits, scaled, W, rows),
+        grid=(threads * 2 * -(-math.prod(lead) // rows), 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[*((*lead, w) for w in words)] + [window_shape or (1,)] * 2,
         output_dtypes=[mx.uint32, mx.uint32, dtype, dtype],

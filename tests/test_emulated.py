@@ -77,3 +77,8 @@ def test_decode_step_shifts_the_window_in_the_quantise_launch():
 
 def test_decode_rotated_matches_float64():
     test_gpu.test_decode_rotated_matches_float64(64, 3)
+
+
+@pytest.mark.parametrize("one_row", [0, 10**6], ids=["rows-per-group", "one-row"])
+def test_quantize_kv_rows_per_threadgroup(one_row, monkeypatch):
+    test_gpu.test_quantize_kv_rows_per_threadgroup(one_row, monkeypatch)

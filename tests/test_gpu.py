@@ -6,6 +6,7 @@ Skipped where `mlx_tq.kernels.backend()` is None (CPU, CI): test_kernels.py and
 test_attention.py check the plain-ops references there.
 """
 
+import functools
 import math
 from dataclasses import replace
 
@@ -13,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_tq import attention, kernels, quantize, quantize_kv, scaled_dot_product_attention
+from mlx_tq import attention, kernels, quant, quantize, quantize_kv, scaled_dot_product_attention
 from mlx_tq.attention import FUSED_MAX_ROWS, _decoded_attention, _fused_attention
 from mlx_tq.codebook import codebook
 from mlx_tq.quant import TurboQuantized, decode_rotated
@@ -154,6 +155,19 @@ def test_quantize_kv_matches_float64(D, key_bits, value_bits):
     rng = np.random.default_rng([D, key_bits])
     for offset, strided in ((scaled, False), (True, True)):
         check_quantize_kv(rng, D, key_bits, value_bits, dtype, offset, scaled, strided)
+
+
+@pytest.mark.parametrize("one_row", [0, 10**6], ids=["rows-per-group", "one-row"])
+def test_quantize_kv_rows_per_threadgroup(one_row, monkeypatch):
+    """The same float64 checks with QUANTIZE_ROWS rows per threadgroup and with one (a
+    decode step's few rows), whatever the case's row count."""
+    monkeypatch.setattr(quant, "QUANTIZE_ONE_ROW", one_row)
+    monkeypatch.setattr(
+        quant, "_quantize_call", functools.lru_cache(quant._quantize_call.__wrapped__)
+    )
+    rng = np.random.default_rng(11)
+    check_quantize_kv(rng, 128, 4, 3, mx.float16, True, True, False)
+    check_quantize_kv(rng, 80, 3, 2, mx.bfloat16, True, False, True)
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])

@@ -362,11 +362,12 @@ def test_gpu_dispatch_arguments(monkeypatch):
     names = [c[0] for c in RecordingKernel.calls]
     assert names == ["quantize", "decode_attention", "merge"]  # K and V in one launch
     _, q_in, q_t, q_grid, _ = RecordingKernel.calls[0]
-    assert q_t["SCALE"] and (q_t["KB"], q_t["VB"]) == (4, 3) and q_t["ROWS"] == 4
+    # A decode step's few rows: one per threadgroup.
+    assert q_t["SCALE"] and (q_t["KB"], q_t["VB"]) == (4, 3) and q_t["ROWS"] == 1
     assert (q_t["WK"], q_t["WV"]) == (words_per_row(D, 4) - 1, words_per_row(D, 3) - 1)
     assert mx.array_equal(q_in[7], cache.key_offset.reshape(-1, D))  # offset rows
     assert mx.array_equal(q_in[8], cache.key_scale.reshape(-1, D))  # scale rows
-    assert q_grid[0] == 128 * 2 * -(-B * Hkv // 4)  # key blocks, then as many value blocks
+    assert q_grid[0] == 128 * 2 * B * Hkv  # key blocks, then as many value blocks
     _, a_in, a_t, a_grid, a_tg = RecordingKernel.calls[1]
     assert a_t["SMOOTH"] and a_t["POW2"] and not a_t["CAUSAL"] and (a_t["KB"], a_t["VB"]) == (4, 3)
     assert a_in[1].shape[2] == S + 1 and a_grid[1] == B * Hkv and a_tg == (a_t["TILE"], 1, 1)
