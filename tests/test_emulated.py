@@ -21,6 +21,9 @@ ATTENTION = [  # (B, Hkv, G, L, S, D, key bits, value bits, dtype, smooth): stra
     (1, 1, 1, 1, 65, 256, 4, 4, mx.float16, True),
     (1, 1, 4, 1, 700, 256, 5, 4, mx.float16, True),  # Gemma's sliding layers (tq4)
     (1, 2, 6, 2, 300, 128, 8, 3, mx.bfloat16, False),
+    # 71 splits of 64-dim rows: more than one SIMD-group's and more than the merge's 64
+    # threads' worth (its block-wide max and strided staging).
+    (1, 1, 2, 1, 9000, 64, 4, 4, mx.float16, False),
 ]
 
 
@@ -36,6 +39,10 @@ def test_attention_matches_float64(config, groups, monkeypatch):
     three threadgroups, so that each split runs several tiles (online softmax, prefetch)."""
     monkeypatch.setattr(attention, "TARGET_GROUPS", groups)
     test_gpu.test_attention_matches_float64(config)
+
+
+def test_merge_shifts_by_the_max_of_every_split():
+    test_gpu.test_merge_shifts_by_the_max_of_every_split()
 
 
 @pytest.mark.parametrize("config", test_gpu.RECENT[:5], ids=[str(c) for c in test_gpu.RECENT[:5]])

@@ -288,6 +288,27 @@ def test_attention_matches_float64(config):
     assert err_public <= tol_public, errors
 
 
+def test_merge_shifts_by_the_max_of_every_split():
+    """Each query's one loud key (score ~2,400) sits in a late split, 71 splits of 64-dim rows:
+    split 39 (staged by the merge's second SIMD-group) and split 66 (past its 64 threads, a
+    second round of staging). Shifting by any max but the largest overflows exp."""
+    S, D = 9000, 64
+    rng = np.random.default_rng(9)
+    queries = normal(rng, (1, 2, 1, D))
+    x = np.asarray(rng.standard_normal((1, 1, S, D)), np.float32)
+    x[0, 0, 5000], x[0, 0, 8500] = 300 * np.array(queries[0, :, 0])
+    keys = quantize(mx.array(x), 4, 0, check_finite=False)
+    values = quantize(normal(rng, (1, 1, S, D)), 4, 1, check_finite=False)
+    assert (
+        attention._fused_plan(
+            mx.float32, 1, 2, 1, 1, D, 4, 4, (0, 1), False, False, D**-0.5, 0
+        ).splits(S)
+        == 71
+    )
+    ref = attention_f64(queries, keys, values, D**-0.5, None)
+    assert rel_err(_fused_attention(queries, keys, values, D**-0.5, False), ref) <= TOL_ATTENTION
+
+
 RECENT = [  # (B, Hkv, G, L, S, D, key bits, value bits, window): E = min(S, window - 1 + L)
     (1, 8, 4, 1, 4096, 128, 4, 4, 4),
     (1, 2, 4, 5, 1000, 128, 4, 4, 4),
