@@ -18,8 +18,8 @@ arrays of the right shapes, so a CPU measures the Python side of a GPU decode st
 
 `--full-model` keeps Llama-3.1-8B's MLP and vocabulary (random weights, 16 GB at 32 layers):
 the pipelined figure is then the decode speed of that model, caches filled without a
-prefill. `--configs` picks the caches (fp16, tq2-tq4: the `kv_bits` presets; -r0: no exact
-recent window).
+prefill. `--configs` picks the caches, named as for `mlx_tq.bench` (fp16, tq<kv_bits>,
+tq4-r0: no exact recent window, ...).
 
 `--one-layer` times one attention layer's step alone instead (the cache update and mlx-lm's
 attention call, 500 steps): fp16's `KVCache` + `mx.fast` SDPA against a TurboQuant cache.
@@ -33,10 +33,9 @@ import time
 import mlx.core as mx
 from gpu_bench import RANDOM_MODELS
 from mlx_lm.models import llama
-from mlx_lm.models.cache import make_prompt_cache as fp16_cache
 
 import mlx_tq
-from mlx_tq import kernels
+from mlx_tq import kernels, tools
 
 
 def stub_kernels():
@@ -66,17 +65,6 @@ def filled(cache, context, dtype):
         c.update_and_fetch(k, k)
         mx.eval(*[a for a in (c.keys, c.values, getattr(c, "key_scale", None)) if a is not None])
     return cache
-
-
-def make_cache(model, name):
-    """fp16 (mlx-lm's caches) or a TurboQuant preset named tq<kv_bits>[-r0]."""
-    if name == "fp16":
-        return fp16_cache(model)
-    bits, _, r0 = name.removeprefix("tq").partition("-")
-    if not bits.isdigit() or r0 not in ("", "r0"):
-        raise ValueError(f"config {name!r} is not supported: use fp16, tq<bits> or tq<bits>-r0")
-    options = {"recent_tokens": 0} if r0 else {}
-    return mlx_tq.make_prompt_cache(model, kv_bits=int(bits), **options)
 
 
 def one_layer(args, dtype):
@@ -122,13 +110,15 @@ def main():
     parser.add_argument("--stub", action="store_true", help="stub kernels (time the host only)")
     parser.add_argument("--one-layer", action="store_true", help="one layer's step alone")
     parser.add_argument("--full-model", action="store_true", help="Llama-3.1-8B's MLP and vocab")
-    parser.add_argument("--configs", nargs="+", default=["fp16", "tq4", "tq4-r0"])
+    parser.add_argument(
+        "--configs", type=tools.check_config, nargs="+", default=["fp16", "tq4", "tq4-r0"]
+    )
     args = parser.parse_args()
     dtype = mx.float16
     if args.one_layer:
         return one_layer(args, dtype)
     model = llama_model(args.layers, dtype, small_mlp=not args.full_model)
-    caches = {name: filled(make_cache(model, name), args.context, dtype) for name in args.configs}
+    caches = {n: filled(tools.make_cache(model, n), args.context, dtype) for n in args.configs}
     if args.stub:
         stub_kernels()
     mlx_tq.patch()
