@@ -14,28 +14,25 @@ constexpr int NT = NW * 32;
 // At most this many splits (attention.py: MAX_SPLITS).
 constexpr int MAX_SPLITS = 1024;
 SHARED float z[D];
+// Recent keys per chunk (a decode step has window - 1 + L of them).
 constexpr int CH = 8;
 SHARED float red[NW * CH];
 SHARED float sc[CH];
 SHARED float ws[MAX_SPLITS];
-SHARED float ls[MAX_SPLITS];
 SHARED float part[NW];
 const int n_splits = ml_shape[1];
 const int GL = ml_shape[2];
 const int bh = TGID.x / GL;
 const int row = TGID.x % GL;
 const int d = TID;
-// Everything that does not depend on another load is loaded first, so that one memory
-// latency covers it all: this thread's dim of the query, the keys' offset, the first chunk
-// of recent keys and values and of the splits' outputs, and the splits' (max, sum).
+// The recent rows' indices, and this thread's dim of the query and the keys' offset
+// (loaded first: their latency overlaps the splits' loads).
 const int n_kv = RECENT ? kr_shape[1] : 1;
 const int E = RECENT ? kr_shape[2] : 0;
 const int L = RECENT ? q_shape[2] : 1;
 const int b = bh / n_kv;
 const int h = bh % n_kv;
 const int i = row % L;
-// (POW2: D >= 32 threads, one per dim.)
-const float sign = POW2 ? TQ_SIGN(rt_t[d]) : 1.0f;
 float qd = 0.0f;
 float mu = 0.0f;
 if (RECENT && d < D) {
@@ -45,30 +42,12 @@ if (RECENT && d < D) {
        scale[0];
   mu = k_off[b * k_off_strides[0] + h * k_off_strides[1] + d * k_off_strides[3]];
 }
-// Recent keys per chunk (a decode step has window - 1 + L of them).
-const auto kp = kr + (RECENT ? b * kr_strides[0] + h * kr_strides[1] : 0);
-const auto vp = vr + (RECENT ? b * vr_strides[0] + h * vr_strides[1] : 0);
-float kd[CH];
-float vd[CH];
-UNROLL for (int e = 0; e < CH; ++e) {
-  const bool in = RECENT && d < D && e < E;
-  kd[e] = in ? static_cast<float>(kp[e * kr_strides[2] + d * kr_strides[3]]) : 0.0f;
-  vd[e] = in ? static_cast<float>(vp[e * vr_strides[2] + d * vr_strides[3]]) : 0.0f;
-}
-// Splits per round of loads in flight.
-constexpr int U = 16;
-const auto op = o + (bh * n_splits * GL + row) * D + d;  // split s at op[s * GL * D]
-float ov[U];
-UNROLL for (int u = 0; u < U; ++u) {
-  ov[u] = d < D && u < n_splits ? op[u * GL * D] : 0.0f;
-}
-// The splits' maxima and sums, staged by all threads at once: a loop over the splits in
-// each thread waited for one load after another.
+// The splits' maxima, then their weights, staged by all threads at once: a loop over the
+// splits in each thread waited for one load after another.
 const auto mlr = ml + (bh * n_splits * GL + row) * 2;  // split s at mlr[s * GL * 2]
 float mt = NEG_INF;
 for (int s = TID; s < n_splits; s += NT) {
   const float ms = mlr[s * GL * 2];
-  ls[s] = mlr[s * GL * 2 + 1];
   ws[s] = ms;
   mt = ms > mt ? ms : mt;
 }
@@ -87,7 +66,7 @@ for (int s = TID; s < n_splits; s += NT) {
   // A split that saw no key (max -inf) adds nothing.
   const float w = ws[s] == NEG_INF ? 0.0f : EXP(ws[s] - m);
   ws[s] = w;
-  dt += w * ls[s];
+  dt += w * mlr[s * GL * 2 + 1];
 }
 dt = WARP_SUM(dt);
 if (LANE == 0) {
@@ -100,35 +79,35 @@ for (int w = 0; w < NW; ++w) {
 }
 float num = 0.0f;
 if (d < D) {
-  float nu[U];
-  UNROLL for (int u = 0; u < U; ++u) {
-    nu[u] = u < n_splits ? ws[u] * ov[u] : 0.0f;
-  }
-  for (int s = U; s < n_splits; s += U) {
-    UNROLL for (int u = 0; u < U; ++u) {
-      ov[u] = s + u < n_splits ? op[(s + u) * GL * D] : 0.0f;
-    }
-    UNROLL for (int u = 0; u < U; ++u) {
-      nu[u] += s + u < n_splits ? ws[s + u] * ov[u] : 0.0f;
+  // Eight loads in flight per round.
+  const auto op = o + (bh * n_splits * GL + row) * D + d;  // split s at op[s * GL * D]
+  float n8[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  int s = 0;
+  for (; s + 8 <= n_splits; s += 8) {
+    UNROLL for (int u = 0; u < 8; ++u) {
+      n8[u] += ws[s + u] * op[(s + u) * GL * D];
     }
   }
-  UNROLL for (int u = 0; u < 4; ++u) {
-    nu[u] += nu[u + 4] + (nu[u + 8] + nu[u + 12]);
+  for (; s < n_splits; ++s) {
+    n8[0] += ws[s] * op[s * GL * D];
   }
-  num = (nu[0] + nu[1]) + (nu[2] + nu[3]);
+  num = ((n8[0] + n8[1]) + (n8[2] + n8[3])) + ((n8[4] + n8[5]) + (n8[6] + n8[7]));
 }
 float ex = 0.0f;  // this thread's dim of the exact values' weighted sum, original space
 if (RECENT) {
+  const auto kp = kr + b * kr_strides[0] + h * kr_strides[1];
+  const auto vp = vr + b * vr_strides[0] + h * vr_strides[1];
   // CH keys at a time: each SIMD-group sums its dims of the CH scores, then CH threads
   // add the groups' sums; online softmax against the splits' max.
   for (int e0 = 0; e0 < E; e0 += CH) {
     const int n = E - e0 < CH ? E - e0 : CH;
-    if (e0 > 0) {  // (the first chunk was loaded above)
-      UNROLL for (int e = 0; e < CH; ++e) {
-        const bool in = d < D && e < n;
-        kd[e] = in ? static_cast<float>(kp[(e0 + e) * kr_strides[2] + d * kr_strides[3]]) : 0.0f;
-        vd[e] = in ? static_cast<float>(vp[(e0 + e) * vr_strides[2] + d * vr_strides[3]]) : 0.0f;
-      }
+    // This thread's dim of the chunk's keys and values, all loads in flight at once.
+    float kd[CH];
+    float vd[CH];
+    UNROLL for (int e = 0; e < CH; ++e) {
+      const bool in = d < D && e < n;
+      kd[e] = in ? static_cast<float>(kp[(e0 + e) * kr_strides[2] + d * kr_strides[3]]) : 0.0f;
+      vd[e] = in ? static_cast<float>(vp[(e0 + e) * vr_strides[2] + d * vr_strides[3]]) : 0.0f;
     }
     UNROLL for (int e = 0; e < CH; ++e) {
       if (e < n) {
@@ -182,7 +161,7 @@ if (POW2) {
   z[d] = num;
   BARRIER();
   TQ_FWHT(z, 1, d, D)
-  out[(bh * GL + row) * D + d] = static_cast<T>((z[d] * sign + ex) / den);
+  out[(bh * GL + row) * D + d] = static_cast<T>((z[d] * TQ_SIGN(rt_t[d]) + ex) / den);
 } else {
   if (d < D) {
     z[d] = num;
