@@ -268,6 +268,18 @@ def _decode_template(dtype, D, key_bits, value_bits, GL, causal, smooth, tail=0)
     return template, tile, R
 
 
+def merge_template(dtype, D, recent, causal):
+    """Template constants of merge.metal (`recent`: the exact window, 0 for none)."""
+    return [
+        ("T", dtype),
+        ("D", D),
+        ("POW2", D & (D - 1) == 0),
+        ("RECENT", recent > 0),
+        ("WINDOW", recent),
+        ("CAUSAL", causal),
+    ]
+
+
 @cache
 def _fused_plan(
     dtype, B, Hq, Hkv, L, D, key_bits, value_bits, seeds, causal, smooth, scale, recent
@@ -296,14 +308,7 @@ def _fused_plan(
     zeros = mx.zeros((1, 1, 1, D), mx.float32)
     threads = 32 * -(-D // 32)
     merge_args = dict(
-        template=[
-            ("T", dtype),
-            ("D", D),
-            ("POW2", D & (D - 1) == 0),
-            ("RECENT", recent > 0),
-            ("WINDOW", recent),
-            ("CAUSAL", causal),
-        ],
+        template=merge_template(dtype, D, recent, causal),
         grid=(threads * B * Hkv * GL, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(B, Hq, L, D)],

@@ -141,3 +141,23 @@ def test_gpu_targets(monkeypatch):
     assert gpu_bench.check_targets(report)[2].startswith("PASS memory")
     report["results"][2].update(kv_bytes=200, kv_bits=32)  # a float32 row: the same fp16 bytes
     assert gpu_bench.check_targets(report)[2].startswith("PASS memory")
+
+
+def test_kernel_sass_builds_each_decode_step_kernel_as_mlx_would(monkeypatch):
+    # The offline SASS tool's text for each kernel: the dispatchers' template constants, and
+    # every shape/stride argument the body reads (else NVRTC would fail on the device's
+    # behalf). Compiling needs NVRTC, which CI does not install.
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import kernel_sass
+
+    for name in ("decode_attention", "merge", "quantize"):
+        template, inputs, outputs = kernel_sass.variant(name, kernel_sass.mx.float16, 128, 4)
+        text = kernel_sass.source(name, template, inputs, outputs)
+        assert "constexpr int D = 128;" in text and "using T = __half;" in text
+        body = text.split("__global__", 1)[1]
+        for n, _ in inputs:
+            for part in ("shape", "strides"):
+                if f"{n}_{part}[" in body.split(") {", 1)[1]:
+                    assert f" {n}_{part}," in body or f" {n}_{part})" in body
+    with pytest.raises(SystemExit, match="unknown kernel"):
+        kernel_sass.variant("nope", kernel_sass.mx.float16, 128, 4)

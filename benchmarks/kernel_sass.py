@@ -1,0 +1,179 @@
+"""Registers and SASS instruction counts of mlx_tq's CUDA kernels, offline (no GPU).
+
+Builds a kernel as `mx.fast.cuda_kernel` would for one decode-step variant (the template
+constants come from the dispatchers), compiles it with NVRTC for sm_90 (the H200) and
+disassembles it, so a kernel change can be checked for registers (occupancy) and code size
+before any device time is spent: a tile prefetch that looked free took the attention kernel
+from 69 to 191-255 registers per thread (benchmarks/RESULTS.md, 2026-12-01).
+
+    pip install nvidia-cuda-nvrtc nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm  # CUDA 13
+    python benchmarks/kernel_sass.py decode_attention [--bits 4] [--head-dim 128] [--sass out.sass]
+
+Needs the CUDA headers (cuda_fp16.h, cuda/std; `--cuda-include`, default
+$CUDA_HOME/include or /usr/local/cuda/include). MLX's own device header is replaced by a
+stand-in for its Shape and Strides types, so the code is MLX's but for that header.
+"""
+
+import argparse
+import collections
+import ctypes
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import mlx.core as mx
+
+from mlx_tq import attention, kernels, quant
+
+CUDA_TYPES = {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float"}
+STAND_IN = """#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <cuda/std/array>
+#include <cuda/std/cstdint>
+#include <cuda/std/limits>
+#define MAX_NDIM 10
+using cuda::std::int32_t; using cuda::std::int64_t; using cuda::std::uint32_t;
+using cuda::std::uint64_t;
+namespace mlx::core::cu {
+using Shape = cuda::std::array<int32_t, MAX_NDIM>;
+using Strides = cuda::std::array<int64_t, MAX_NDIM>;
+}
+"""
+
+
+def variant(name, dtype, D, bits, G=4, recent=4):
+    """(template, inputs, outputs) of one decode-step launch, each input (name, type)."""
+    T = CUDA_TYPES[dtype]
+    if name == "decode_attention":
+        template, _, _ = attention._decode_template(
+            dtype, D, bits, bits, G, recent > 0, True, recent
+        )
+        inputs = [("q", T), ("k", "uint32_t"), ("v", "uint32_t")]
+        inputs += [(n, "float") for n in ("rt", "scale", "k_levels", "v_levels", "qscale")]
+        return template, inputs + [("starts", "int32_t")], [("o", "float"), ("ml", "float")]
+    if name == "merge":
+        template = attention.merge_template(dtype, D, recent, False)
+        inputs = [("o", "float"), ("ml", "float"), ("rt_t", "float"), ("q", T), ("kr", T)]
+        return template, inputs + [("vr", T), ("k_off", "float"), ("scale", "float")], [("out", T)]
+    if name == "quantize":
+        template = quant.quantize_template(dtype, D, bits, bits, True, recent, 1)
+        inputs = [("k", T), ("v", T)] + [(n, "float") for n in ("rt", "k_levels", "k_bounds")]
+        inputs += [(n, "float") for n in ("v_levels", "v_bounds", "offset", "scale")]
+        outputs = [("k_out", "uint32_t"), ("v_out", "uint32_t"), ("k_win_out", T), ("v_win_out", T)]
+        return template, inputs + [("k_win", T), ("v_win", T)], outputs
+    raise SystemExit(f"unknown kernel {name!r}: choose decode_attention, merge or quantize")
+
+
+def source(name, template, inputs, outputs):
+    """The kernel's text as MLX's CUDA custom_kernel.cpp builds it (build_kernel)."""
+    header, body = kernels.program(name, "cuda")
+    args = []
+    for n, t in inputs:
+        args.append(f"const {t}* {n}")
+        args += [
+            f"const __grid_constant__ {k} {n}_{s}"
+            for k, s in (("Shape", "shape"), ("Strides", "strides"))
+            if f"{n}_{s}" in body
+        ]
+    args += [f"{t}* {n}" for n, t in outputs]
+    consts = []
+    for k, v in template:
+        if isinstance(v, mx.Dtype):
+            consts.append(f"using {k} = {CUDA_TYPES[v]};")
+        elif isinstance(v, bool):
+            consts.append(f"constexpr bool {k} = {str(v).lower()};")
+        else:
+            consts.append(f"constexpr int {k} = {v};")
+    return (
+        STAND_IN
+        + header
+        + "namespace mlx::core::cu {\n__global__ void kernel("
+        + ",\n".join(args)
+        + ") {\n"
+        + "\n".join(consts)
+        + "\n"
+        + body
+        + "\n}\n}\n"
+    )
+
+
+def find(pattern, what):
+    import nvidia
+
+    for root in nvidia.__path__:
+        hits = sorted(glob.glob(os.path.join(root, pattern)))
+        if hits:
+            return hits[-1]
+    raise SystemExit(
+        f"{what} not found: pip install nvidia-cuda-nvrtc nvidia-cuda-cuobjdump "
+        "nvidia-cuda-nvdisasm"
+    )
+
+
+def compile_cubin(text, arch, include):
+    nvrtc = ctypes.CDLL(find("cu*/lib/libnvrtc.so*", "libnvrtc"))
+    prog = ctypes.c_void_p()
+    nvrtc.nvrtcCreateProgram(ctypes.byref(prog), text.encode(), b"k.cu", 0, None, None)
+    opts = [f"--gpu-architecture={arch}", "-std=c++17", f"-I{include}", f"-I{include}/cccl"]
+    opts = (ctypes.c_char_p * len(opts))(*(o.encode() for o in opts))
+    status = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+    size = ctypes.c_size_t()
+    nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    if status != 0:
+        raise SystemExit(f"NVRTC failed:\n{log.value.decode()}")
+    nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+    cubin = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetCUBIN(prog, cubin)
+    return cubin.raw
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kernel", help="decode_attention, merge or quantize")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--bits", type=int, default=4, help="key and value bits")
+    parser.add_argument("--recent", type=int, default=4, help="exact window (0: none)")
+    parser.add_argument("--arch", default="sm_90")
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    parser.add_argument("--cuda-include", default=os.path.join(home, "include"))
+    parser.add_argument("--sass", help="also write the disassembly here")
+    args = parser.parse_args()
+    dtype = getattr(mx, args.dtype)
+    text = source(
+        args.kernel, *variant(args.kernel, dtype, args.head_dim, args.bits, recent=args.recent)
+    )
+    cuobjdump = shutil.which("cuobjdump") or find("cu*/bin/cuobjdump", "cuobjdump")
+    if not os.access(cuobjdump, os.X_OK):  # (the wheels install their tools without +x)
+        raise SystemExit(f"chmod +x {os.path.dirname(cuobjdump)}/*: cuobjdump and nvdisasm")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(compile_cubin(text, args.arch, args.cuda_include))
+        usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True)
+        sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True).stdout
+    if args.sass:
+        with open(args.sass, "w") as f:
+            f.write(sass)
+    ops = collections.Counter(
+        m.group(2).split(".")[0]
+        for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass)
+    )
+    print(
+        f"{args.kernel} {args.dtype} D={args.head_dim} bits={args.bits} "
+        f"recent={args.recent} ({args.arch})"
+    )
+    print(" ".join(re.findall(r"REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+", usage.stdout)))
+    print(
+        f"{sum(ops.values())} instructions:", ", ".join(f"{o} {n}" for o, n in ops.most_common(12))
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
