@@ -39,7 +39,7 @@ from mlx_tq import kernels, tools
 
 
 def stub_kernels():
-    def stub(inputs, template, grid, threadgroup, output_shapes, output_dtypes, **_):
+    def stub(inputs, grid, threadgroup, output_shapes, output_dtypes, **_):
         return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes, strict=True)]
 
     kernels.backend = lambda: "cuda"

@@ -29,7 +29,7 @@ import mlx.core as mx
 
 from mlx_tq import attention, kernels, quant
 
-CUDA_TYPES = {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float"}
+CUDA_TYPES = kernels.TYPE_NAMES["cuda"]
 STAND_IN = """#include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <cuda/std/array>
@@ -69,36 +69,20 @@ def variant(name, dtype, D, bits, G=4, recent=4):
 
 
 def source(name, template, inputs, outputs):
-    """The kernel's text as MLX's CUDA custom_kernel.cpp builds it (build_kernel)."""
-    header, body = kernels.program(name, "cuda")
+    """The kernel's text as MLX's CUDA custom_kernel.cpp builds it (build_kernel), the
+    template constants in the body as mlx_tq passes them (`kernels.program`)."""
+    header, body = kernels.program(name, "cuda", template)
     args = []
     for n, t in inputs:
         args.append(f"const {t}* {n}")
-        args += [
-            f"const __grid_constant__ {k} {n}_{s}"
-            for k, s in (("Shape", "shape"), ("Strides", "strides"))
-            if f"{n}_{s}" in body
-        ]
+        for kind, part in (("Shape", "shape"), ("Strides", "strides")):
+            if f"{n}_{part}" in body:
+                args.append(f"const __grid_constant__ {kind} {n}_{part}")
     args += [f"{t}* {n}" for n, t in outputs]
-    consts = []
-    for k, v in template:
-        if isinstance(v, mx.Dtype):
-            consts.append(f"using {k} = {CUDA_TYPES[v]};")
-        elif isinstance(v, bool):
-            consts.append(f"constexpr bool {k} = {str(v).lower()};")
-        else:
-            consts.append(f"constexpr int {k} = {v};")
     return (
-        STAND_IN
-        + header
-        + "namespace mlx::core::cu {\n__global__ void kernel("
-        + ",\n".join(args)
-        + ") {\n"
-        + "\n".join(consts)
-        + "\n"
-        + body
-        + "\n}\n}\n"
-    )
+        STAND_IN + header + "namespace mlx::core::cu {\n__global__ void kernel("
+        + ",\n".join(args) + ") {\n" + body + "\n}\n}\n"
+    )  # fmt: skip
 
 
 def find(pattern, what):

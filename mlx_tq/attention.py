@@ -297,6 +297,7 @@ def _fused_plan(
         ("q", "k", "v", "rt", "scale", "k_levels", "v_levels", "qscale", "starts"),
         ("o", "ml"),
         contiguous=False,
+        template=tuple(template),
     )
     constants = [
         rotation_matrix(D, seeds[0]),
@@ -308,7 +309,6 @@ def _fused_plan(
     zeros = mx.zeros((1, 1, 1, D), mx.float32)
     threads = 32 * -(-D // 32)
     merge_args = dict(
-        template=merge_template(dtype, D, recent, causal),
         grid=(threads * B * Hkv * GL, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(B, Hq, L, D)],
@@ -318,14 +318,17 @@ def _fused_plan(
     unrotation = mx.contiguous(rotation_matrix(D, seeds[1]).T)
     mx.eval(constants, ones, no_starts, zeros, unrotation)
     merge_kernel = kernels.kernel(
-        "merge", ("o", "ml", "rt_t", "q", "kr", "vr", "k_off", "scale"), ("out",), contiguous=False
+        "merge",
+        ("o", "ml", "rt_t", "q", "kr", "vr", "k_off", "scale"),
+        ("out",),
+        contiguous=False,
+        template=tuple(merge_template(dtype, D, recent, causal)),
     )
     blocks = -(-GL // R)
 
     @cache
     def attend_args(splits):  # the launch for a split count (one per 128 keys, then fixed)
         return dict(
-            template=template,
             grid=(tile * splits, B * Hkv, blocks),
             threadgroup=(tile, 1, 1),
             output_shapes=[(B * Hkv, splits, GL, D), (B * Hkv, splits, GL, 2)],

@@ -35,23 +35,67 @@ def source(name: str) -> str:
     return "".join(f"{line}\n" for line in lines if line and not line.startswith("//"))
 
 
-def program(name: str, kind: str) -> tuple[str, str]:
-    """(header, body) of kernel `name` for backend `kind`."""
+# A template dtype's name in each backend's kernel source (CUDA: as MLX's
+# dtype_to_cuda_type writes it; Metal: its native types).
+TYPE_NAMES = {
+    "metal": {mx.float16: "half", mx.bfloat16: "bfloat16_t", mx.float32: "float"},
+    "cuda": {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float"},
+}
+
+
+def constants(template, kind: str) -> str:
+    """Source lines that declare a kernel's template constants: (name, value) pairs, the
+    value an mx.Dtype, a bool or an int >= 0."""
+    lines = []
+    for key, value in template:
+        if isinstance(value, mx.Dtype):
+            lines.append(f"using {key} = {TYPE_NAMES[kind][value]};")
+        elif isinstance(value, bool):
+            lines.append(f"constexpr bool {key} = {'true' if value else 'false'};")
+        else:
+            lines.append(f"constexpr int {key} = {int(value)};")
+    return "".join(f"{line}\n" for line in lines)
+
+
+def variant_name(name: str, template) -> str:
+    """MLX's name for kernel `name` with `template` (custom_kernel.cpp's
+    template_arguments_hash), so that profiles name each variant as before."""
+    dtypes = {mx.float16: "float16_t", mx.bfloat16: "bfloat16_t", mx.float32: "float"}
+    parts = [
+        dtypes[v] if isinstance(v, mx.Dtype) else ("t" if v else "f") if isinstance(v, bool)
+        else str(int(v))
+        for _, v in template
+    ]  # fmt: skip
+    return "".join(f"_{p}" for p in [name, *parts])[1:]
+
+
+def program(name: str, kind: str, template=()) -> tuple[str, str]:
+    """(header, body) of kernel `name` for backend `kind`, its template constants declared
+    at the top of the body."""
     prelude = source(f"prelude_{kind}.h") + source("common.h")
-    body = source(f"{name}.metal")
+    body = constants(template, kind) + source(f"{name}.metal")
     # MLX adds the Metal attributes named in the body to the signature, so the Metal
     # prelude goes in the body; CUDA device helpers must sit outside the kernel.
     return ("", prelude + body) if kind == "metal" else (prelude, body)
 
 
 @cache
-def kernel(name: str, inputs: tuple[str, ...], outputs: tuple[str, ...], contiguous: bool = True):
-    """The kernel `name` for the current backend, built once."""
+def kernel(
+    name: str,
+    inputs: tuple[str, ...],
+    outputs: tuple[str, ...],
+    contiguous: bool = True,
+    template: tuple = (),
+):
+    """The kernel `name` for the current backend with the template constants `template`
+    ((name, value) pairs; see `constants`), built once per variant. The constants are written
+    into its source, so a call passes none: MLX formats and hashes each template constant at
+    every call (+3-4 us of host time a call for 10 more on the H200's host, 2026-12-01)."""
     kind = backend()
-    header, body = program(name, kind)
+    header, body = program(name, kind, template)
     make = mx.fast.metal_kernel if kind == "metal" else mx.fast.cuda_kernel
     return make(
-        name=f"tq_{name}",
+        name=variant_name(f"tq_{name}", template),
         input_names=list(inputs),
         output_names=list(outputs),
         source=body,

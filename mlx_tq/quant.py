@@ -321,20 +321,20 @@ def _quantize_call(dtype, shape, key_bits, value_bits, seed, scaled, window_shap
     """The quantise kernel and its arguments other than the inputs that change, for keys
     of `shape` (B, H, L, D) and a window of `window_shape` (B, H, W, D) or None: built once
     per variant and shape (a decode step repeats one)."""
+    *lead, dim = shape
+    W = 0 if window_shape is None else window_shape[-2]
+    rows = 1 if math.prod(lead) <= QUANTIZE_ONE_ROW else QUANTIZE_ROWS
     kernel = kernels.kernel(
         "quantize",
         ("k", "v", "rt", "k_levels", "k_bounds", "v_levels", "v_bounds", "offset", "scale")
         + ("k_win", "v_win"),
         ("k_out", "v_out", "k_win_out", "v_win_out"),
+        template=tuple(quantize_template(dtype, dim, key_bits, value_bits, scaled, W, rows)),
     )
-    *lead, dim = shape
-    W = 0 if window_shape is None else window_shape[-2]
     constants = [rotation_matrix(dim, seed), *codebook(key_bits, dim), *codebook(value_bits, dim)]
     threads = 32 * -(-dim // 32)
     words = (words_per_row(dim, key_bits), words_per_row(dim, value_bits))
-    rows = 1 if math.prod(lead) <= QUANTIZE_ONE_ROW else QUANTIZE_ROWS
     call = dict(
-        template=quantize_template(dtype, dim, key_bits, value_bits, scaled, W, rows),
         grid=(threads * 2 * -(-math.prod(lead) // rows), 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[*((*lead, w) for w in words)] + [window_shape or (1,)] * 2,
@@ -418,10 +418,10 @@ def decode_rotated(t: TurboQuantized, dtype, shift: int = 0) -> mx.array:
         return decode_rotated_ops(t, dtype, shift)
     B, H, S, D = t.shape
     threads = 32 * -(-D // 32)
-    kernel = kernels.kernel("dequantize", ("data", "levels"), ("out",), contiguous=False)
+    template = tuple(dequantize_template(dtype, D, t.bits, shift))
+    kernel = kernels.kernel("dequantize", ("data", "levels"), ("out",), False, template)
     (out,) = kernel(
         inputs=[t.data, codebook(t.bits, D)[0]],
-        template=dequantize_template(dtype, D, t.bits, shift),
         grid=(threads * B * H * S, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(B, H, S, D)],

@@ -140,10 +140,10 @@ def _write(path, a: np.ndarray):
         f.write(np.lib.stride_tricks.as_strided(a, (span,), (a.itemsize,)).tobytes())
 
 
-def kernel(name, inputs, outputs, contiguous=True):
+def kernel(name, inputs, outputs, contiguous=True, template=()):
     """A stand-in for `mlx_tq.kernels.kernel(name, ...)` that runs on the CPU."""
 
-    def call(inputs: list, template, grid, threadgroup, output_shapes, output_dtypes, **_):
+    def call(inputs: list, grid, threadgroup, output_shapes, output_dtypes, **_):
         arrays = [
             np.array(a.astype(mx.float32)) if a.dtype not in CTYPES else np.asarray(memoryview(a))
             for a in inputs

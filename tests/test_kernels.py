@@ -100,9 +100,10 @@ def variants():
 
 
 def metal_source(i, name, template):
-    """The kernel as MLX's metal_kernel generates it (without the host_name attribute)."""
+    """The kernel as MLX's metal_kernel generates it (without the host_name attribute): the
+    template constants are in the body (`kernels.program`), so no template parameters."""
     inputs, outputs = SIGNATURES[name]
-    header, body = kernels.program(name, "metal")
+    header, body = kernels.program(name, "metal", template)
     dtype = dict(template).get("T")
     params = []
     for arg, t, size in inputs:
@@ -121,23 +122,13 @@ def metal_source(i, name, template):
     ):
         if attr in body:
             params.append(f"{ctype} {attr}")
-    kinds = {int: "int", bool: "bool"}
-    decl = ", ".join(f"{kinds.get(type(v), 'typename')} {k}" for k, v in template)
-    args = ", ".join(
-        METAL_TYPES[v] if isinstance(v, mx.Dtype) else str(int(v)) for _, v in template
-    )
-    fn = f"kernel_{i}"
-    return (
-        f"{header}template <{decl}>\nvoid {fn}(\n  "
-        + ",\n  ".join(params)
-        + f") {{\n{body}\n}}\ntemplate decltype({fn}<{args}>) {fn}<{args}>;\n"
-    )
+    return f"{header}void kernel_{i}(\n  " + ",\n  ".join(params) + f") {{\n{body}\n}}\n"
 
 
 def cuda_source(i, name, template):
-    """The kernel as MLX's cuda_kernel generates it."""
+    """The kernel as MLX's cuda_kernel generates it (constants in the body, none passed)."""
     inputs, outputs = SIGNATURES[name]
-    header, body = kernels.program(name, "cuda")
+    header, body = kernels.program(name, "cuda", template)
     dtype = dict(template).get("T")
     params = []
     for arg, t, _ in inputs:
@@ -146,16 +137,10 @@ def cuda_source(i, name, template):
             if f"{arg}_{suffix}" in body:
                 params.append(f"const __grid_constant__ {ctype} {arg}_{suffix}")
     params += [f"{CUDA_TYPES[t or dtype]}* {arg}" for arg, t in outputs]
-    consts = "".join(
-        f"  using {k} = {CUDA_TYPES[v]};\n"
-        if isinstance(v, mx.Dtype)
-        else f"  constexpr {'bool' if isinstance(v, bool) else 'int'} {k} = {str(v).lower()};\n"
-        for k, v in template
-    )
     return (
         f"{header}\nnamespace mlx::core::cu {{\n__global__ void kernel_{i}(\n    "
         + ",\n    ".join(params)
-        + f") {{\n{consts}\n{body}\n}}\n}}\n"
+        + f") {{\n{body}\n}}\n}}\n"
     )
 
 
@@ -189,8 +174,9 @@ def test_metal_sources_compile(tmp_path):
         + "\n".join(metal_source(i, n, t) for i, (n, t) in enumerate(variants()))
     )
     cmd = ["clang++", "-fsyntax-only", "-x", "c++", "-std=c++17", "-Wall", "-Werror"]
-    cmd += ["-Wno-unused-variable", "-I", str(ROOT / "tests"), str(src)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    # (A variant may not use every constant, e.g. the dtype T: as in MLX's own CUDA source.)
+    cmd += ["-Wno-unused-variable", "-Wno-unused-local-typedef", "-I", str(ROOT / "tests")]
+    result = subprocess.run([*cmd, str(src)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
 
 
@@ -312,11 +298,15 @@ class RecordingKernel:
 
     calls = []
 
-    def __init__(self, name):
-        self.name = name
+    def __init__(self, name, template):
+        self.name, self.template = name, template
 
-    def __call__(self, inputs, template, grid, threadgroup, output_shapes, output_dtypes, **_):
-        RecordingKernel.calls.append((self.name, inputs, dict(template), grid, threadgroup))
+    @staticmethod
+    def make(name, inputs, outputs, contiguous=True, template=()):
+        return RecordingKernel(name, template)
+
+    def __call__(self, inputs, grid, threadgroup, output_shapes, output_dtypes, **_):
+        RecordingKernel.calls.append((self.name, inputs, dict(self.template), grid, threadgroup))
         return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes, strict=True)]
 
 
@@ -330,7 +320,7 @@ def test_split_count_fits_the_merge_kernel(monkeypatch):
     merge = kernels.source("merge.metal")
     assert int(re.search(r"MAX_SPLITS = (\d+);", merge).group(1)) == attention.MAX_SPLITS
     monkeypatch.setattr(kernels, "backend", lambda: "cuda")
-    monkeypatch.setattr(kernels, "kernel", lambda name, *a, **k: RecordingKernel(name))
+    monkeypatch.setattr(kernels, "kernel", RecordingKernel.make)
     monkeypatch.setattr(attention, "TARGET_GROUPS", 10**6)
     plan = attention._fused_plan.__wrapped__(
         mx.float16, 1, 4, 1, 1, 64, 4, 4, (0, 1), False, False, 0.125, 0
@@ -357,7 +347,7 @@ def stub_decode_step(monkeypatch, cache):
     try:
         cache.update_and_fetch(k0, v0)
         monkeypatch.setattr(kernels, "backend", lambda: "cuda")
-        monkeypatch.setattr(kernels, "kernel", lambda name, *a, **k: RecordingKernel(name))
+        monkeypatch.setattr(kernels, "kernel", RecordingKernel.make)
         RecordingKernel.calls.clear()
         new = rows((B, Hkv, 1, D), mx.float16, 2)
         keys, values = cache.update_and_fetch(new, new)
@@ -414,3 +404,18 @@ def test_gpu_dispatch_arguments_with_recent_window(monkeypatch):
     assert m_t["RECENT"] and m_t["WINDOW"] == 4 and m_in[3] is q
     assert m_in[4] is keys.recent is cache._window[0] and m_in[5] is values.recent
     assert m_in[6] is cache.key_offset
+
+
+def test_template_constants_are_written_into_the_source():
+    """A kernel variant carries its constants in its source (a call passes none) and keeps
+    the name MLX gave it from them, so that profiles name each variant as before."""
+    template = _decode_template(mx.float16, 128, 4, 4, 4, True, True, 4)[0]
+    name = kernels.variant_name("tq_decode_attention", template)
+    # (the name Nsight Compute showed for this variant, 2026-12-01)
+    assert name == "tq_decode_attention_float16_t_128_4_4_16_16_128_4_t_t_t_4"
+    header, body = kernels.program("decode_attention", "cuda", template)
+    assert body.startswith("using T = __half;\nconstexpr int D = 128;\n")
+    assert "constexpr bool CAUSAL = true;\n" in body and "constexpr int TAIL = 4;\n" in body
+    _, metal = kernels.program("decode_attention", "metal", template)
+    declared = "using T = half;\nconstexpr int D = 128;\n"
+    assert declared in metal and metal.endswith(kernels.source("decode_attention.metal"))
