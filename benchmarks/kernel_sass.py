@@ -69,20 +69,8 @@ def variant(name, dtype, D, bits, G=4, recent=4):
 
 
 def source(name, template, inputs, outputs):
-    """The kernel's text as MLX's CUDA custom_kernel.cpp builds it (build_kernel), the
-    template constants in the body as mlx_tq passes them (`kernels.program`)."""
-    header, body = kernels.program(name, "cuda", template)
-    args = []
-    for n, t in inputs:
-        args.append(f"const {t}* {n}")
-        for kind, part in (("Shape", "shape"), ("Strides", "strides")):
-            if f"{n}_{part}" in body:
-                args.append(f"const __grid_constant__ {kind} {n}_{part}")
-    args += [f"{t}* {n}" for n, t in outputs]
-    return (
-        STAND_IN + header + "namespace mlx::core::cu {\n__global__ void kernel("
-        + ",\n".join(args) + ") {\n" + body + "\n}\n}\n"
-    )  # fmt: skip
+    """The kernel's text as MLX's CUDA backend compiles it, its own device header replaced."""
+    return STAND_IN + kernels.cuda_text(name, template, inputs, outputs)
 
 
 def find(pattern, what):

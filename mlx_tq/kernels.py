@@ -79,6 +79,25 @@ def program(name: str, kind: str, template=()) -> tuple[str, str]:
     return ("", prelude + body) if kind == "metal" else (prelude, body)
 
 
+def cuda_text(name: str, template, inputs, outputs, function: str = "kernel") -> str:
+    """The CUDA function MLX's `cuda_kernel` compiles for kernel `name` with `template`
+    (custom_kernel.cpp's build_kernel, without MLX's default header), for offline checks
+    (the tests, benchmarks/kernel_sass.py): inputs and outputs as (name, C type) pairs."""
+    header, body = program(name, "cuda", template)
+    params = []
+    for arg, ctype in inputs:
+        params.append(f"const {ctype}* {arg}")
+        for suffix, kind in (("shape", "Shape"), ("strides", "Strides")):
+            if f"{arg}_{suffix}" in body:
+                params.append(f"const __grid_constant__ {kind} {arg}_{suffix}")
+    params += [f"{ctype}* {arg}" for arg, ctype in outputs]
+    return (
+        f"{header}\nnamespace mlx::core::cu {{\n__global__ void {function}(\n    "
+        + ",\n    ".join(params)
+        + f") {{\n{body}\n}}\n}}\n"
+    )
+
+
 @cache
 def kernel(
     name: str,

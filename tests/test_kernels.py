@@ -128,20 +128,10 @@ def metal_source(i, name, template):
 def cuda_source(i, name, template):
     """The kernel as MLX's cuda_kernel generates it (constants in the body, none passed)."""
     inputs, outputs = SIGNATURES[name]
-    header, body = kernels.program(name, "cuda", template)
     dtype = dict(template).get("T")
-    params = []
-    for arg, t, _ in inputs:
-        params.append(f"const {CUDA_TYPES[t or dtype]}* {arg}")
-        for suffix, ctype in (("shape", "Shape"), ("strides", "Strides")):
-            if f"{arg}_{suffix}" in body:
-                params.append(f"const __grid_constant__ {ctype} {arg}_{suffix}")
-    params += [f"{CUDA_TYPES[t or dtype]}* {arg}" for arg, t in outputs]
-    return (
-        f"{header}\nnamespace mlx::core::cu {{\n__global__ void kernel_{i}(\n    "
-        + ",\n    ".join(params)
-        + f") {{\n{body}\n}}\n}}\n"
-    )
+    typed = [(arg, CUDA_TYPES[t or dtype]) for arg, t, _ in inputs]
+    out = [(arg, CUDA_TYPES[t or dtype]) for arg, t in outputs]
+    return kernels.cuda_text(name, template, typed, out, f"kernel_{i}")
 
 
 CUDA_SHIM = """#include <cooperative_groups.h>
