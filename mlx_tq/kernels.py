@@ -58,8 +58,10 @@ def constants(template, kind: str) -> str:
 
 
 def variant_name(name: str, template) -> str:
-    """MLX's name for kernel `name` with `template` (custom_kernel.cpp's
-    template_arguments_hash), so that profiles name each variant as before."""
+    """MLX's CUDA name for kernel `name` with `template` (custom_kernel.cpp's
+    template_arguments_hash), so that CUDA profiles name each variant as before (Metal's
+    wrote bools as 1 / 0); unique per variant, which MLX 0.32.0 needs (it caches a compiled
+    CUDA module by name)."""
     dtypes = {mx.float16: "float16_t", mx.bfloat16: "bfloat16_t", mx.float32: "float"}
     parts = [
         dtypes[v] if isinstance(v, mx.Dtype) else ("t" if v else "f") if isinstance(v, bool)

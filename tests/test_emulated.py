@@ -21,6 +21,10 @@ ATTENTION = [  # (B, Hkv, G, L, S, D, key bits, value bits, dtype, smooth): stra
     (1, 1, 1, 1, 65, 256, 4, 4, mx.float16, True),
     (1, 1, 4, 1, 700, 256, 5, 4, mx.float16, True),  # Gemma's sliding layers (tq4)
     (1, 2, 6, 2, 300, 128, 8, 3, mx.bfloat16, False),
+    # Dims that are no power of two, smoothed, with query rows that do not fill the blocks
+    # (the prologue's padding rows; R * D not a multiple of the tile).
+    (1, 1, 3, 4, 300, 96, 4, 4, mx.float16, True),
+    (1, 1, 12, 1, 200, 112, 3, 4, mx.bfloat16, True),
     # 71 splits of 64-dim rows: more than one SIMD-group's and more than the merge's 64
     # threads' worth (its block-wide max and strided staging).
     (1, 1, 2, 1, 9000, 64, 4, 4, mx.float16, False),

@@ -396,9 +396,20 @@ def test_gpu_dispatch_arguments_with_recent_window(monkeypatch):
     assert m_in[6] is cache.key_offset
 
 
+def test_each_variant_name_has_one_source():
+    """Every variant the dispatchers build gets a name of its own: MLX 0.32.0's CUDA backend
+    caches a compiled module by the kernel's name alone."""
+    for kind in ("cuda", "metal"):
+        sources = {}
+        for name, template in variants():
+            key = kernels.variant_name(f"tq_{name}", template)
+            text = kernels.program(name, kind, tuple(template))
+            assert sources.setdefault(key, text) == text, key
+
+
 def test_template_constants_are_written_into_the_source():
     """A kernel variant carries its constants in its source (a call passes none) and keeps
-    the name MLX gave it from them, so that profiles name each variant as before."""
+    the name MLX's CUDA backend gave it from them, so that CUDA profiles read as before."""
     template = _decode_template(mx.float16, 128, 4, 4, 4, True, True, 4)[0]
     name = kernels.variant_name("tq_decode_attention", template)
     # (the name Nsight Compute showed for this variant, 2026-12-01)
