@@ -43,13 +43,13 @@ TYPE_NAMES = {
 }
 
 
-def constants(template, kind: str) -> str:
+def constants(template, types: dict) -> str:
     """Source lines that declare a kernel's template constants: (name, value) pairs, the
-    value an mx.Dtype, a bool or an int >= 0."""
+    value an mx.Dtype (written as `types[value]`), a bool or an int >= 0."""
     lines = []
     for key, value in template:
         if isinstance(value, mx.Dtype):
-            lines.append(f"using {key} = {TYPE_NAMES[kind][value]};")
+            lines.append(f"using {key} = {types[value]};")
         elif isinstance(value, bool):
             lines.append(f"constexpr bool {key} = {'true' if value else 'false'};")
         else:
@@ -75,7 +75,7 @@ def program(name: str, kind: str, template=()) -> tuple[str, str]:
     """(header, body) of kernel `name` for backend `kind`, its template constants declared
     at the top of the body."""
     prelude = source(f"prelude_{kind}.h") + source("common.h")
-    body = constants(template, kind) + source(f"{name}.metal")
+    body = constants(template, TYPE_NAMES[kind]) + source(f"{name}.metal")
     # MLX adds the Metal attributes named in the body to the signature, so the Metal
     # prelude goes in the body; CUDA device helpers must sit outside the kernel.
     return ("", prelude + body) if kind == "metal" else (prelude, body)

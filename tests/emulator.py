@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections import defaultdict
 from functools import cache
 from pathlib import Path
 
@@ -42,12 +43,8 @@ def _npdtype(dtype):
 
 def _source(name, inputs, outputs, in_dtypes, out_dtypes, template):
     body = kernels.source(f"{name}.metal")
-    consts = "".join(
-        f"  using {k} = float;\n"
-        if isinstance(v, mx.Dtype)
-        else f"  constexpr {'bool' if isinstance(v, bool) else 'int'} {k} = {int(v)};\n"
-        for k, v in template
-    )
+    # Every float dtype runs as float here.
+    consts = kernels.constants(template, defaultdict(lambda: "float"))
     params = []
     for arg, dtype in zip(inputs, in_dtypes, strict=True):
         params += [f"const {_ctype(dtype)}* {arg}", f"const int* {arg}_shape"]
