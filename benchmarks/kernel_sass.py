@@ -46,26 +46,18 @@ using Strides = cuda::std::array<int64_t, MAX_NDIM>;
 
 
 def variant(name, dtype, D, bits, G=4, recent=4):
-    """(template, inputs, outputs) of one decode-step launch, each input (name, type)."""
-    T = CUDA_TYPES[dtype]
+    """(template, inputs, outputs) of one decode-step launch, each input (name, C type)."""
     if name == "decode_attention":
-        template, _, _ = attention._decode_template(
-            dtype, D, bits, bits, G, recent > 0, True, recent
-        )
-        inputs = [("q", T), ("k", "uint32_t"), ("v", "uint32_t")]
-        inputs += [(n, "float") for n in ("rt", "scale", "k_levels", "v_levels", "qscale")]
-        return template, inputs + [("starts", "int32_t")], [("o", "float"), ("ml", "float")]
-    if name == "merge":
+        template = attention._decode_template(dtype, D, bits, bits, G, recent > 0, True, recent)[0]
+    elif name == "merge":
         template = attention.merge_template(dtype, D, recent, False)
-        inputs = [("o", "float"), ("ml", "float"), ("rt_t", "float"), ("q", T), ("kr", T)]
-        return template, inputs + [("vr", T), ("k_off", "float"), ("scale", "float")], [("out", T)]
-    if name == "quantize":
+    elif name == "quantize":
         template = quant.quantize_template(dtype, D, bits, bits, True, recent, 1)
-        inputs = [("k", T), ("v", T)] + [(n, "float") for n in ("rt", "k_levels", "k_bounds")]
-        inputs += [(n, "float") for n in ("v_levels", "v_bounds", "offset", "scale")]
-        outputs = [("k_out", "uint32_t"), ("v_out", "uint32_t"), ("k_win_out", T), ("v_win_out", T)]
-        return template, inputs + [("k_win", T), ("v_win", T)], outputs
-    raise SystemExit(f"unknown kernel {name!r}: choose decode_attention, merge or quantize")
+    else:
+        raise SystemExit(f"unknown kernel {name!r}: choose decode_attention, merge or quantize")
+    types = {**CUDA_TYPES, None: CUDA_TYPES[dtype]}
+    inputs, outputs = ([(arg, types[t]) for arg, t in x] for x in kernels.SIGNATURES[name])
+    return template, inputs, outputs
 
 
 def source(name, template, inputs, outputs):

@@ -292,13 +292,7 @@ def _fused_plan(
     template, tile, R = _decode_template(
         dtype, D, key_bits, value_bits, GL, causal or recent > 0, smooth, recent
     )
-    attend = kernels.kernel(
-        "decode_attention",
-        ("q", "k", "v", "rt", "scale", "k_levels", "v_levels", "qscale", "starts"),
-        ("o", "ml"),
-        contiguous=False,
-        template=tuple(template),
-    )
+    attend = kernels.kernel("decode_attention", contiguous=False, template=tuple(template))
     constants = [
         rotation_matrix(D, seeds[0]),
         mx.array([scale], mx.float32),
@@ -318,11 +312,7 @@ def _fused_plan(
     unrotation = mx.contiguous(rotation_matrix(D, seeds[1]).T)
     mx.eval(constants, ones, no_starts, zeros, unrotation)
     merge_kernel = kernels.kernel(
-        "merge",
-        ("o", "ml", "rt_t", "q", "kr", "vr", "k_off", "scale"),
-        ("out",),
-        contiguous=False,
-        template=tuple(merge_template(dtype, D, recent, causal)),
+        "merge", contiguous=False, template=tuple(merge_template(dtype, D, recent, causal))
     )
     blocks = -(-GL // R)
 

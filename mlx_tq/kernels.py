@@ -35,11 +35,36 @@ def source(name: str) -> str:
     return "".join(f"{line}\n" for line in lines if line and not line.startswith("//"))
 
 
-# A template dtype's name in each backend's kernel source (CUDA: as MLX's
-# dtype_to_cuda_type writes it; Metal: its native types).
+# A dtype's name in each backend's kernel source (CUDA: as MLX's dtype_to_cuda_type writes
+# it; Metal: its native types).
+_INTS = {mx.uint32: "uint32_t", mx.int32: "int32_t"}
 TYPE_NAMES = {
-    "metal": {mx.float16: "half", mx.bfloat16: "bfloat16_t", mx.float32: "float"},
-    "cuda": {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float"},
+    "metal": {mx.float16: "half", mx.bfloat16: "bfloat16_t", mx.float32: "float", **_INTS},
+    "cuda": {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float", **_INTS},
+}
+
+
+# Each kernel's inputs and outputs, (name, dtype) in the order its dispatcher passes them;
+# None: the template dtype T (the queries', keys' or values' dtype).
+SIGNATURES = {
+    "quantize": (
+        (("k", None), ("v", None), ("rt", mx.float32), ("k_levels", mx.float32))
+        + (("k_bounds", mx.float32), ("v_levels", mx.float32), ("v_bounds", mx.float32))
+        + (("offset", mx.float32), ("scale", mx.float32), ("k_win", None), ("v_win", None)),
+        (("k_out", mx.uint32), ("v_out", mx.uint32), ("k_win_out", None), ("v_win_out", None)),
+    ),
+    "decode_attention": (
+        (("q", None), ("k", mx.uint32), ("v", mx.uint32), ("rt", mx.float32))
+        + (("scale", mx.float32), ("k_levels", mx.float32), ("v_levels", mx.float32))
+        + (("qscale", mx.float32), ("starts", mx.int32)),
+        (("o", mx.float32), ("ml", mx.float32)),
+    ),
+    "merge": (
+        (("o", mx.float32), ("ml", mx.float32), ("rt_t", mx.float32), ("q", None))
+        + (("kr", None), ("vr", None), ("k_off", mx.float32), ("scale", mx.float32)),
+        (("out", None),),
+    ),
+    "dequantize": ((("data", mx.uint32), ("levels", mx.float32)), (("out", None),)),
 }
 
 
@@ -101,24 +126,20 @@ def cuda_text(name: str, template, inputs, outputs, function: str = "kernel") ->
 
 
 @cache
-def kernel(
-    name: str,
-    inputs: tuple[str, ...],
-    outputs: tuple[str, ...],
-    contiguous: bool = True,
-    template: tuple = (),
-):
-    """The kernel `name` for the current backend with the template constants `template`
-    ((name, value) pairs; see `constants`), built once per variant. The constants are written
+def kernel(name: str, contiguous: bool = True, template: tuple = ()):
+    """The kernel `name` for the current backend (its inputs and outputs: `SIGNATURES`) with
+    the template constants `template` ((name, value) pairs; see `constants`), built once per
+    variant. The constants are written
     into its source, so a call passes none: MLX formats and hashes each template constant at
     every call (+3-4 us of host time a call for 10 more on the H200's host, 2026-12-01)."""
     kind = backend()
     header, body = program(name, kind, template)
+    inputs, outputs = SIGNATURES[name]
     make = mx.fast.metal_kernel if kind == "metal" else mx.fast.cuda_kernel
     return make(
         name=variant_name(f"tq_{name}", template),
-        input_names=list(inputs),
-        output_names=list(outputs),
+        input_names=[arg for arg, _ in inputs],
+        output_names=[arg for arg, _ in outputs],
         source=body,
         header=header,
         ensure_row_contiguous=contiguous,

@@ -324,13 +324,8 @@ def _quantize_call(dtype, shape, key_bits, value_bits, seed, scaled, window_shap
     *lead, dim = shape
     W = 0 if window_shape is None else window_shape[-2]
     rows = 1 if math.prod(lead) <= QUANTIZE_ONE_ROW else QUANTIZE_ROWS
-    kernel = kernels.kernel(
-        "quantize",
-        ("k", "v", "rt", "k_levels", "k_bounds", "v_levels", "v_bounds", "offset", "scale")
-        + ("k_win", "v_win"),
-        ("k_out", "v_out", "k_win_out", "v_win_out"),
-        template=tuple(quantize_template(dtype, dim, key_bits, value_bits, scaled, W, rows)),
-    )
+    template = quantize_template(dtype, dim, key_bits, value_bits, scaled, W, rows)
+    kernel = kernels.kernel("quantize", template=tuple(template))
     constants = [rotation_matrix(dim, seed), *codebook(key_bits, dim), *codebook(value_bits, dim)]
     threads = 32 * -(-dim // 32)
     words = (words_per_row(dim, key_bits), words_per_row(dim, value_bits))
@@ -419,7 +414,7 @@ def decode_rotated(t: TurboQuantized, dtype, shift: int = 0) -> mx.array:
     B, H, S, D = t.shape
     threads = 32 * -(-D // 32)
     template = tuple(dequantize_template(dtype, D, t.bits, shift))
-    kernel = kernels.kernel("dequantize", ("data", "levels"), ("out",), False, template)
+    kernel = kernels.kernel("dequantize", contiguous=False, template=template)
     (out,) = kernel(
         inputs=[t.data, codebook(t.bits, D)[0]],
         grid=(threads * B * H * S, 1, 1),

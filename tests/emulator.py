@@ -137,7 +137,7 @@ def _write(path, a: np.ndarray):
         f.write(np.lib.stride_tricks.as_strided(a, (span,), (a.itemsize,)).tobytes())
 
 
-def kernel(name, inputs, outputs, contiguous=True, template=()):
+def kernel(name, contiguous=True, template=()):
     """A stand-in for `mlx_tq.kernels.kernel(name, ...)` that runs on the CPU."""
 
     def call(inputs: list, grid, threadgroup, output_shapes, output_dtypes, **_):
@@ -170,7 +170,7 @@ def kernel(name, inputs, outputs, contiguous=True, template=()):
                 outs.append(mx.array(raw.view(_npdtype(dtype)).reshape(shape)).astype(dtype))
         return outs
 
-    call.inputs, call.outputs = list(inputs), list(outputs)
+    call.inputs, call.outputs = ([arg for arg, _ in x] for x in kernels.SIGNATURES[name])
     return call
 
 

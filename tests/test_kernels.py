@@ -24,57 +24,10 @@ from mlx_tq.quant import (
 ROOT = Path(__file__).resolve().parent.parent
 GPU = kernels.backend() is not None
 FLOATS = (mx.float32, mx.float16, mx.bfloat16)
-INTS = {mx.int32: "int32_t", mx.uint32: "uint32_t"}
-METAL_TYPES = {mx.float32: "float", mx.float16: "half", mx.bfloat16: "bfloat16_t", **INTS}
-CUDA_TYPES = {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", **INTS}
-
-# (inputs as (name, dtype, size), outputs) of each kernel, as its dispatcher calls it.
-SIGNATURES = {
-    "quantize": (
-        [
-            ("k", None, 1024),
-            ("v", None, 1024),
-            ("rt", mx.float32, 1024),
-            ("k_levels", mx.float32, 16),
-            ("k_bounds", mx.float32, 15),
-            ("v_levels", mx.float32, 16),
-            ("v_bounds", mx.float32, 15),
-            ("offset", mx.float32, 128),
-            ("scale", mx.float32, 128),
-            ("k_win", None, 1024),
-            ("v_win", None, 1024),
-        ],
-        [("k_out", mx.uint32), ("v_out", mx.uint32), ("k_win_out", None), ("v_win_out", None)],
-    ),
-    "decode_attention": (
-        [
-            ("q", None, 1024),
-            ("k", mx.uint32, 1024),
-            ("v", mx.uint32, 1024),
-            ("rt", mx.float32, 1024),
-            ("scale", mx.float32, 1),
-            ("k_levels", mx.float32, 16),
-            ("v_levels", mx.float32, 16),
-            ("qscale", mx.float32, 128),
-            ("starts", mx.int32, 2),
-        ],
-        [("o", mx.float32), ("ml", mx.float32)],
-    ),
-    "dequantize": ([("data", mx.uint32, 1024), ("levels", mx.float32, 16)], [("out", None)]),
-    "merge": (
-        [
-            ("o", mx.float32, 1024),
-            ("ml", mx.float32, 1024),
-            ("rt_t", mx.float32, 1024),
-            ("q", None, 1024),
-            ("kr", None, 1024),
-            ("vr", None, 1024),
-            ("k_off", mx.float32, 128),
-            ("scale", mx.float32, 1),
-        ],
-        [("out", None)],
-    ),
-}
+METAL_TYPES, CUDA_TYPES = kernels.TYPE_NAMES["metal"], kernels.TYPE_NAMES["cuda"]
+# Elements of the inputs shorter than 8, which the Metal check passes in the constant address
+# space (the others: device).
+SMALL_INPUTS = {"scale": 1, "starts": 2}
 
 
 def variants():
@@ -102,12 +55,12 @@ def variants():
 def metal_source(i, name, template):
     """The kernel as MLX's metal_kernel generates it (without the host_name attribute): the
     template constants are in the body (`kernels.program`), so no template parameters."""
-    inputs, outputs = SIGNATURES[name]
+    inputs, outputs = kernels.SIGNATURES[name]
     header, body = kernels.program(name, "metal", template)
     dtype = dict(template).get("T")
     params = []
-    for arg, t, size in inputs:
-        space = "constant" if size < 8 else "device"
+    for arg, t in inputs:
+        space = "constant" if SMALL_INPUTS.get(arg, 1024) < 8 else "device"
         params.append(f"const {space} {METAL_TYPES[t or dtype]}* {arg}")
         for suffix, ctype in (("shape", "int"), ("strides", "size_t")):
             if f"{arg}_{suffix}" in body:
@@ -127,11 +80,9 @@ def metal_source(i, name, template):
 
 def cuda_source(i, name, template):
     """The kernel as MLX's cuda_kernel generates it (constants in the body, none passed)."""
-    inputs, outputs = SIGNATURES[name]
     dtype = dict(template).get("T")
-    typed = [(arg, CUDA_TYPES[t or dtype]) for arg, t, _ in inputs]
-    out = [(arg, CUDA_TYPES[t or dtype]) for arg, t in outputs]
-    return kernels.cuda_text(name, template, typed, out, f"kernel_{i}")
+    typed = [[(arg, CUDA_TYPES[t or dtype]) for arg, t in x] for x in kernels.SIGNATURES[name]]
+    return kernels.cuda_text(name, template, *typed, f"kernel_{i}")
 
 
 CUDA_SHIM = """#include <cooperative_groups.h>
@@ -292,7 +243,7 @@ class RecordingKernel:
         self.name, self.template = name, template
 
     @staticmethod
-    def make(name, inputs, outputs, contiguous=True, template=()):
+    def make(name, contiguous=True, template=()):
         return RecordingKernel(name, template)
 
     def __call__(self, inputs, grid, threadgroup, output_shapes, output_dtypes, **_):
