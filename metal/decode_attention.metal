@@ -7,7 +7,7 @@
 // values with each lane owning E dims.
 // q: [B, Hq, L, D] T (strided); row = g * L + i of KV head h holds query head h * G + g
 // k, v: [B, Hkv, S, WK + 1], [B, Hkv, S, WV + 1] uint32 views (strided along S)
-// rt: [D, D] float (rotate(x) = x @ rt); scale: [1] float
+// rt: [D, D] float (rotate(x) = x @ rt), when POW2 its column 0 [D]; scale: [1] float
 // qscale: [B, Hkv, 1, D] float (strided), read only when SMOOTH: keys stored divided by it
 // k_levels, v_levels: [2^KB], [2^VB] float
 // starts: [B] int32, each batch row's first visible key (a batch's left padding; else 0)
@@ -68,7 +68,7 @@ UNROLL for (int u = 0; u < QN; ++u) {
   // <q, s * k'> = <q * s, k'>: keys were divided by the channel scale s.
   qf[u] = SMOOTH ? qscale[b * qscale_strides[0] + h * qscale_strides[1] + dim * qscale_strides[3]] : 1.0f;
   // POW2: the sign and 1 / sqrt(D) of the rotation now, the butterflies below.
-  qf[u] *= POW2 ? TQ_SIGN(rt[dim * D]) : 1.0f;
+  qf[u] *= POW2 ? TQ_SIGN(rt[dim]) : 1.0f;
 }
 const float q_scale = scale[0];
 UNROLL for (int u = 0; u < QN; ++u) {

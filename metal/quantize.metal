@@ -2,7 +2,8 @@
 // per coordinate: keys minus their offset and divided by the channel scale (when SCALE),
 // then normalise, rotate, take the nearest level, pack LSB-first, append the scale.
 // Threadgroups [0, blocks) take key rows, [blocks, 2 * blocks) value rows.
-// k, v: [B, H, P, D] T, P rows per offset row; rt: [D, D] float (rotate(x) = x @ rt)
+// k, v: [B, H, P, D] T, P rows per offset row; rt: [D, D] float (rotate(x) = x @ rt),
+// when POW2 its column 0 [D]
 // k_levels, k_bounds: [2^KB], [2^KB - 1] float; v_levels, v_bounds: the same for VB
 // offset, scale: [B * H, D] float, for keys (scale read only when SCALE)
 // k_out, v_out: [N, WK + 1], [N, WV + 1] uint32
@@ -35,7 +36,7 @@ for (int f = j; f < (1 << bits); f += NW * 32) {
   lev_s[f] = levels[f];
   bnd_s[f] = f + 1 < (1 << bits) ? bounds[f] : 0.0f;
 }
-const float sign = POW2 && j < D ? TQ_SIGN(rt[j * D]) : 0.0f;
+const float sign = POW2 && j < D ? TQ_SIGN(rt[j]) : 0.0f;
 
 float norm[ROWS];
 for (int r = 0; r < ROWS; ++r) {

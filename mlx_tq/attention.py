@@ -14,7 +14,7 @@ import mlx.core as mx
 from . import kernels
 from .codebook import codebook
 from .quant import FLOAT_DTYPES, TurboQuantized, check_input, decode_rotated, words_per_row
-from .rotation import rotate, rotation_matrix, unrotate
+from .rotation import kernel_rotation, rotate, rotation_matrix, unrotate
 
 # Threadgroups the split-K kernel aims for: about one full wave on an H100.
 TARGET_GROUPS = 640
@@ -294,7 +294,7 @@ def _fused_plan(
     )
     attend = kernels.kernel("decode_attention", contiguous=False, template=tuple(template))
     constants = [
-        rotation_matrix(D, seeds[0]),
+        kernel_rotation(D, seeds[0]),
         mx.array([scale], mx.float32),
         codebook(key_bits, D)[0],
         codebook(value_bits, D)[0],

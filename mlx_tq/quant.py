@@ -10,7 +10,7 @@ import numpy as np
 
 from . import kernels
 from .codebook import SUPPORTED_BITS, codebook
-from .rotation import check_head_dim, rotate, rotation_matrix, unrotate
+from .rotation import check_head_dim, kernel_rotation, rotate, unrotate
 
 FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 
@@ -326,7 +326,7 @@ def _quantize_call(dtype, shape, key_bits, value_bits, seed, scaled, window_shap
     rows = 1 if math.prod(lead) <= QUANTIZE_ONE_ROW else QUANTIZE_ROWS
     template = quantize_template(dtype, dim, key_bits, value_bits, scaled, W, rows)
     kernel = kernels.kernel("quantize", template=tuple(template))
-    constants = [rotation_matrix(dim, seed), *codebook(key_bits, dim), *codebook(value_bits, dim)]
+    constants = [kernel_rotation(dim, seed), *codebook(key_bits, dim), *codebook(value_bits, dim)]
     threads = 32 * -(-dim // 32)
     words = (words_per_row(dim, key_bits), words_per_row(dim, value_bits))
     call = dict(

@@ -32,6 +32,20 @@ def rotation_matrix(dim: int, seed: int = 0) -> mx.array:
     return rt
 
 
+@cache
+def kernel_rotation(dim: int, seed: int = 0) -> mx.array:
+    """What a kernel reads to rotate: for D a power of two, column 0 of `rotation_matrix`
+    (s_i / sqrt(D), float32 (D,), contiguous: the butterflies need only the signs, and a
+    strided gather of the column was the attention kernel's largest stall, H200 2026-12-01);
+    else the (D, D) matrix itself."""
+    rt = rotation_matrix(dim, seed)
+    if dim & (dim - 1):
+        return rt
+    column = mx.contiguous(rt[:, 0])
+    mx.eval(column)
+    return column
+
+
 def rotate(x: mx.array, seed: int = 0) -> mx.array:
     """Rotates the last axis of `x` (..., D); float32 result."""
     return x.astype(mx.float32) @ rotation_matrix(x.shape[-1], seed)

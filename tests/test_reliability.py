@@ -333,7 +333,8 @@ def test_threads_with_their_own_caches_match_sequential_runs(patched):
     model = tiny_gemma()
     prompts = [mx.random.randint(0, VOCAB, (12 + 5 * i,), key=mx.random.key(i)) for i in range(3)]
     mx.eval(prompts)
-    for cached in (rotation.rotation_matrix, codebook, quant._unpack_plan):
+    shared = (rotation.rotation_matrix, rotation.kernel_rotation, codebook, quant._unpack_plan)
+    for cached in shared:
         cached.cache_clear()
     results = [None] * len(prompts)
 
