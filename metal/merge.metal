@@ -4,7 +4,8 @@
 // when D is a power of two, POW2) and casts: one threadgroup of 32 * ceil(D / 32) threads
 // per row.
 // o: [B * Hkv, n_splits, GL, D] float; ml: [B * Hkv, n_splits, GL, 2] (max, sum)
-// rt_t: [D, D] float, the transposed rotation; out: [B * Hkv, GL, D] T (= [B, Hq, L, D])
+// rt_t: [D, D] float, the transposed rotation (when POW2 its row 0 [D]); out:
+// [B * Hkv, GL, D] T (= [B, Hq, L, D])
 // Read when RECENT (strided): q [B, Hq, L, D] T, the queries; kr, vr [B, Hkv, E, D] T, the
 // exact keys and values of the last E positions, of which query i of L attends its WINDOW
 // newest (the packed splits hold the positions before);

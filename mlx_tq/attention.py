@@ -14,7 +14,7 @@ import mlx.core as mx
 from . import kernels
 from .codebook import codebook
 from .quant import FLOAT_DTYPES, TurboQuantized, check_input, decode_rotated, words_per_row
-from .rotation import kernel_rotation, rotate, rotation_matrix, unrotate
+from .rotation import kernel_rotation, rotate, unrotate
 
 # Threadgroups the split-K kernel aims for: about one full wave on an H100.
 TARGET_GROUPS = 640
@@ -308,9 +308,9 @@ def _fused_plan(
         output_shapes=[(B, Hq, L, D)],
         output_dtypes=[dtype],
     )
-    # Rt^T, contiguous: the merge kernel rotates its output back with it.
-    unrotation = mx.contiguous(rotation_matrix(D, seeds[1]).T)
-    mx.eval(constants, ones, no_starts, zeros, unrotation)
+    # The merge kernel rotates its output back with it.
+    unrotation = kernel_rotation(D, seeds[1], inverse=True)
+    mx.eval(constants, ones, no_starts, zeros)
     merge_kernel = kernels.kernel(
         "merge", contiguous=False, template=tuple(merge_template(dtype, D, recent, causal))
     )

@@ -33,17 +33,19 @@ def rotation_matrix(dim: int, seed: int = 0) -> mx.array:
 
 
 @cache
-def kernel_rotation(dim: int, seed: int = 0) -> mx.array:
-    """What a kernel reads to rotate: for D a power of two, column 0 of `rotation_matrix`
-    (s_i / sqrt(D), float32 (D,), contiguous: the butterflies need only the signs, and a
-    strided gather of the column was the attention kernel's largest stall, H200 2026-12-01);
-    else the (D, D) matrix itself."""
+def kernel_rotation(dim: int, seed: int = 0, inverse: bool = False) -> mx.array:
+    """What a kernel reads to rotate (`inverse`: to rotate back): for D a power of two, the
+    signs s_i / sqrt(D) as a contiguous float32 (D,) vector (column 0 of `rotation_matrix`,
+    row 0 of its transpose; the butterflies need nothing else, and a strided gather of the
+    column was where ncu's largest stall sat in the attention at 8K, H200 2026-12-01); else
+    the (D, D) matrix, transposed and contiguous when `inverse`."""
     rt = rotation_matrix(dim, seed)
     if dim & (dim - 1):
-        return rt
-    column = mx.contiguous(rt[:, 0])
-    mx.eval(column)
-    return column
+        out = mx.contiguous(rt.T) if inverse else rt
+    else:
+        out = mx.contiguous(rt[:, 0])
+    mx.eval(out)
+    return out
 
 
 def rotate(x: mx.array, seed: int = 0) -> mx.array:
