@@ -18,6 +18,13 @@ from .rotation import kernel_rotation, rotate, unrotate
 
 # Threadgroups the split-K kernel aims for: about one full wave on an H100.
 TARGET_GROUPS = 640
+# On CUDA, the split-K kernel on the matrix units (decode_attention_mma.metal) where it
+# applies (`_use_mma`): MMA_WARPS SIMD-groups a threadgroup, each one split of at least
+# MMA_MIN_KEYS keys, about MMA_TARGET_WARPS splits over all heads.
+MMA = True
+MMA_WARPS = 4
+MMA_TARGET_WARPS = 2048
+MMA_MIN_KEYS = 128
 # Splits the merge kernel can stage in threadgroup memory (merge.metal).
 MAX_SPLITS = 1024
 # Query tokens L up to which a GPU runs the fused kernel (decode, speculative decoding);
@@ -268,6 +275,36 @@ def _decode_template(dtype, D, key_bits, value_bits, GL, causal, smooth, tail=0)
     return template, tile, R
 
 
+def _use_mma(D, key_bits, value_bits):
+    """Whether the fused call runs decode_attention_mma.metal: CUDA (mma.sync), keys and
+    values of one width (one table of level pairs) of 2-4 bits, D a multiple of 16."""
+    return (
+        MMA
+        and kernels.backend() == "cuda"
+        and key_bits == value_bits
+        and 2 <= key_bits <= 4
+        and D % 16 == 0
+    )
+
+
+def _mma_template(dtype, D, bits, causal, smooth, tail=0):
+    """Template constants of decode_attention_mma.metal."""
+    words = words_per_row(D, bits) - 1
+    return [
+        ("T", dtype),
+        ("D", D),
+        ("KB", bits),
+        ("VB", bits),
+        ("WK", words),
+        ("WV", words),
+        ("NW", MMA_WARPS),
+        ("CAUSAL", causal),
+        ("SMOOTH", smooth),
+        ("POW2", D & (D - 1) == 0),
+        ("TAIL", tail),
+    ]
+
+
 def merge_template(dtype, D, recent, causal):
     """Template constants of merge.metal (`recent`: the exact window, 0 for none)."""
     return [
@@ -289,10 +326,25 @@ def _fused_plan(
     # recent: the window; then query i of L reads packed rows j < S - E + i + c
     # = (S - recent) - L + 1 + i (see _recent_offset): the kernel leaves out the last
     # `recent` rows and reads the rest causally.
-    template, tile, R = _decode_template(
-        dtype, D, key_bits, value_bits, GL, causal or recent > 0, smooth, recent
-    )
-    attend = kernels.kernel("decode_attention", contiguous=False, template=tuple(template))
+    if _use_mma(D, key_bits, value_bits):
+        # A threadgroup of MMA_WARPS splits, 8 query rows.
+        template = _mma_template(dtype, D, key_bits, causal or recent > 0, smooth, recent)
+        name, tile, R, per_group = "decode_attention_mma", 32 * MMA_WARPS, 8, MMA_WARPS
+        most = min(MMA_TARGET_WARPS // (B * Hkv * -(-GL // R)), MAX_SPLITS) // per_group
+
+        def groups(S):
+            return max(1, min(-(-S // (MMA_MIN_KEYS * per_group)), most))
+    else:
+        template, tile, R = _decode_template(
+            dtype, D, key_bits, value_bits, GL, causal or recent > 0, smooth, recent
+        )
+        name, per_group = "decode_attention", 1
+        most = min(TARGET_GROUPS // (B * Hkv * -(-GL // R)), MAX_SPLITS)
+
+        def groups(S):  # one split per tile of keys, then fixed
+            return max(1, min(-(-S // tile), most))
+
+    attend = kernels.kernel(name, contiguous=False, template=tuple(template))
     constants = [
         kernel_rotation(D, seeds[0]),
         mx.array([scale], mx.float32),
@@ -317,9 +369,10 @@ def _fused_plan(
     blocks = -(-GL // R)
 
     @cache
-    def attend_args(splits):  # the launch for a split count (one per 128 keys, then fixed)
+    def attend_args(n):  # the launch for n threadgroups a head (per_group splits each)
+        splits = n * per_group
         return dict(
-            grid=(tile * splits, B * Hkv, blocks),
+            grid=(tile * n, B * Hkv, blocks),
             threadgroup=(tile, 1, 1),
             output_shapes=[(B * Hkv, splits, GL, D), (B * Hkv, splits, GL, 2)],
             output_dtypes=[mx.float32, mx.float32],
@@ -328,9 +381,8 @@ def _fused_plan(
     return SimpleNamespace(
         attend=attend,
         attend_args=attend_args,
-        splits=lambda S: max(
-            1, min(-(-S // tile), TARGET_GROUPS // (B * Hkv * blocks), MAX_SPLITS)
-        ),
+        groups=groups,
+        splits=lambda S: groups(S) * per_group,
         constants=constants,
         ones=ones,
         zeros=zeros,
@@ -363,7 +415,7 @@ def _fused_attention(queries, keys, values, scale, causal, starts=None):
             p.ones if keys.channel_scale is None else keys.channel_scale,  # with its strides
             p.no_starts if starts is None else starts.astype(mx.int32),
         ],
-        **p.attend_args(p.splits(S)),
+        **p.attend_args(p.groups(S)),
     )
     exact = (o,) * 5  # (not read)
     if recent:

@@ -58,4 +58,84 @@ T tq_bits(U x) {
 #define SQRT(x) std::sqrt(x)
 #define NEG_INF (-std::numeric_limits<float>::infinity())
 #define UNROLL
+
+// Lane exchanges and the matrix unit (decode_attention_mma.metal), through memory between
+// two barriers of the SIMD-group, as the sums above.
+inline uint32_t tq_words[32][32][10];
+
+template <typename X>
+X tq_shfl(X x, int lane) {
+  static_assert(sizeof(X) == 4);
+  const unsigned w = tq_tid >> 5, l = tq_tid & 31u;
+  std::memcpy(&tq_words[w][l][0], &x, 4);
+  tq_warps[w]->arrive_and_wait();
+  X y;
+  std::memcpy(&y, &tq_words[w][lane & 31][0], 4);
+  tq_warps[w]->arrive_and_wait();
+  return y;
+}
+
+inline float tq_half(uint32_t bits) {  // the fp16 in the low 16 bits
+  _Float16 h;
+  const uint16_t b = bits & 0xffffu;
+  std::memcpy(&h, &b, 2);
+  return float(h);
+}
+
+inline uint32_t tq_h2(float lo, float hi) {
+  const _Float16 h[2] = {_Float16(lo), _Float16(hi)};
+  uint32_t y;
+  std::memcpy(&y, h, 4);
+  return y;
+}
+
+inline uint32_t tq_perm(uint32_t x, uint32_t y, uint32_t s) {
+  const uint64_t b = uint64_t(x) | (uint64_t(y) << 32);
+  uint32_t out = 0;
+  for (int i = 0; i < 4; ++i) {
+    out |= uint32_t((b >> (8 * ((s >> (4 * i)) & 7))) & 0xffu) << (8 * i);
+  }
+  return out;
+}
+
+// d = a b + c in PTX's m16n8k16 fragment layout (prelude_cuda.h), fp16 products summed in
+// float (the hardware's order of summation may differ).
+inline void tq_mma(float* d, const uint32_t* a, const uint32_t* b, const float* c) {
+  const unsigned w = tq_tid >> 5, l = tq_tid & 31u;
+  for (int i = 0; i < 4; ++i) tq_words[w][l][i] = a[i];
+  for (int i = 0; i < 2; ++i) tq_words[w][l][4 + i] = b[i];
+  tq_warps[w]->arrive_and_wait();
+  float A[16][16], B[16][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane / 4, t = lane % 4;
+    const uint32_t* r = tq_words[w][lane];
+    for (int i = 0; i < 4; ++i) {
+      const int row = g + 8 * (i & 1), col = 2 * t + 8 * (i >> 1);
+      A[row][col] = tq_half(r[i]);
+      A[row][col + 1] = tq_half(r[i] >> 16);
+    }
+    for (int i = 0; i < 2; ++i) {
+      B[2 * t + 8 * i][g] = tq_half(r[4 + i]);
+      B[2 * t + 8 * i + 1][g] = tq_half(r[4 + i] >> 16);
+    }
+  }
+  tq_warps[w]->arrive_and_wait();
+  const int g = l / 4, t = l % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+    float sum = c[i];
+    for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
+    d[i] = sum;
+  }
+}
+
+#define TQ_SHFL(x, lane) tq_shfl(x, lane)
+#define TQ_SHFL_XOR(x, mask) tq_shfl(x, int(LANE ^ (mask)))
+#define TQ_PERM(x, y, s) tq_perm(x, y, s)
+#define TQ_FUNNEL(lo, hi, s) \
+  uint32_t((((uint64_t(hi) << 32) | uint64_t(lo)) >> ((s) & 31)) & 0xffffffffu)
+#define TQ_H2(lo, hi) tq_h2(lo, hi)
+#define TQ_OPAQUE(x) uint32_t(x)
+#define TQ_EXP(x) std::exp(x)
+#define TQ_MMA(d, a, b, c) tq_mma(d, a, b, c)
 #endif

@@ -28,6 +28,13 @@ ATTENTION = [  # (B, Hkv, G, L, S, D, key bits, value bits, dtype, smooth): stra
     # 71 splits of 64-dim rows: more than one SIMD-group's and more than the merge's 64
     # threads' worth (its block-wide max and strided staging).
     (1, 1, 2, 1, 9000, 64, 4, 4, mx.float16, False),
+    # The matrix units' widths: 3 bits (fields across words; D 64: a key's lane segment
+    # starts mid-word), 2 bits with causal rows, 12 rows (two blocks of 8; D 112: segments
+    # and spans start mid-word).
+    (1, 2, 4, 1, 300, 128, 3, 3, mx.bfloat16, True),
+    (1, 1, 4, 2, 333, 64, 3, 3, mx.float16, False),
+    (1, 1, 8, 3, 129, 64, 2, 2, mx.float16, True),
+    (1, 1, 12, 1, 200, 112, 4, 4, mx.bfloat16, False),
 ]
 
 
@@ -36,12 +43,21 @@ def emulated(monkeypatch):
     emulate(monkeypatch)
 
 
+@pytest.mark.parametrize("mma", [True, False], ids=["mma", "cores"])
 @pytest.mark.parametrize("groups", [640, 3], ids=["splits", "few-splits"])
 @pytest.mark.parametrize("config", ATTENTION, ids=[test_gpu.config_id(c) for c in ATTENTION])
-def test_attention_matches_float64(config, groups, monkeypatch):
+def test_attention_matches_float64(config, groups, mma, monkeypatch):
     """With the default threadgroup target (one tile per split at these sizes) and with
-    three threadgroups, so that each split runs several tiles (online softmax, prefetch)."""
+    three threadgroups, so that each split runs several tiles (online softmax, prefetch);
+    on the matrix units where they apply (K and V of one width: attention._use_mma) with the
+    default split target and with 8 splits (several steps of 32 keys each), else on the
+    CUDA cores."""
+    B, Hkv, G, L, S, D, kb, vb, dtype, smooth = config
+    monkeypatch.setattr(attention, "MMA", mma)
+    if mma and not attention._use_mma(D, kb, vb):
+        pytest.skip("keys and values of different widths: CUDA cores only")
     monkeypatch.setattr(attention, "TARGET_GROUPS", groups)
+    monkeypatch.setattr(attention, "MMA_TARGET_WARPS", 2048 if groups == 640 else 8)
     test_gpu.test_attention_matches_float64(config)
 
 
@@ -62,9 +78,10 @@ def test_cache_after_decode_steps_holds_no_fetched_keys_and_copies():
     test_gpu.test_cache_after_decode_steps_holds_no_fetched_keys_and_copies()
 
 
+@pytest.mark.parametrize("kb, vb", [(3, 4), (4, 4)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_fused_reads_rows_with_a_stride(causal, monkeypatch):
-    test_gpu.test_fused_reads_rows_with_a_stride(causal, monkeypatch)
+def test_fused_reads_rows_with_a_stride(causal, kb, vb, monkeypatch):
+    test_gpu.test_fused_reads_rows_with_a_stride(causal, kb, vb, monkeypatch)
 
 
 @pytest.mark.parametrize("L", [1, 3])
@@ -72,9 +89,10 @@ def test_left_padding_matches_float64(L):
     test_gpu.test_fused_left_padding_matches_float64(L)
 
 
+@pytest.mark.parametrize("vb", [3, 4])
 @pytest.mark.parametrize("path, mask", [("fused", "causal"), ("fused", None)])
-def test_masked_non_finite_value_adds_nothing(path, mask):
-    test_gpu.test_masked_non_finite_value_adds_nothing(path, mask, 129, 128, np.nan)
+def test_masked_non_finite_value_adds_nothing(path, mask, vb):
+    test_gpu.test_masked_non_finite_value_adds_nothing(path, mask, 129, 128, np.nan, vb)
 
 
 @pytest.mark.parametrize("D, key_bits, value_bits", [(128, 4, 3), (80, 2, 4)])
