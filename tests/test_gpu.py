@@ -465,7 +465,7 @@ NON_FINITE_PATHS = [
     "path, mask", NON_FINITE_PATHS, ids=[f"{p}-{m}" for p, m in NON_FINITE_PATHS]
 )
 @pytest.mark.parametrize("vb", [3, 4], ids=["v3", "v4"])
-def test_masked_non_finite_value_adds_nothing(path, mask, S, j, bad, vb=3):
+def test_masked_non_finite_value_adds_nothing(path, mask, S, j, bad, vb):
     """A key that a query cannot see adds nothing to it, whatever its value; the queries that
     see a non-finite value come out non-finite, as in an fp16 cache. The bad row is quantised
     by the kernel, as the cache does; KV head 1 is clean. (K4/V4 runs on the matrix units.)"""
