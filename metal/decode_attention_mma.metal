@@ -183,12 +183,14 @@ const auto v_span = vp + (g * SV) / 32;
 const auto v_scale = vp + WV;
 const uint32_t k_last = (end - 1) * k_row;
 const uint32_t v_last = (end - 1) * v_row;
-for (int t0 = begin; t0 < end; t0 += 32) {
-  // Every load of the step first.
-  uint32_t kw[2][2][NK];
+// One step's loads: the words and scales of 32 keys, raw.
+struct TqStep {
+  uint32_t k[2][2][LK];
   float ks[2][2];
   float vs[2][2];
-  uint32_t vw[2][4][NV];
+  uint32_t v[2][4][LV];
+};
+auto load = [&](const int t0, TqStep& st) {
   // Row offsets: score keys g and g + 8 of each 16 (their value scales too), value keys
   // 2c, 2c + 1, 2c + 8 and 2c + 9.
   const uint32_t k0 = (t0 + g) * k_row;
@@ -201,30 +203,41 @@ for (int t0 = begin; t0 < end; t0 += 32) {
       ka = ka < k_last ? ka : k_last;
       sa = sa < v_last ? sa : v_last;
       const auto kr = k_seg + ka;
-      uint32_t raw[LK];
       UNROLL for (int w = 0; w < LK; ++w) {
-        raw[w] = kr[w];
+        st.k[u][y][w] = kr[w];
       }
-      UNROLL for (int w = 0; w < NK; ++w) {
-        kw[u][y][w] = SK % 32 == 0 ? raw[w] : TQ_FUNNEL(raw[w], raw[w + (LK > NK)], (c * SK) % 32);
-      }
-      ks[u][y] = AS_FLOAT(k_scale[ka]);
-      vs[u][y] = AS_FLOAT(v_scale[sa]);
+      st.ks[u][y] = AS_FLOAT(k_scale[ka]);
+      st.vs[u][y] = AS_FLOAT(v_scale[sa]);
     }
     UNROLL for (int y = 0; y < 4; ++y) {
       uint32_t va = v0 + (16 * u + (y & 1) + 8 * (y >> 1)) * v_row;
       va = va < v_last ? va : v_last;
       const auto vr = v_span + va;
-      uint32_t raw[LV];
       UNROLL for (int w = 0; w < LV; ++w) {
-        raw[w] = vr[w];
-      }
-      UNROLL for (int w = 0; w < NV; ++w) {
-        vw[u][y][w] = SV % 32 == 0 ? raw[w] : TQ_FUNNEL(raw[w], raw[w + (LV > NV)], (g * SV) % 32);
+        st.v[u][y][w] = vr[w];
       }
     }
   }
 
+};
+auto step = [&](const int t0, TqStep& st) {
+  // This lane's words aligned (a segment or span that starts mid-word: one funnel shift).
+  uint32_t kw[2][2][NK];
+  uint32_t vw[2][4][NV];
+  float vs[2][2];
+  UNROLL for (int u = 0; u < 2; ++u) {
+    UNROLL for (int y = 0; y < 2; ++y) {
+      vs[u][y] = st.vs[u][y];
+      UNROLL for (int w = 0; w < NK; ++w) {
+        kw[u][y][w] = SK % 32 == 0 ? st.k[u][y][w] : TQ_FUNNEL(st.k[u][y][w], st.k[u][y][w + (LK > NK)], (c * SK) % 32);
+      }
+    }
+    UNROLL for (int y = 0; y < 4; ++y) {
+      UNROLL for (int w = 0; w < NV; ++w) {
+        vw[u][y][w] = SV % 32 == 0 ? st.v[u][y][w] : TQ_FUNNEL(st.v[u][y][w], st.v[u][y][w + (LV > NV)], (g * SV) % 32);
+      }
+    }
+  }
   // Scores: s[u][0..3] = key g, rows 2c, 2c + 1; key g + 8, rows 2c, 2c + 1 (tile u).
   float s[2][4];
   UNROLL for (int u = 0; u < 2; ++u) {
@@ -249,7 +262,7 @@ for (int t0 = begin; t0 < end; t0 += 32) {
       const int key = t0 + 16 * u + g + 8 * (x >> 1);
       const bool odd = x & 1;
       seen[u][x] = key < end && key >= first && key <= (odd ? last1 : last0);
-      s[u][x] = seen[u][x] ? s[u][x] * ks[u][x >> 1] * (odd ? unit1 : unit0) : NEG_INF;
+      s[u][x] = seen[u][x] ? s[u][x] * st.ks[u][x >> 1] * (odd ? unit1 : unit0) : NEG_INF;
     }
     mb0 = s[u][0] > mb0 ? s[u][0] : mb0;
     mb0 = s[u][2] > mb0 ? s[u][2] : mb0;
@@ -355,6 +368,26 @@ for (int t0 = begin; t0 < end; t0 += 32) {
       TQ_MMA(acc[i], a, pb, acc[i]);
     }
   }
+};
+// Two steps in flight: the next step's loads are issued before this one's arithmetic, so
+// their latency overlaps it (one step at a time, a SIMD-group waited for each).
+TqStep st0;
+TqStep st1;
+if (begin < end) {
+  load(begin, st0);
+}
+for (int t0 = begin; t0 < end; t0 += 64) {
+  if (t0 + 32 < end) {
+    load(t0 + 32, st1);
+  }
+  step(t0, st0);
+  if (t0 + 32 >= end) {
+    break;
+  }
+  if (t0 + 64 < end) {
+    load(t0 + 64, st0);
+  }
+  step(t0 + 32, st1);
 }
 
 // The rows' sums over the 8 lanes that hold them; lanes g = 0 write them.
