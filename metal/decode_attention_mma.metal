@@ -139,9 +139,11 @@ BARRIER();
 // The pair table: entry e = (level[e % 2^KB], level[e / 2^KB]) as half2, copy LANE at
 // word e * 32 + LANE (bank LANE): TQ_ENTRY(x) reads the entry at byte offset x = e * 128 +
 // 4 * LANE, formed from the code bits by one shift and one mask (TQ_AT).
-for (int f = TID; f < TABLE; f += NT) {
-  const int e = f / 32;
-  smem[f] = TQ_H2(k_levels[e & ((1 << KB) - 1)], k_levels[e >> KB]);
+// (Four copies a 16-byte store.)
+for (int f = TID; f < TABLE / 4; f += NT) {
+  const int e = f / 8;
+  const uint32_t x = TQ_H2(k_levels[e & ((1 << KB) - 1)], k_levels[e >> KB]);
+  reinterpret_cast<SHARED_PTR(uint4)>(smem)[f] = uint4{x, x, x, x};
 }
 BARRIER();
 
@@ -183,14 +185,12 @@ const auto v_span = vp + (g * SV) / 32;
 const auto v_scale = vp + WV;
 const uint32_t k_last = (end - 1) * k_row;
 const uint32_t v_last = (end - 1) * v_row;
-// One step's loads: the words and scales of 32 keys, raw.
-struct TqStep {
-  uint32_t k[2][2][LK];
+for (int t0 = begin; t0 < end; t0 += 32) {
+  // Every load of the step first.
+  uint32_t kw[2][2][NK];
   float ks[2][2];
   float vs[2][2];
-  uint32_t v[2][4][LV];
-};
-auto load = [&](const int t0, TqStep& st) {
+  uint32_t vw[2][4][NV];
   // Row offsets: score keys g and g + 8 of each 16 (their value scales too), value keys
   // 2c, 2c + 1, 2c + 8 and 2c + 9.
   const uint32_t k0 = (t0 + g) * k_row;
@@ -203,41 +203,30 @@ auto load = [&](const int t0, TqStep& st) {
       ka = ka < k_last ? ka : k_last;
       sa = sa < v_last ? sa : v_last;
       const auto kr = k_seg + ka;
+      uint32_t raw[LK];
       UNROLL for (int w = 0; w < LK; ++w) {
-        st.k[u][y][w] = kr[w];
+        raw[w] = kr[w];
       }
-      st.ks[u][y] = AS_FLOAT(k_scale[ka]);
-      st.vs[u][y] = AS_FLOAT(v_scale[sa]);
+      UNROLL for (int w = 0; w < NK; ++w) {
+        kw[u][y][w] = SK % 32 == 0 ? raw[w] : TQ_FUNNEL(raw[w], raw[w + (LK > NK)], (c * SK) % 32);
+      }
+      ks[u][y] = AS_FLOAT(k_scale[ka]);
+      vs[u][y] = AS_FLOAT(v_scale[sa]);
     }
     UNROLL for (int y = 0; y < 4; ++y) {
       uint32_t va = v0 + (16 * u + (y & 1) + 8 * (y >> 1)) * v_row;
       va = va < v_last ? va : v_last;
       const auto vr = v_span + va;
+      uint32_t raw[LV];
       UNROLL for (int w = 0; w < LV; ++w) {
-        st.v[u][y][w] = vr[w];
+        raw[w] = vr[w];
+      }
+      UNROLL for (int w = 0; w < NV; ++w) {
+        vw[u][y][w] = SV % 32 == 0 ? raw[w] : TQ_FUNNEL(raw[w], raw[w + (LV > NV)], (g * SV) % 32);
       }
     }
   }
 
-};
-auto step = [&](const int t0, TqStep& st) {
-  // This lane's words aligned (a segment or span that starts mid-word: one funnel shift).
-  uint32_t kw[2][2][NK];
-  uint32_t vw[2][4][NV];
-  float vs[2][2];
-  UNROLL for (int u = 0; u < 2; ++u) {
-    UNROLL for (int y = 0; y < 2; ++y) {
-      vs[u][y] = st.vs[u][y];
-      UNROLL for (int w = 0; w < NK; ++w) {
-        kw[u][y][w] = SK % 32 == 0 ? st.k[u][y][w] : TQ_FUNNEL(st.k[u][y][w], st.k[u][y][w + (LK > NK)], (c * SK) % 32);
-      }
-    }
-    UNROLL for (int y = 0; y < 4; ++y) {
-      UNROLL for (int w = 0; w < NV; ++w) {
-        vw[u][y][w] = SV % 32 == 0 ? st.v[u][y][w] : TQ_FUNNEL(st.v[u][y][w], st.v[u][y][w + (LV > NV)], (g * SV) % 32);
-      }
-    }
-  }
   // Scores: s[u][0..3] = key g, rows 2c, 2c + 1; key g + 8, rows 2c, 2c + 1 (tile u).
   float s[2][4];
   UNROLL for (int u = 0; u < 2; ++u) {
@@ -262,7 +251,7 @@ auto step = [&](const int t0, TqStep& st) {
       const int key = t0 + 16 * u + g + 8 * (x >> 1);
       const bool odd = x & 1;
       seen[u][x] = key < end && key >= first && key <= (odd ? last1 : last0);
-      s[u][x] = seen[u][x] ? s[u][x] * st.ks[u][x >> 1] * (odd ? unit1 : unit0) : NEG_INF;
+      s[u][x] = seen[u][x] ? s[u][x] * ks[u][x >> 1] * (odd ? unit1 : unit0) : NEG_INF;
     }
     mb0 = s[u][0] > mb0 ? s[u][0] : mb0;
     mb0 = s[u][2] > mb0 ? s[u][2] : mb0;
@@ -368,26 +357,6 @@ auto step = [&](const int t0, TqStep& st) {
       TQ_MMA(acc[i], a, pb, acc[i]);
     }
   }
-};
-// Two steps in flight: the next step's loads are issued before this one's arithmetic, so
-// their latency overlaps it (one step at a time, a SIMD-group waited for each).
-TqStep st0;
-TqStep st1;
-if (begin < end) {
-  load(begin, st0);
-}
-for (int t0 = begin; t0 < end; t0 += 64) {
-  if (t0 + 32 < end) {
-    load(t0 + 32, st1);
-  }
-  step(t0, st0);
-  if (t0 + 32 >= end) {
-    break;
-  }
-  if (t0 + 64 < end) {
-    load(t0 + 64, st0);
-  }
-  step(t0 + 32, st1);
 }
 
 // The rows' sums over the 8 lanes that hold them; lanes g = 0 write them.

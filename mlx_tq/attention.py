@@ -20,10 +20,12 @@ from .rotation import kernel_rotation, rotate, unrotate
 TARGET_GROUPS = 640
 # On CUDA, the split-K kernel on the matrix units (decode_attention_mma.metal) where it
 # applies (`_use_mma`): MMA_WARPS SIMD-groups a threadgroup, each one split of at least
-# MMA_MIN_KEYS keys, about MMA_TARGET_WARPS splits over all heads.
+# MMA_MIN_KEYS keys, about MMA_TARGET_WARPS splits over all heads (on the H200 at 32K-131K
+# keys, 1,024 beat 2,048: each SIMD-group's prologue is paid fewer times;
+# benchmarks/probes/mma_sweep.py).
 MMA = True
 MMA_WARPS = 4
-MMA_TARGET_WARPS = 2048
+MMA_TARGET_WARPS = 1024
 MMA_MIN_KEYS = 128
 # Splits the merge kernel can stage in threadgroup memory (merge.metal).
 MAX_SPLITS = 1024

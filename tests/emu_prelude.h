@@ -16,6 +16,9 @@ struct uint3 {
 struct float4 {
   float x, y, z, w;
 };
+struct uint4 {
+  uint32_t x, y, z, w;
+};
 inline thread_local unsigned tq_tid;
 inline thread_local uint3 tq_tgid;
 inline uint3 tq_ntg;

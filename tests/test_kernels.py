@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_tq import dequantize, kernels, quantize, scaled_dot_product_attention
+from mlx_tq import attention, dequantize, kernels, quantize, scaled_dot_product_attention
 from mlx_tq.attention import _decode_template, scaled_dot_product_attention_ops
 from mlx_tq.codebook import SUPPORTED_BITS, SUPPORTED_DIMS
 from mlx_tq.quant import (
@@ -125,6 +125,10 @@ def test_metal_sources_compile(tmp_path):
 def test_cuda_sources_compile(tmp_path):
     src = tmp_path / "kernels.cu"
     picked = list(variants())[::8]  # nvcc takes ~2 s a variant
+    # The matrix units' kernel (CUDA only): 2-4 bits, aligned and mid-word lane segments.
+    for D, bits, causal in ((128, 4, False), (128, 3, True), (64, 3, False), (112, 2, True)):
+        template = attention._mma_template(mx.float16, D, bits, causal, causal, 4 * causal)
+        picked.append(("decode_attention_mma", template))
     src.write_text(CUDA_SHIM + "\n".join(cuda_source(i, n, t) for i, (n, t) in enumerate(picked)))
     cmd = ["nvcc", "-std=c++17", "-arch=sm_90", "--ptx", "-o", str(tmp_path / "k.ptx"), str(src)]
     result = subprocess.run(cmd, capture_output=True, text=True)

@@ -18,13 +18,12 @@ import mlx.core as mx
 
 from mlx_tq import attention, scaled_dot_product_attention
 
-VARIANTS = [  # (name, MMA, MMA_WARPS, MMA_TARGET_WARPS)
-    ("cores", False, 4, 2048),
-    ("mma4-1024", True, 4, 1024),
-    ("mma4-2048", True, 4, 2048),
-    ("mma4-4096", True, 4, 4096),
-    ("mma8-2048", True, 8, 2048),
-    ("mma8-4096", True, 8, 4096),
+VARIANTS = [  # (name, MMA, MMA_WARPS, MMA_TARGET_WARPS, MMA_MIN_KEYS)
+    ("cores", False, 4, 1024, 128),
+    ("mma4-1024", True, 4, 1024, 128),
+    ("mma4-2048", True, 4, 2048, 128),
+    ("mma8-1024", True, 8, 1024, 128),
+    ("mma4-512", True, 4, 512, 128),
 ]
 
 sizes = [int(s) for s in sys.argv[1].split(",")] if len(sys.argv) > 1 else [8192, 32768, 131072]
@@ -36,8 +35,9 @@ for S in sizes:
     for bits in (4, 3):
         tk, tv = g.packed(S, bits, 0), g.packed(S, bits, 1, keys=False)
         call = partial(scaled_dot_product_attention, q, tk, tv, g.D**-0.5)
-        for name, mma, warps, target in VARIANTS:
+        for name, mma, warps, target, least in VARIANTS:
             attention.MMA, attention.MMA_WARPS, attention.MMA_TARGET_WARPS = mma, warps, target
+            attention.MMA_MIN_KEYS = least
             attention._fused_plan.cache_clear()
             row[f"tq{bits}-{name}"] = round(g.median_ms(call, runs=30, batch=10), 4)
     print(json.dumps(row), flush=True)
