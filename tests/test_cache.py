@@ -91,7 +91,10 @@ def test_chunked_prefill_equals_one_chunk(family, patched):
 def test_trim_then_refeed(family, patched):
     model = tiny_model(family)
     cache = mlx_tq.make_prompt_cache(model, warmup_tokens=0, recent_tokens=0)
-    first = run(model, cache, TOKENS[:, :40], 8)
+    # Chunks of 10, as the refeed: the same matmul shapes (multithreaded OpenBLAS rounds a
+    # differently shaped product differently, and a key that lands on another code is
+    # visible at 1e-3).
+    first = run(model, cache, TOKENS[:, :40], 10)
     assert all(c.is_trimmable() for c in cache)
     assert mlx_tq.cache.lm_cache.trim_prompt_cache(cache, 10) == 10
     assert cache[0].offset == 30
