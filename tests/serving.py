@@ -61,6 +61,10 @@ class Server:
     def __init__(self, model, tmp, *args, launch=()):
         self.port = free_port()
         env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp / "hf"))
+        # One BLAS thread: multithreaded OpenBLAS (0.3.21) rounds a product differently
+        # with its shape, so a cached turn (the new tokens only) and an uncached one (the
+        # whole conversation) moved a quantised key to another code (logprobs 2.6e-3 apart).
+        env["OPENBLAS_NUM_THREADS"] = "1"
         cmd = [*launch, sys.executable, "-m", "mlx_tq.server"]
         cmd += ["--model", str(model)] if model else []
         # mlx.launch would take --host for its --hosts; 127.0.0.1 is the server's default.

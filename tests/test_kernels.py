@@ -255,23 +255,26 @@ class RecordingKernel:
         return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes, strict=True)]
 
 
-def test_split_count_fits_the_merge_kernel(monkeypatch):
+@pytest.mark.parametrize("mma", [False, True], ids=["cores", "mma"])
+def test_split_count_fits_the_merge_kernel(mma, monkeypatch):
     """However many threadgroups the attention aims for, it makes no more splits than the
     merge kernel stages in threadgroup memory (merge.metal's MAX_SPLITS, the same number)."""
     import re
-
-    from mlx_tq import attention
 
     merge = kernels.source("merge.metal")
     assert int(re.search(r"MAX_SPLITS = (\d+);", merge).group(1)) == attention.MAX_SPLITS
     monkeypatch.setattr(kernels, "backend", lambda: "cuda")
     monkeypatch.setattr(kernels, "kernel", RecordingKernel.make)
     monkeypatch.setattr(attention, "TARGET_GROUPS", 10**6)
+    monkeypatch.setattr(attention, "MMA_TARGET_WARPS", 10**6)
+    monkeypatch.setattr(attention, "MMA", mma)
     plan = attention._fused_plan.__wrapped__(
         mx.float16, 1, 4, 1, 1, 64, 4, 4, (0, 1), False, False, 0.125, 0
     )
     assert plan.splits(10**7) == attention.MAX_SPLITS
-    assert plan.splits(300) == 3  # one per tile of 128 keys below the cap
+    # CUDA cores: one split per tile of 128 keys below the cap; matrix units: threadgroups
+    # of MMA_WARPS splits, each split at least MMA_MIN_KEYS keys.
+    assert plan.splits(300) == (attention.MMA_WARPS if mma else 3)
 
 
 DISPATCH_SHAPE = dict(B=2, Hq=8, Hkv=2, D=128, S=300)
