@@ -14,7 +14,14 @@ from . import attention
 from .quant import TurboQuantized
 
 _original = None  # mlx-lm's function while patched
-_probe = threading.local()  # .reached: ids of the caches a routing probe saw attended
+
+
+class _Probe(threading.local):
+    # A class default, so that reading it outside a probe raises (and costs) no AttributeError.
+    reached = None  # ids of the caches a routing probe saw attended
+
+
+_probe = _Probe()
 _probe_lock = threading.Lock()
 
 
@@ -27,11 +34,12 @@ def _attention(queries, keys, values, cache, scale, mask, sinks=None):
         return _original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
     if sinks is not None:
         raise NotImplementedError("attention sinks are not supported with a TurboQuant cache")
-    reached = getattr(_probe, "reached", None)
+    reached = _probe.reached
     if reached is not None:
         reached.add(id(cache))
     step = getattr(cache, "_step", None)
-    if step is not None and step() is keys.data and not isinstance(mask, mx.array):
+    plain = mask is None or not isinstance(mask, mx.array)
+    if step is not None and step() is keys.data and plain:
         # The keys the cache built for a decode step: only the queries need a check.
         attention.check_queries(queries, keys)
         if queries.shape[2] == 1 and attention._path(queries, keys, values, None) == "fused":
