@@ -69,6 +69,7 @@ class _TurboQuantMixin:
     # (quantise launch, keys' shape) of the last decode step: the next one of that shape
     # calls it directly (TurboQuantKVCache.update_and_fetch). Reset with the statistics.
     _step_launch = None
+    _step_attention = None  # patch.py's attention launch for the step's keys (reset with it)
 
     def _configure(self, key_bits, value_bits, seed, center_keys, smooth_keys, warmup_tokens):
         check_bits(key_bits, "key_bits")
@@ -78,7 +79,7 @@ class _TurboQuantMixin:
         self.key_bits, self.value_bits = key_bits, value_bits
         self.seed, self.center_keys, self.smooth_keys = seed, center_keys, smooth_keys
         self.warmup_tokens = warmup_tokens
-        self._step_launch = None
+        self._step_launch = self._step_attention = None
 
     def _setup(self, *config):
         self._configure(*config)
@@ -90,7 +91,7 @@ class _TurboQuantMixin:
         they came from (0: unknown): trimmed below that, it differs from a fresh cache."""
         self.key_offset, self.key_scale = offset, scale
         self.stats_tokens = tokens
-        self._rows = self._step_launch = None
+        self._rows = self._step_launch = self._step_attention = None
 
     def _check(self, keys, values):
         for x, name in ((keys, "keys"), (values, "values")):

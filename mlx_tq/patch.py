@@ -40,9 +40,15 @@ def _attention(queries, keys, values, cache, scale, mask, sinks=None):
     step = getattr(cache, "_step", None)
     plain = mask is None or not isinstance(mask, mx.array)
     if step is not None and step() is keys.data and plain:
-        # The keys the cache built for a decode step: only the queries need a check.
+        # The keys the cache built for a decode step: only the queries need a check, once
+        # per shape, dtype and scale (the cache then keeps the launch; reset with its own).
+        attend = cache._step_attention
+        out = None if attend is None else attend(queries, keys, values, scale)
+        if out is not None:
+            return out
         attention.check_queries(queries, keys)
         if queries.shape[2] == 1 and attention._path(queries, keys, values, None) == "fused":
+            cache._step_attention = attention.fused_step(queries, keys, values, scale)
             return attention._fused_attention(queries, keys, values, scale, False)
     # A batch of left-padded rows (not a sliding window): its mask is causal from each row's
     # first token, which the fused kernel applies itself instead of decoding for an array mask.
