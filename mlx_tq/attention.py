@@ -399,14 +399,45 @@ def _fused_attention(queries, keys, values, scale, causal, starts=None):
     """The split-K kernel, then the merge kernel that also rotates back; (B, Hq, L, D).
     `starts`: (B,) int32, the first key each batch row sees (left padding), else 0."""
     B, Hq, L, D = queries.shape
-    Hkv, S = keys.data.shape[1:3]
+    Hkv = keys.data.shape[1]
     recent = keys.recent is not None
     p = _fused_plan(
         queries.dtype, B, Hq, Hkv, L, D, keys.bits, values.bits, (keys.seed, values.seed),
         causal, keys.channel_scale is not None, float(scale), keys.window if recent else 0,
     )  # fmt: skip
-    if recent:  # the kernel reads the packed rows before the last `window` (_recent_offset)
+    if recent:
         _recent_offset(keys, L)
+    return _fused_launch(p, queries, keys, values, starts)
+
+
+def fused_step(queries, keys, values, scale):
+    """`_fused_attention(queries, keys, values, scale, False)` of a cache's decode step (keys
+    the cache built, queries checked: patch.py), as a function of (queries, keys, values,
+    scale) that the cache keeps: it repeats the launch for queries of the same shape, dtype
+    and float scale over keys of the same cache, and returns None for others."""
+    shape, dtype = queries.shape, queries.dtype
+    B, Hq, L, D = shape
+    recent = keys.recent is not None
+    p = _fused_plan(
+        dtype, B, Hq, keys.data.shape[1], L, D, keys.bits, values.bits, (keys.seed, values.seed),
+        False, keys.channel_scale is not None, float(scale), keys.window if recent else 0,
+    )  # fmt: skip
+    if recent:
+        _recent_offset(keys, L)
+
+    def attend(q, k, v, s):
+        if type(q) is mx.array and q.shape == shape and q.dtype == dtype and s == scale:
+            return _fused_launch(p, q, k, v, None)
+        return None
+
+    return attend if type(scale) is float else None
+
+
+def _fused_launch(p, queries, keys, values, starts):
+    """The launches of `_fused_attention` with its plan p, the inputs checked."""
+    S = keys.data.shape[2]
+    recent = keys.recent is not None
+    if recent:  # the kernel reads the packed rows before the last `window` (_recent_offset)
         S = max(S - keys.window, 0)
     o, ml = p.attend(
         inputs=[

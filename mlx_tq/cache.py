@@ -26,6 +26,7 @@ from .quant import (
     check_input,
     dequantize,
     quantize_kv,
+    quantize_kv_launch,
     quantize_kv_ops,
     quantize_kv_rows,
 )
@@ -65,6 +66,10 @@ class _TurboQuantMixin:
     # order (fewer positions: zero rows first), or None.
     _window = None
     _step = None  # a weak reference to the packed keys of the last decode step
+    # (quantise launch, keys' shape) of the last decode step: the next one of that shape
+    # calls it directly (TurboQuantKVCache.update_and_fetch). Reset with the statistics.
+    _step_launch = None
+    _step_attention = None  # patch.py's attention launch for the step's keys (reset with it)
 
     def _configure(self, key_bits, value_bits, seed, center_keys, smooth_keys, warmup_tokens):
         check_bits(key_bits, "key_bits")
@@ -74,6 +79,7 @@ class _TurboQuantMixin:
         self.key_bits, self.value_bits = key_bits, value_bits
         self.seed, self.center_keys, self.smooth_keys = seed, center_keys, smooth_keys
         self.warmup_tokens = warmup_tokens
+        self._step_launch = self._step_attention = None
 
     def _setup(self, *config):
         self._configure(*config)
@@ -85,7 +91,7 @@ class _TurboQuantMixin:
         they came from (0: unknown): trimmed below that, it differs from a fresh cache."""
         self.key_offset, self.key_scale = offset, scale
         self.stats_tokens = tokens
-        self._rows = None
+        self._rows = self._step_launch = self._step_attention = None
 
     def _check(self, keys, values):
         for x, name in ((keys, "keys"), (values, "values")):
@@ -168,18 +174,27 @@ class _TurboQuantMixin:
             window = self._window
             step = window is not None and keys.shape[2] == 1 and self.offset >= self.recent_tokens
             step = step and window[0].dtype == keys.dtype
-            out = quantize_kv_rows(keys, values, *bits, *self._rows, window if step else None)
-            k, v = out[:2]
             if step:
-                self._window = tuple(out[2:])
+                launch = quantize_kv_launch(
+                    keys.dtype, keys.shape, *bits, *self._rows, window[0].shape
+                )
+                self._step_launch = (launch, keys.shape)
+                k, v, *window = launch(keys, values, window)
+                self._window = tuple(window)
+            else:
+                k, v = quantize_kv_rows(keys, values, *bits, *self._rows)
         k, v = super().update_and_fetch(k, v)
-        if step:  # one query attends the whole window
-            fetched = self._wrap(k, v, self._window)
-            if is_patched():  # the patched attention trusts these keys (patch.py)
-                self._step = weakref.ref(fetched[0].data)
-            return fetched
+        if step:
+            return self._fetch_step(k, v)
         recent = self._hold_recent(keys, values) if self.recent_tokens else None
         return self._wrap(k, v, recent)
+
+    def _fetch_step(self, k, v):
+        """A decode step's packed keys and values, its one query attending the whole window."""
+        if not is_patched():
+            return self._wrap(k, v, self._window)
+        self._step = weakref.ref(k)  # the patched attention trusts these keys (patch.py)
+        return self._packed(k, v, self._window)
 
     def _hold_recent(self, keys, values):
         """Holds the update's keys and values in the window; returns the exact rows its
@@ -221,7 +236,7 @@ class _TurboQuantMixin:
         args = (self.head_dim, self.seed, getattr(mx, self.dtype))
         rk, rv, w = (None, None, 0) if recent is None else (*recent, self.recent_tokens)
         k = TurboQuantized(k, self.key_bits, *args, self.key_offset, None, self.key_scale, rk, w)
-        return k, TurboQuantized(v, self.value_bits, *args, recent=rv, window=w)
+        return k, TurboQuantized(v, self.value_bits, *args, None, None, None, rv, w)
 
     def _wrap(self, k, v, recent=None):
         """Packed keys and values for the patched attention, else dequantised for any (the
@@ -330,6 +345,30 @@ class TurboQuantKVCache(_TurboQuantMixin, KVCache):
         self._setup(key_bits, value_bits, seed, center_keys, smooth_keys, warmup_tokens)
         check_recent_tokens(recent_tokens)
         self.recent_tokens = recent_tokens
+
+    def update_and_fetch(self, keys, values):
+        # A decode step like the last one (a model's every step): what that one checked and
+        # built still holds, so only the launch, KVCache's row update and the wrapping remain.
+        step = self._step_launch
+        if (
+            step is not None
+            and keys.shape == step[1] == values.shape
+            and keys.dtype == values.dtype == self._window[0].dtype
+            and self.recent_tokens <= self.offset < self.keys.shape[2]
+            and is_patched()
+            and kernels.backend() is not None
+        ):
+            k, v, *window = step[0](keys, values, self._window)
+            self._window = tuple(window)
+            # KVCache.update_and_fetch without growth (plain slices: `...` costs ~2 us more).
+            prev = self.offset
+            self.offset = end = prev + 1
+            self.keys[:, :, prev:end] = k
+            self.values[:, :, prev:end] = v
+            if end < self.keys.shape[2]:
+                return self._fetch_step(self.keys[:, :, :end], self.values[:, :, :end])
+            return self._fetch_step(self.keys, self.values)
+        return super().update_and_fetch(keys, values)
 
     @property
     def state(self):

@@ -14,7 +14,14 @@ from . import attention
 from .quant import TurboQuantized
 
 _original = None  # mlx-lm's function while patched
-_probe = threading.local()  # .reached: ids of the caches a routing probe saw attended
+
+
+class _Probe(threading.local):
+    # A class default, so that reading it outside a probe raises (and costs) no AttributeError.
+    reached = None  # ids of the caches a routing probe saw attended
+
+
+_probe = _Probe()
 _probe_lock = threading.Lock()
 
 
@@ -27,14 +34,21 @@ def _attention(queries, keys, values, cache, scale, mask, sinks=None):
         return _original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
     if sinks is not None:
         raise NotImplementedError("attention sinks are not supported with a TurboQuant cache")
-    reached = getattr(_probe, "reached", None)
+    reached = _probe.reached
     if reached is not None:
         reached.add(id(cache))
     step = getattr(cache, "_step", None)
-    if step is not None and step() is keys.data and not isinstance(mask, mx.array):
-        # The keys the cache built for a decode step: only the queries need a check.
+    plain = mask is None or not isinstance(mask, mx.array)
+    if step is not None and step() is keys.data and plain:
+        # The keys the cache built for a decode step: only the queries need a check, once
+        # per shape, dtype and scale (the cache then keeps the launch; reset with its own).
+        attend = cache._step_attention
+        out = None if attend is None else attend(queries, keys, values, scale)
+        if out is not None:
+            return out
         attention.check_queries(queries, keys)
         if queries.shape[2] == 1 and attention._path(queries, keys, values, None) == "fused":
+            cache._step_attention = attention.fused_step(queries, keys, values, scale)
             return attention._fused_attention(queries, keys, values, scale, False)
     # A batch of left-padded rows (not a sliding window): its mask is causal from each row's
     # first token, which the fused kernel applies itself instead of decoding for an array mask.

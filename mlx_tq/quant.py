@@ -338,6 +338,23 @@ def _quantize_call(dtype, shape, key_bits, value_bits, seed, scaled, window_shap
     return kernel, constants, call
 
 
+def quantize_kv_launch(dtype, shape, key_bits, value_bits, seed, offset, scale, window_shape=None):
+    """`quantize_kv_rows` for keys of one `shape` and dtype, its other arguments bound: a
+    function of (keys, values, window) that launches the kernel and returns all its outputs
+    (a cache builds it once and calls it every decode step)."""
+    kernel, constants, call = _quantize_call(
+        dtype, shape, key_bits, value_bits, seed, scale is not None, window_shape
+    )
+    # scale is not read without SCALE, nor the window's inputs and outputs without RW.
+    fixed = [*constants, offset, offset if scale is None else scale]
+    unread = (offset, offset)
+
+    def launch(keys, values, window=None):
+        return kernel(inputs=[keys, values, *fixed, *(window or unread)], **call)
+
+    return launch
+
+
 def quantize_kv_rows(keys, values, key_bits, value_bits, seed, offset, scale, window=None):
     """The kernel of `quantize_kv`, inputs checked: keys and values (B, H, L, D), `offset`
     and `scale` (or None) float32 (B * H, D) rows, or one (1, D) offset row for all when
@@ -345,15 +362,10 @@ def quantize_kv_rows(keys, values, key_bits, value_bits, seed, offset, scale, wi
     (B, H, W, D) each in the keys' dtype (oldest row first) and L = 1, the same launch also
     returns them shifted by one row with these keys and values last: (k, v, k_win, v_win)."""
     shape = None if window is None else window[0].shape
-    kernel, constants, call = _quantize_call(
-        keys.dtype, keys.shape, key_bits, value_bits, seed, scale is not None, shape
+    launch = quantize_kv_launch(
+        keys.dtype, keys.shape, key_bits, value_bits, seed, offset, scale, shape
     )
-    # scale is not read without SCALE, nor the window's inputs and outputs without RW.
-    unread = (offset, offset) if window is None else window
-    out = kernel(
-        inputs=[keys, values, *constants, offset, offset if scale is None else scale, *unread],
-        **call,
-    )
+    out = launch(keys, values, window)
     return out if window else out[:2]
 
 

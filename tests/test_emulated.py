@@ -74,6 +74,10 @@ def test_cache_decode_step_through_mlx_lm_matches_float64():
     test_gpu.test_cache_decode_step_through_mlx_lm_matches_float64(mx.bfloat16)
 
 
+def test_repeated_decode_steps_equal_the_general_path():
+    test_gpu.test_repeated_decode_steps_equal_the_general_path()
+
+
 def test_cache_after_decode_steps_holds_no_fetched_keys_and_copies():
     test_gpu.test_cache_after_decode_steps_holds_no_fetched_keys_and_copies()
 

@@ -418,6 +418,45 @@ def test_cache_decode_step_through_mlx_lm_matches_float64(dtype):
         unpatch()
 
 
+def test_repeated_decode_steps_equal_the_general_path():
+    """A cache's decode steps after the first repeat that step's launch and attention plan
+    (issue 15): the same packed rows, window and attention output as a twin that takes the
+    general path every step, across the buffer's growth at 256 rows and a trim."""
+    import mlx_lm.models.base as base
+
+    from mlx_tq import patch, unpatch
+    from mlx_tq.cache import TurboQuantKVCache
+
+    rng = np.random.default_rng(13)
+    B, Hkv, G, D, W = 1, 2, 2, 64, 4
+    fast, slow = (
+        TurboQuantKVCache(4, 3, smooth_keys=0.5, warmup_tokens=0, recent_tokens=W) for _ in range(2)
+    )
+    k0 = normal(rng, (B, Hkv, 253, D), mx.float16)
+    for c in (fast, slow):
+        c.update_and_fetch(k0, k0)
+    patch()
+    try:
+        for i in range(7):  # offsets 254-258, a trim to 256, then 257-258
+            if i == 5:
+                assert fast.trim(2) == slow.trim(2) == 2
+            new = [normal(rng, (B, Hkv, 1, D), mx.float16) for _ in range(2)]
+            q = normal(rng, (B, Hkv * G, 1, D), mx.float16)
+            slow._step_launch = slow._step_attention = None  # the general path
+            launch = fast._step_launch
+            got = []
+            for c in (fast, slow):
+                keys, values = c.update_and_fetch(*new)
+                out = base.scaled_dot_product_attention(q, keys, values, c, D**-0.5, None)
+                got.append((keys.data, values.data, keys.recent, values.recent, out))
+            assert fast.offset == slow.offset and fast.keys.shape == slow.keys.shape
+            assert all(mx.array_equal(a, b) for a, b in zip(*got, strict=True))
+            # Repeated where nothing changed (not the first step, nor the buffer's growth).
+            assert (fast._step_launch is launch) == (i not in (0, 3))
+    finally:
+        unpatch()
+
+
 def test_cache_after_decode_steps_holds_no_fetched_keys_and_copies():
     """After decode steps (patched or not) the cache keeps nothing of what it handed out
     (unpatched: the layer's keys dequantised, an fp16 cache's worth), and deep-copies."""
