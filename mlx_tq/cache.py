@@ -191,10 +191,9 @@ class _TurboQuantMixin:
 
     def _fetch_step(self, k, v):
         """A decode step's packed keys and values, its one query attending the whole window."""
-        if not is_patched():
-            return self._wrap(k, v, self._window)
-        self._step = weakref.ref(k)  # the patched attention trusts these keys (patch.py)
-        return self._packed(k, v, self._window)
+        if is_patched():  # the patched attention trusts these keys (patch.py)
+            self._step = weakref.ref(k)
+        return self._wrap(k, v, self._window)
 
     def _hold_recent(self, keys, values):
         """Holds the update's keys and values in the window; returns the exact rows its
