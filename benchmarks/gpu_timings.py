@@ -52,6 +52,27 @@ def median_ms(fn, warmup=5, runs=50, batch=1):
     return 1e3 * float(np.median(times))
 
 
+def probe_rows(argv):
+    """For the probes (benchmarks/probes/): per key count S of argv[1] (comma-separated;
+    default 8,192, 32,768, 131,072), yields the row {"keys": S, "fp16": ms of fp16 SDPA} (B 1,
+    HQ/HKV heads, D; pipelined, 10 calls per eval, median of 30) and `tq(bits)`: the fused
+    TurboQuant call over packed keys and values of that width, for the probe to time into
+    the row; prints the row after the probe's turn."""
+    sizes = [int(s) for s in argv[1].split(",")] if len(argv) > 1 else [8192, 32768, 131072]
+    q = normal((1, HQ, 1, D))
+    for S in sizes:
+        k, v = normal((1, HKV, S, D)), normal((1, HKV, S, D))
+        sdpa = partial(mx.fast.scaled_dot_product_attention, q, k, v, scale=D**-0.5)
+        row = {"keys": S, "fp16": round(median_ms(sdpa, runs=30, batch=10), 4)}
+
+        def tq(bits, S=S):
+            tk, tv = packed(S, bits, 0), packed(S, bits, 1, keys=False)
+            return partial(scaled_dot_product_attention, q, tk, tv, D**-0.5)
+
+        yield row, tq
+        print(json.dumps(row), flush=True)
+
+
 def normal(shape, dtype=mx.float16):
     return mx.random.normal(shape).astype(dtype)
 

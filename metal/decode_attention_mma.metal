@@ -22,8 +22,6 @@
 // o: [B * Hkv, n_splits, GL, D] float, unnormalised; ml: [B * Hkv, n_splits, GL, 2] (max, sum)
 constexpr int NT = NW * 32;
 constexpr int R = 8;
-constexpr int RK = WK + 1;
-constexpr int RV = WV + 1;
 constexpr int NCH = D / 16;
 // A key's lane segment: D / 4 dims, SK bits from bit c * SK; a value's lane span: D / 8
 // dims, SV bits from bit g * SV. LK / LV words cover any start, NK / NV hold it aligned.

@@ -395,18 +395,24 @@ def _fused_plan(
     )
 
 
-def _fused_attention(queries, keys, values, scale, causal, starts=None):
-    """The split-K kernel, then the merge kernel that also rotates back; (B, Hq, L, D).
-    `starts`: (B,) int32, the first key each batch row sees (left padding), else 0."""
+def _plan_for(queries, keys, values, scale, causal):
+    """`_fused_plan` of these inputs, the recent rows checked (`_recent_offset`)."""
     B, Hq, L, D = queries.shape
-    Hkv = keys.data.shape[1]
     recent = keys.recent is not None
     p = _fused_plan(
-        queries.dtype, B, Hq, Hkv, L, D, keys.bits, values.bits, (keys.seed, values.seed),
-        causal, keys.channel_scale is not None, float(scale), keys.window if recent else 0,
+        queries.dtype, B, Hq, keys.data.shape[1], L, D, keys.bits, values.bits,
+        (keys.seed, values.seed), causal, keys.channel_scale is not None, float(scale),
+        keys.window if recent else 0,
     )  # fmt: skip
     if recent:
         _recent_offset(keys, L)
+    return p
+
+
+def _fused_attention(queries, keys, values, scale, causal, starts=None):
+    """The split-K kernel, then the merge kernel that also rotates back; (B, Hq, L, D).
+    `starts`: (B,) int32, the first key each batch row sees (left padding), else 0."""
+    p = _plan_for(queries, keys, values, scale, causal)
     return _fused_launch(p, queries, keys, values, starts)
 
 
@@ -416,14 +422,7 @@ def fused_step(queries, keys, values, scale):
     scale) that the cache keeps: it repeats the launch for queries of the same shape, dtype
     and float scale over keys of the same cache, and returns None for others."""
     shape, dtype = queries.shape, queries.dtype
-    B, Hq, L, D = shape
-    recent = keys.recent is not None
-    p = _fused_plan(
-        dtype, B, Hq, keys.data.shape[1], L, D, keys.bits, values.bits, (keys.seed, values.seed),
-        False, keys.channel_scale is not None, float(scale), keys.window if recent else 0,
-    )  # fmt: skip
-    if recent:
-        _recent_offset(keys, L)
+    p = _plan_for(queries, keys, values, scale, False)
 
     def attend(q, k, v, s):
         if type(q) is mx.array and q.shape == shape and q.dtype == dtype and s == scale:

@@ -59,13 +59,6 @@ SIGNATURES = {
         + (("qscale", mx.float32), ("starts", mx.int32)),
         (("o", mx.float32), ("ml", mx.float32)),
     ),
-    # (the same on the matrix units, CUDA only)
-    "decode_attention_mma": (
-        (("q", None), ("k", mx.uint32), ("v", mx.uint32), ("rt", mx.float32))
-        + (("scale", mx.float32), ("k_levels", mx.float32), ("v_levels", mx.float32))
-        + (("qscale", mx.float32), ("starts", mx.int32)),
-        (("o", mx.float32), ("ml", mx.float32)),
-    ),
     "merge": (
         (("o", mx.float32), ("ml", mx.float32), ("rt_t", mx.float32), ("q", None))
         + (("kr", None), ("vr", None), ("k_off", mx.float32), ("scale", mx.float32)),
@@ -73,6 +66,10 @@ SIGNATURES = {
     ),
     "dequantize": ((("data", mx.uint32), ("levels", mx.float32)), (("out", None),)),
 }
+
+
+# The same launch on the matrix units (CUDA only).
+SIGNATURES["decode_attention_mma"] = SIGNATURES["decode_attention"]
 
 
 def constants(template, types: dict) -> str:
