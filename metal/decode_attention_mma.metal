@@ -19,7 +19,8 @@
 // qscale: [B, Hkv, 1, D] float (strided), read only when SMOOTH
 // k_levels, v_levels: [2^KB] float, the same levels (KB == VB)
 // starts: [B] int32, each batch row's first visible key
-// o: [B * Hkv, n_splits, GL, D] float, unnormalised; ml: [B * Hkv, n_splits, GL, 2] (max, sum)
+// o: [B * Hkv, n_splits, GL, D] float, unnormalised; ml: [B * Hkv, n_splits, GL, 2] (max, sum),
+// one split per threadgroup (its NW SIMD-groups' splits merged at the end)
 constexpr int NT = NW * 32;
 constexpr int R = 8;
 constexpr int NCH = D / 16;
@@ -34,7 +35,11 @@ constexpr int LV = SV % 32 == 0 ? NV : NV + 1;
 constexpr int PAIRS = 1 << (2 * KB);
 constexpr int TABLE = PAIRS * 32;
 constexpr int QBUF = 2 * R * D;
-SHARED uint32_t smem[TABLE > QBUF ? TABLE : QBUF];
+constexpr int RED = NW * R * D;  // the SIMD-groups' accumulators, merged at the end
+constexpr int SMEM = TABLE > QBUF ? (TABLE > RED ? TABLE : RED) : (QBUF > RED ? QBUF : RED);
+SHARED uint32_t smem[SMEM];
+SHARED float levels[1 << KB];
+SHARED float stats[NW * R * 3];  // each SIMD-group's (max, sum, weight) of each row
 SHARED_PTR(float) ps = reinterpret_cast<SHARED_PTR(float)>(smem);
 SHARED_PTR(float) qs = ps + R * D;
 
@@ -44,7 +49,7 @@ const int S = k_shape[2] > TAIL ? k_shape[2] - TAIL : 0;
 const int G = q_shape[1] / n_kv;
 const int L = q_shape[2];
 const int GL = G * L;
-const int n_splits = NTG.x * NW;
+const int n_splits = NTG.x * NW;  // SIMD-groups over the keys
 const int split = TGID.x * NW + WARP;
 const int bh = TGID.y;
 const int b = bh / n_kv;
@@ -76,6 +81,11 @@ UNROLL for (int u = 0; u < QN; ++u) {
   qf[u] *= POW2 ? TQ_SIGN(rt[dim]) : 1.0f;
 }
 const float q_scale = scale[0];
+// (The levels with the queries' loads: the table below is built from threadgroup memory.)
+const float level = TID < (1 << KB) ? k_levels[TID] : 0.0f;
+if (TID < (1 << KB)) {
+  levels[TID] = level;
+}
 UNROLL for (int u = 0; u < QN; ++u) {
   const int f = TID + u * NT;
   if (f < R * D) {
@@ -140,7 +150,7 @@ BARRIER();
 // (Four copies a 16-byte store.)
 for (int f = TID; f < TABLE / 4; f += NT) {
   const int e = f / 8;
-  const uint32_t x = TQ_H2(k_levels[e & ((1 << KB) - 1)], k_levels[e >> KB]);
+  const uint32_t x = TQ_H2(levels[e & ((1 << KB) - 1)], levels[e >> KB]);
   reinterpret_cast<SHARED_PTR(uint4)>(smem)[f] = uint4{x, x, x, x};
 }
 BARRIER();
@@ -357,32 +367,64 @@ for (int t0 = begin; t0 < end; t0 += 32) {
   }
 }
 
-// The rows' sums over the 8 lanes that hold them; lanes g = 0 write them.
+// The rows' sums over the 8 lanes that hold them.
 UNROLL for (int x = 4; x < 32; x *= 2) {
   l0 += TQ_SHFL_XOR(l0, x);
   l1 += TQ_SHFL_XOR(l1, x);
 }
-const int base = (bh * n_splits + split) * GL;
+// The threadgroup's NW splits merged into one (the merge kernel reads NW times fewer):
+// each SIMD-group's rows rescaled to the rows' common max, summed in threadgroup memory.
+if (g == 0) {
+  stats[(WARP * R + 2 * c) * 3] = m0;
+  stats[(WARP * R + 2 * c) * 3 + 1] = l0;
+  stats[(WARP * R + 2 * c + 1) * 3] = m1;
+  stats[(WARP * R + 2 * c + 1) * 3 + 1] = l1;
+}
 const float unit = TQ_POW2(vexp < 127 ? vexp : 127);
-const int ra = row0 + 2 * c;
+BARRIER();  // (every SIMD-group done with the table, which the sums overwrite)
+float mt0 = NEG_INF;
+float mt1 = NEG_INF;
+for (int w = 0; w < NW; ++w) {
+  const float a = stats[(w * R + 2 * c) * 3];
+  const float b = stats[(w * R + 2 * c + 1) * 3];
+  mt0 = a > mt0 ? a : mt0;
+  mt1 = b > mt1 ? b : mt1;
+}
+// (A SIMD-group that saw no key adds nothing: its accumulators are 0, its max -inf.)
+const float f0 = m0 == NEG_INF ? 0.0f : TQ_EXP(m0 - mt0);
+const float f1 = m1 == NEG_INF ? 0.0f : TQ_EXP(m1 - mt1);
+if (g == 0) {
+  stats[(WARP * R + 2 * c) * 3 + 2] = f0;
+  stats[(WARP * R + 2 * c + 1) * 3 + 2] = f1;
+}
+SHARED_PTR(float) red = reinterpret_cast<SHARED_PTR(float)>(smem);  // [NW][R][D]
 UNROLL for (int i = 0; i < NCH; ++i) {
   const int d = (D / 8) * g + 2 * i;
-  if (ra < GL) {
-    o[(base + ra) * D + d] = acc[i][0] * unit;
-    o[(base + ra) * D + d + 1] = acc[i][2] * unit;
-  }
-  if (ra + 1 < GL) {
-    o[(base + ra + 1) * D + d] = acc[i][1] * unit;
-    o[(base + ra + 1) * D + d + 1] = acc[i][3] * unit;
-  }
+  red[(WARP * R + 2 * c) * D + d] = acc[i][0] * (f0 * unit);
+  red[(WARP * R + 2 * c) * D + d + 1] = acc[i][2] * (f0 * unit);
+  red[(WARP * R + 2 * c + 1) * D + d] = acc[i][1] * (f1 * unit);
+  red[(WARP * R + 2 * c + 1) * D + d + 1] = acc[i][3] * (f1 * unit);
 }
-if (g == 0) {
-  if (ra < GL) {
-    ml[(base + ra) * 2] = m0;
-    ml[(base + ra) * 2 + 1] = l0;
+BARRIER();
+const int rows = GL - row0 < R ? GL - row0 : R;
+const int base = (bh * NTG.x + TGID.x) * GL + row0;
+for (int f = TID; f < rows * D; f += NT) {
+  float sum = 0.0f;
+  UNROLL for (int w = 0; w < NW; ++w) {
+    sum += red[w * R * D + f];
   }
-  if (ra + 1 < GL) {
-    ml[(base + ra + 1) * 2] = m1;
-    ml[(base + ra + 1) * 2 + 1] = l1;
+  o[base * D + f] = sum;
+}
+if (TID < rows) {
+  float lt = 0.0f;
+  for (int w = 0; w < NW; ++w) {
+    lt += stats[(w * R + TID) * 3 + 2] * stats[(w * R + TID) * 3 + 1];
   }
+  // (every SIMD-group's max of the row is in stats: the largest, as mt0 / mt1 above)
+  float mt = NEG_INF;
+  for (int w = 0; w < NW; ++w) {
+    mt = stats[(w * R + TID) * 3] > mt ? stats[(w * R + TID) * 3] : mt;
+  }
+  ml[(base + TID) * 2] = mt;
+  ml[(base + TID) * 2 + 1] = lt;
 }

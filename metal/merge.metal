@@ -20,14 +20,16 @@ constexpr int CH = 8;
 SHARED float red[NW * CH];
 SHARED float sc[CH];
 SHARED float ws[MAX_SPLITS];
+SHARED float wl[MAX_SPLITS];
 SHARED float part[NW];
 const int n_splits = ml_shape[1];
 const int GL = ml_shape[2];
 const int bh = TGID.x / GL;
 const int row = TGID.x % GL;
 const int d = TID;
-// The recent rows' indices, and this thread's dim of the query and the keys' offset
-// (loaded first: their latency overlaps the splits' loads).
+// Every load that does not wait for another is issued first, so that their latencies
+// overlap: this thread's dim of the query, the keys' offset, the first chunk of recent
+// keys and values and of the splits' outputs, and the splits' (max, sum).
 const int n_kv = RECENT ? kr_shape[1] : 1;
 const int E = RECENT ? kr_shape[2] : 0;
 const int L = RECENT ? q_shape[2] : 1;
@@ -43,12 +45,33 @@ if (RECENT && d < D) {
        scale[0];
   mu = k_off[b * k_off_strides[0] + h * k_off_strides[1] + d * k_off_strides[3]];
 }
-// The splits' maxima, then their weights, staged by all threads at once: a loop over the
-// splits in each thread waited for one load after another.
+// This thread's dim of a chunk of recent keys and values, all loads in flight at once.
+const auto kp = kr + b * kr_strides[0] + h * kr_strides[1];
+const auto vp = vr + b * vr_strides[0] + h * vr_strides[1];
+float kd[CH];
+float vd[CH];
+#define TQ_RECENT_CHUNK(e0)                                                                   \
+  UNROLL for (int e = 0; e < CH; ++e) {                                                       \
+    const bool in = d < D && (e0) + e < E;                                                    \
+    kd[e] = in ? static_cast<float>(kp[((e0) + e) * kr_strides[2] + d * kr_strides[3]]) : 0.0f; \
+    vd[e] = in ? static_cast<float>(vp[((e0) + e) * vr_strides[2] + d * vr_strides[3]]) : 0.0f; \
+  }
+if (RECENT) {
+  TQ_RECENT_CHUNK(0)
+}
+// The first eight splits' outputs (this thread's dim), weighted once the max is known.
+const auto op = o + (bh * n_splits * GL + row) * D + d;  // split s at op[s * GL * D]
+float o8[8];
+UNROLL for (int u = 0; u < 8; ++u) {
+  o8[u] = d < D && u < n_splits ? op[u * GL * D] : 0.0f;
+}
+// The splits' maxima and sums, staged by all threads at once: a loop over the splits in
+// each thread waited for one load after another.
 const auto mlr = ml + (bh * n_splits * GL + row) * 2;  // split s at mlr[s * GL * 2]
 float mt = NEG_INF;
 for (int s = TID; s < n_splits; s += NT) {
   const float ms = mlr[s * GL * 2];
+  wl[s] = mlr[s * GL * 2 + 1];
   ws[s] = ms;
   mt = ms > mt ? ms : mt;
 }
@@ -67,7 +90,7 @@ for (int s = TID; s < n_splits; s += NT) {
   // A split that saw no key (max -inf) adds nothing.
   const float w = ws[s] == NEG_INF ? 0.0f : EXP(ws[s] - m);
   ws[s] = w;
-  dt += w * mlr[s * GL * 2 + 1];
+  dt += w * wl[s];
 }
 dt = WARP_SUM(dt);
 if (LANE == 0) {
@@ -81,9 +104,11 @@ for (int w = 0; w < NW; ++w) {
 float num = 0.0f;
 if (d < D) {
   // Eight loads in flight per round.
-  const auto op = o + (bh * n_splits * GL + row) * D + d;  // split s at op[s * GL * D]
-  float n8[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-  int s = 0;
+  float n8[8];
+  UNROLL for (int u = 0; u < 8; ++u) {
+    n8[u] = u < n_splits ? ws[u] * o8[u] : 0.0f;
+  }
+  int s = 8;
   for (; s + 8 <= n_splits; s += 8) {
     UNROLL for (int u = 0; u < 8; ++u) {
       n8[u] += ws[s + u] * op[(s + u) * GL * D];
@@ -96,19 +121,12 @@ if (d < D) {
 }
 float ex = 0.0f;  // this thread's dim of the exact values' weighted sum, original space
 if (RECENT) {
-  const auto kp = kr + b * kr_strides[0] + h * kr_strides[1];
-  const auto vp = vr + b * vr_strides[0] + h * vr_strides[1];
-  // CH keys at a time: each SIMD-group sums its dims of the CH scores, then CH threads
-  // add the groups' sums; online softmax against the splits' max.
+  // CH keys at a time (the first chunk loaded above): each SIMD-group sums its dims of the
+  // CH scores, then CH threads add the groups' sums; online softmax against the splits' max.
   for (int e0 = 0; e0 < E; e0 += CH) {
     const int n = E - e0 < CH ? E - e0 : CH;
-    // This thread's dim of the chunk's keys and values, all loads in flight at once.
-    float kd[CH];
-    float vd[CH];
-    UNROLL for (int e = 0; e < CH; ++e) {
-      const bool in = d < D && e < n;
-      kd[e] = in ? static_cast<float>(kp[(e0 + e) * kr_strides[2] + d * kr_strides[3]]) : 0.0f;
-      vd[e] = in ? static_cast<float>(vp[(e0 + e) * vr_strides[2] + d * vr_strides[3]]) : 0.0f;
+    if (e0 > 0) {
+      TQ_RECENT_CHUNK(e0)
     }
     UNROLL for (int e = 0; e < CH; ++e) {
       if (e < n) {

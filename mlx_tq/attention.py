@@ -19,10 +19,10 @@ from .rotation import kernel_rotation, rotate, unrotate
 # Threadgroups the split-K kernel aims for: about one full wave on an H100.
 TARGET_GROUPS = 640
 # On CUDA, the split-K kernel on the matrix units (decode_attention_mma.metal) where it
-# applies (`_use_mma`): MMA_WARPS SIMD-groups a threadgroup, each one split of at least
-# MMA_MIN_KEYS keys, about MMA_TARGET_WARPS splits over all heads (on the H200 at 32K-131K
-# keys, 1,024 beat 2,048: each SIMD-group's prologue is paid fewer times;
-# benchmarks/probes/mma_sweep.py).
+# applies (`_use_mma`): MMA_WARPS SIMD-groups a threadgroup, each over at least
+# MMA_MIN_KEYS keys, about MMA_TARGET_WARPS SIMD-groups over all heads (on the H200 at
+# 32K-131K keys, 1,024 beat 2,048: each SIMD-group's prologue is paid fewer times;
+# benchmarks/probes/mma_sweep.py); a threadgroup's SIMD-groups merge into one split.
 MMA = True
 MMA_WARPS = 4
 MMA_TARGET_WARPS = 1024
@@ -329,10 +329,10 @@ def _fused_plan(
     # = (S - recent) - L + 1 + i (see _recent_offset): the kernel leaves out the last
     # `recent` rows and reads the rest causally.
     if _use_mma(D, key_bits, value_bits):
-        # A threadgroup of MMA_WARPS splits, 8 query rows.
+        # A threadgroup of MMA_WARPS SIMD-groups over its keys, 8 query rows, one split.
         template = _mma_template(dtype, D, key_bits, causal or recent > 0, smooth, recent)
         name, tile, R, per_group = "decode_attention_mma", 32 * MMA_WARPS, 8, MMA_WARPS
-        most = min(MMA_TARGET_WARPS // (B * Hkv * -(-GL // R)), MAX_SPLITS) // per_group
+        most = min(MMA_TARGET_WARPS // (B * Hkv * -(-GL // R)) // per_group, MAX_SPLITS)
 
         def groups(S):
             return max(1, min(-(-S // (MMA_MIN_KEYS * per_group)), most))
@@ -371,12 +371,11 @@ def _fused_plan(
     blocks = -(-GL // R)
 
     @cache
-    def attend_args(n):  # the launch for n threadgroups a head (per_group splits each)
-        splits = n * per_group
+    def attend_args(n):  # the launch for n threadgroups a head, one split each
         return dict(
             grid=(tile * n, B * Hkv, blocks),
             threadgroup=(tile, 1, 1),
-            output_shapes=[(B * Hkv, splits, GL, D), (B * Hkv, splits, GL, 2)],
+            output_shapes=[(B * Hkv, n, GL, D), (B * Hkv, n, GL, 2)],
             output_dtypes=[mx.float32, mx.float32],
         )
 
@@ -384,7 +383,7 @@ def _fused_plan(
         attend=attend,
         attend_args=attend_args,
         groups=groups,
-        splits=lambda S: groups(S) * per_group,
+        splits=groups,
         constants=constants,
         ones=ones,
         zeros=zeros,

@@ -61,8 +61,10 @@ def test_attention_matches_float64(config, groups, mma, monkeypatch):
     test_gpu.test_attention_matches_float64(config)
 
 
-def test_merge_shifts_by_the_max_of_every_split():
-    test_gpu.test_merge_shifts_by_the_max_of_every_split()
+@pytest.mark.parametrize("mma", [True, False], ids=["mma", "cores"])
+def test_merge_shifts_by_the_max_of_every_split(mma, monkeypatch):
+    monkeypatch.setattr(attention, "MMA", mma)
+    test_gpu.test_merge_shifts_by_the_max_of_every_split(monkeypatch)
 
 
 @pytest.mark.parametrize("config", test_gpu.RECENT[:5], ids=[str(c) for c in test_gpu.RECENT[:5]])

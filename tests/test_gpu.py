@@ -296,10 +296,13 @@ def test_attention_matches_float64(config):
     assert err_public <= tol_public, errors
 
 
-def test_merge_shifts_by_the_max_of_every_split():
+def test_merge_shifts_by_the_max_of_every_split(monkeypatch):
     """Each query's one loud key (score ~2,400) sits in a late split, 71 splits of 64-dim rows:
     split 39 (staged by the merge's second SIMD-group) and split 66 (past its 64 threads, a
-    second round of staging). Shifting by any max but the largest overflows exp."""
+    second round of staging). Shifting by any max but the largest overflows exp. (On the
+    matrix units a split is a threadgroup of 4 SIMD-groups of 32 keys each here, merged in
+    the attention kernel: its loud key in SIMD-group 0 of split 39 and 2 of split 66.)"""
+    monkeypatch.setattr(attention, "MMA_MIN_KEYS", 32)
     S, D = 9000, 64
     rng = np.random.default_rng(9)
     queries = normal(rng, (1, 2, 1, D))
@@ -311,7 +314,7 @@ def test_merge_shifts_by_the_max_of_every_split():
         attention._fused_plan(
             mx.float32, 1, 2, 1, 1, D, 4, 4, (0, 1), False, False, D**-0.5, 0
         ).splits(S)
-        == (72 if attention._use_mma(D, 4, 4) else 71)  # (matrix units: 18 groups of 4)
+        == 71
     )
     ref = attention_f64(queries, keys, values, D**-0.5, None)
     err = rel_err(_fused_attention(queries, keys, values, D**-0.5, False), ref)

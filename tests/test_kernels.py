@@ -272,9 +272,13 @@ def test_split_count_fits_the_merge_kernel(mma, monkeypatch):
         mx.float16, 1, 4, 1, 1, 64, 4, 4, (0, 1), False, False, 0.125, 0
     )
     assert plan.splits(10**7) == attention.MAX_SPLITS
-    # CUDA cores: one split per tile of 128 keys below the cap; matrix units: threadgroups
-    # of MMA_WARPS splits, each split at least MMA_MIN_KEYS keys.
-    assert plan.splits(300) == (attention.MMA_WARPS if mma else 3)
+    # CUDA cores: one split per tile of 128 keys below the cap; matrix units: one split per
+    # threadgroup of MMA_WARPS SIMD-groups, each over at least MMA_MIN_KEYS keys.
+    assert plan.splits(300) == (1 if mma else 3)
+    assert plan.splits(MMA_KEYS := attention.MMA_MIN_KEYS * attention.MMA_WARPS) == (
+        1 if mma else MMA_KEYS // 128
+    )
+    assert plan.splits(MMA_KEYS + 1) == (2 if mma else MMA_KEYS // 128 + 1)
 
 
 DISPATCH_SHAPE = dict(B=2, Hq=8, Hkv=2, D=128, S=300)

@@ -18,8 +18,8 @@ VARIANTS = [  # (name, MMA, MMA_WARPS, MMA_TARGET_WARPS, MMA_MIN_KEYS)
     ("cores", False, 4, 1024, 128),
     ("mma4-1024", True, 4, 1024, 128),
     ("mma4-2048", True, 4, 2048, 128),
-    ("mma8-1024", True, 8, 1024, 128),
-    ("mma4-512", True, 4, 512, 128),
+    ("mma4-4096", True, 4, 4096, 128),
+    ("mma8-2048", True, 8, 2048, 128),
 ]
 
 for row, tq in g.probe_rows(sys.argv):
