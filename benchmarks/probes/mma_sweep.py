@@ -17,9 +17,10 @@ from mlx_tq import attention
 VARIANTS = [  # (name, MMA, MMA_WARPS, MMA_TARGET_WARPS, MMA_MIN_KEYS)
     ("cores", False, 4, 1024, 128),
     ("mma4-1024", True, 4, 1024, 128),
-    ("mma4-2048", True, 4, 2048, 128),
-    ("mma4-4096", True, 4, 4096, 128),
-    ("mma8-2048", True, 8, 2048, 128),
+    ("mma4-2048-k64", True, 4, 2048, 64),
+    ("mma4-4096-k64", True, 4, 4096, 64),
+    ("mma4-4096-k32", True, 4, 4096, 32),
+    ("mma8-4096-k32", True, 8, 4096, 32),
 ]
 
 for row, tq in g.probe_rows(sys.argv):
