@@ -2,6 +2,8 @@
 (`mx.fast.cuda_kernel`). Each body is written once in a small dialect (TID, LANE, WARP,
 TGID, SHARED, BARRIER, WARP_SUM, ...) that a per-backend prelude defines."""
 
+import hashlib
+import re
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -21,18 +23,81 @@ def _gpu_backend() -> str | None:
     return "cuda" if mx.cuda.is_available() else None
 
 
-@cache
-def source(name: str) -> str:
-    """The code of `metal/<name>` from the installed package or a source checkout, without
-    comment lines, blank lines and indentation: MLX copies a kernel's text into every call
-    and hashes it at every launch, so a decode step pays for each byte (~35% fewer)."""
+def _root():
     try:
-        root = resources.files("mlx_tq.metal")
+        return resources.files("mlx_tq.metal")
     except ModuleNotFoundError:
         # mlx_tq imported from a source tree on PYTHONPATH: metal/ sits beside the package.
-        root = Path(__file__).resolve().parent.parent / "metal"
-    lines = (line.strip() for line in root.joinpath(name).read_text().splitlines())
-    return "".join(f"{line}\n" for line in lines if line and not line.startswith("//"))
+        return Path(__file__).resolve().parent.parent / "metal"
+
+
+@cache
+def source(name: str) -> str:
+    """The code of `metal/<name>` from the installed package or a source checkout, minified
+    (`minify`): MLX copies a kernel's whole text (header and body) into every call and
+    hashes it at every launch, so a decode step pays for each byte."""
+    return minify(_root().joinpath(name).read_text())
+
+
+@cache
+def include_path(name: str) -> str | None:
+    """The absolute path of `metal/<name>` as a CUDA `#include` can name it, or None (not a
+    plain file, e.g. inside a zip, or a path with a quote, backslash or line break)."""
+    path = _root().joinpath(name)
+    if not isinstance(path, Path) or not path.is_file():
+        return None
+    text = str(path.resolve())
+    return None if set(text) & set('"\\\n') else text
+
+
+# Source text: string literals, // comments, identifier or number runs, whitespace, or any
+# other character (punctuation).
+_TOKENS = re.compile(r'"(?:\\.|[^"\\])*"|//.*|[A-Za-z0-9_.]+|\s+|.')
+_WORD = re.compile(r"[A-Za-z0-9_]")
+# Punctuation that may fuse with a neighbour into another token (a - -b, a / *p, x < <y).
+_FUSES = set("+-*/%<>=!&|^:.#?~")
+
+
+def minify(text: str) -> str:
+    """C/C++/Metal source without comments, blank lines, indentation and the spaces that no
+    token needs (kept: inside string literals, between two identifier characters, between
+    punctuation that could fuse, and after a #define's name). Lines stay lines, so that
+    preprocessor directives and backslash continuations keep their meaning."""
+    lines = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("#define"):  # `#define F(x) y` and `#define N (x)` differ
+            head = re.match(r"#define\s+\w+(\([^)]*\))?", line).group(0)
+            lines.append(f"{head} {_squeeze(line[len(head) :])}".rstrip())
+        elif line.startswith("#"):
+            lines.append(line)
+        else:
+            lines.append(_squeeze(line))
+    return "".join(f"{line}\n" for line in lines if line)
+
+
+def _squeeze(line: str) -> str:
+    out = []
+    for token in _TOKENS.findall(line):
+        if token.startswith("//"):
+            break  # (a continued line's backslash is not inside a comment here)
+        if token.isspace():
+            out.append(" ")
+        else:
+            out.append(token)
+    text = []
+    for i, token in enumerate(out):
+        if token == " ":
+            prev = text[-1][-1] if text and text[-1] != " " else ""
+            nxt = out[i + 1][0] if i + 1 < len(out) else ""
+            word = _WORD.match(prev) and _WORD.match(nxt)
+            if not (word or (prev in _FUSES and nxt in _FUSES)) or not prev or not nxt:
+                continue
+        text.append(token)
+    line = "".join(text).strip()
+    # A continued line joins the next one where the backslash was: one space keeps two
+    # tokens apart (`return \` + `x`, `a -\` + `-b`).
+    return f"{line[:-1].rstrip()} \\" if line.endswith("\\") else line
 
 
 # A dtype's name in each backend's kernel source (CUDA: as MLX's dtype_to_cuda_type writes
@@ -102,9 +167,24 @@ def variant_name(name: str, template) -> str:
 
 def program(name: str, kind: str, template=()) -> tuple[str, str]:
     """(header, body) of kernel `name` for backend `kind`, its template constants declared
-    at the top of the body."""
+    at the top of the body. CUDA: the prelude, common.h and the body are `#include`d from
+    their files where `include_path` names them (NVRTC reads them once, at compile time):
+    MLX copies a kernel's text into every call and hashes it at every launch, ~0.3-0.4 us
+    per KB a call on the H200's host (benchmarks/RESULTS.md), ~12 KB of text a kernel."""
+    parts = [f"prelude_{kind}.h", "common.h", f"{name}.metal"]
+    paths = [include_path(p) for p in parts] if kind == "cuda" else [None]
+    declared = constants(template, TYPE_NAMES[kind])
+    if all(paths):
+        text = source(parts[2])
+        # MLX passes an input's shape, strides or ndim where the body's text names them;
+        # the digest keeps the text (MLX's cache key) apart for other file contents.
+        names = sorted(set(re.findall(r"\b\w+_(?:shape|strides|ndim)\b", text)))
+        digest = hashlib.sha1("".join(source(p) for p in parts).encode()).hexdigest()[:16]
+        header = "".join(f'#include "{path}"\n' for path in paths[:2])
+        body = f'// {" ".join(names)} {digest}\n#include "{paths[2]}"\n'
+        return header, declared + body
     prelude = source(f"prelude_{kind}.h") + source("common.h")
-    body = constants(template, TYPE_NAMES[kind]) + source(f"{name}.metal")
+    body = declared + source(f"{name}.metal")
     # MLX adds the Metal attributes named in the body to the signature, so the Metal
     # prelude goes in the body; CUDA device helpers must sit outside the kernel.
     return ("", prelude + body) if kind == "metal" else (prelude, body)

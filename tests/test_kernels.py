@@ -143,8 +143,12 @@ def test_wheel_ships_kernel_sources(tmp_path):
     sources = {p.name for p in (ROOT / "metal").iterdir() if p.suffix in (".metal", ".h")}
     shipped = {p.name for p in (tmp_path / "site" / "mlx_tq" / "metal").iterdir()}
     assert sources <= shipped
-    # The loader reads them from the unpacked wheel, not from this checkout.
-    code = "from mlx_tq import kernels; print(len(kernels.program('merge', 'cuda')[1]))"
+    # The loader reads them from the unpacked wheel, not from this checkout; CUDA sources
+    # #include them from there.
+    code = (
+        "from mlx_tq import kernels; print(len(kernels.source('merge.metal'))); "
+        "print(kernels.program('merge', 'cuda')[1].splitlines()[-1])"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code],
         cwd=tmp_path,
@@ -153,7 +157,10 @@ def test_wheel_ships_kernel_sources(tmp_path):
         env={"PYTHONPATH": str(tmp_path / "site"), "PATH": ""},
     )
     assert out.returncode == 0, out.stderr
-    assert int(out.stdout) == len(kernels.source("merge.metal")) > 1000
+    size, include = out.stdout.splitlines()
+    assert int(size) == len(kernels.source("merge.metal")) > 1000
+    site = (tmp_path / "site" / "mlx_tq" / "metal" / "merge.metal").resolve()
+    assert include == f'#include "{site}"'
 
 
 def rows(shape, dtype, seed):
@@ -262,7 +269,7 @@ def test_split_count_fits_the_merge_kernel(mma, monkeypatch):
     import re
 
     merge = kernels.source("merge.metal")
-    assert int(re.search(r"MAX_SPLITS = (\d+);", merge).group(1)) == attention.MAX_SPLITS
+    assert int(re.search(r"MAX_SPLITS=(\d+);", merge).group(1)) == attention.MAX_SPLITS
     monkeypatch.setattr(kernels, "backend", lambda: "cuda")
     monkeypatch.setattr(kernels, "kernel", RecordingKernel.make)
     monkeypatch.setattr(attention, "TARGET_GROUPS", 10**6)
@@ -367,6 +374,39 @@ def test_each_variant_name_has_one_source():
             key = kernels.variant_name(f"tq_{name}", template)
             text = kernels.program(name, kind, tuple(template))
             assert sources.setdefault(key, text) == text, key
+
+
+def test_included_sources_get_the_same_shapes_and_strides():
+    """A CUDA kernel #includes its body (kernels.program), so MLX, which passes an input's
+    shape, strides or ndim where the body's text names them, reads the names from a comment:
+    it must find exactly what it finds in the body's text."""
+    for name, (inputs, _) in kernels.SIGNATURES.items():
+        _, body = kernels.program(name, "cuda", (("D", 128),))
+        assert body.splitlines()[-1].startswith("#include"), body
+        text = kernels.source(f"{name}.metal")
+        for arg, _ in inputs:
+            for suffix in ("_shape", "_strides", "_ndim"):
+                assert (arg + suffix in body) == (arg + suffix in text), (name, arg, suffix)
+
+
+def test_minify_keeps_every_token_apart():
+    text = (
+        "// a comment line\n"
+        "  int x = a - -b;  // trailing\n"
+        "#define N (x)\n"
+        "#define F(x, y) ((x) + (y))  \\\n"
+        "  + +1\n"
+        'asm("mov.b32 %0, %1;" : "=r"(y));\n'
+        'return *p; a / *p; x < <y; s = "a // b";\n'
+    )
+    assert kernels.minify(text) == (
+        "int x=a- -b;\n"
+        "#define N (x)\n"
+        "#define F(x, y) ((x)+(y)) \\\n"
+        "+ +1\n"
+        'asm("mov.b32 %0, %1;":"=r"(y));\n'
+        'return*p;a/ *p;x< <y;s="a // b";\n'
+    )
 
 
 def test_template_constants_are_written_into_the_source():
