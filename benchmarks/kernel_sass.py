@@ -51,14 +51,16 @@ def variant(name, dtype, D, bits, G=4, recent=4):
         template = attention._decode_template(dtype, D, bits, bits, G, recent > 0, True, recent)[0]
     elif name == "decode_attention_mma":
         template = attention._mma_template(dtype, D, bits, recent > 0, True, recent)
+    elif name == "decode_attention_mma_merge":
+        template = attention._mma_template(dtype, D, bits, recent > 0, True, recent, False)
     elif name == "merge":
         template = attention.merge_template(dtype, D, recent, False)
     elif name == "quantize":
         template = quant.quantize_template(dtype, D, bits, bits, True, recent, 1)
     else:
         raise SystemExit(
-            f"unknown kernel {name!r}: choose decode_attention, decode_attention_mma, merge "
-            "or quantize"
+            f"unknown kernel {name!r}: choose decode_attention, decode_attention_mma, "
+            "decode_attention_mma_merge, merge or quantize"
         )
     types = {**CUDA_TYPES, None: CUDA_TYPES[dtype]}
     inputs, outputs = ([(arg, types[t]) for arg, t in x] for x in kernels.SIGNATURES[name])
@@ -104,7 +106,11 @@ def compile_cubin(text, arch, include):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kernel", help="decode_attention, decode_attention_mma, merge or quantize")
+    parser.add_argument(
+        "kernel",
+        help="decode_attention, decode_attention_mma, decode_attention_mma_merge, merge or "
+        "quantize",
+    )
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--bits", type=int, default=4, help="key and value bits")

@@ -45,6 +45,11 @@ __device__ inline float tq_warp_max(float x) {
 // range [-88, 0], far below the fp16 rounding of the weights it feeds).
 #define TQ_EXP(x) __expf(x)
 #define TQ_MMA(d, a, b, c) tq_mma(d, a, b, c)
+// For decode_attention_mma_merge.metal: device-wide ordering of a threadgroup's global writes,
+// an atomic add returning the old value, and a load from L2 (data other blocks wrote).
+#define TQ_FENCE() __threadfence()
+#define TQ_ATOMIC_ADD(p, x) atomicAdd(p, x)
+#define TQ_LDCG(p) __ldcg(p)
 
 // x, hidden from the optimiser (which would otherwise re-derive it from its parts).
 __device__ inline uint32_t tq_opaque(uint32_t x) {

@@ -24,6 +24,10 @@ TARGET_GROUPS = 640
 # 32K-131K keys, 1,024 beat 2,048: each SIMD-group's prologue is paid fewer times;
 # benchmarks/probes/mma_sweep.py); a threadgroup's SIMD-groups merge into one split.
 MMA = True
+# On the matrix units, the split merge in the same launch (decode_attention_mma_merge.metal:
+# the last threadgroup of each head merges): one custom-kernel call a layer instead of two.
+# Off until timed on a GPU (emulated in the tests only, 2026-12-01).
+MMA_MERGE = False
 MMA_WARPS = 4
 MMA_TARGET_WARPS = 1024
 MMA_MIN_KEYS = 128
@@ -289,10 +293,11 @@ def _use_mma(D, key_bits, value_bits):
     )
 
 
-def _mma_template(dtype, D, bits, causal, smooth, tail=0):
-    """Template constants of decode_attention_mma.metal."""
+def _mma_template(dtype, D, bits, causal, smooth, tail=0, merge=None):
+    """Template constants of decode_attention_mma.metal; with `merge` (the mask's causal
+    flag), of decode_attention_mma_merge (its exact window: the last `tail` rows)."""
     words = words_per_row(D, bits) - 1
-    return [
+    template = [
         ("T", dtype),
         ("D", D),
         ("KB", bits),
@@ -305,6 +310,9 @@ def _mma_template(dtype, D, bits, causal, smooth, tail=0):
         ("POW2", D & (D - 1) == 0),
         ("TAIL", tail),
     ]
+    if merge is not None:
+        template += [("RECENT", tail > 0), ("WINDOW", tail), ("MCAUSAL", merge)]
+    return template
 
 
 def merge_template(dtype, D, recent, causal):
@@ -328,10 +336,14 @@ def _fused_plan(
     # recent: the window; then query i of L reads packed rows j < S - E + i + c
     # = (S - recent) - L + 1 + i (see _recent_offset): the kernel leaves out the last
     # `recent` rows and reads the rest causally.
+    mma_merge = MMA_MERGE and _use_mma(D, key_bits, value_bits)
     if _use_mma(D, key_bits, value_bits):
         # A threadgroup of MMA_WARPS SIMD-groups over its keys, 8 query rows, one split.
-        template = _mma_template(dtype, D, key_bits, causal or recent > 0, smooth, recent)
+        template = _mma_template(
+            dtype, D, key_bits, causal or recent > 0, smooth, recent, causal if mma_merge else None
+        )
         name, tile, R, per_group = "decode_attention_mma", 32 * MMA_WARPS, 8, MMA_WARPS
+        name += "_merge" if mma_merge else ""
         most = min(MMA_TARGET_WARPS // (B * Hkv * -(-GL // R)) // per_group, MAX_SPLITS)
 
         def groups(S):
@@ -372,12 +384,21 @@ def _fused_plan(
 
     @cache
     def attend_args(n):  # the launch for n threadgroups a head, one split each
+        shapes, dtypes = [(B * Hkv, n, GL, D), (B * Hkv, n, GL, 2)], [mx.float32, mx.float32]
+        if mma_merge:  # (and the merged output)
+            shapes, dtypes = [*shapes, (B, Hq, L, D)], [*dtypes, dtype]
         return dict(
             grid=(tile * n, B * Hkv, blocks),
             threadgroup=(tile, 1, 1),
-            output_shapes=[(B * Hkv, n, GL, D), (B * Hkv, n, GL, 2)],
-            output_dtypes=[mx.float32, mx.float32],
+            output_shapes=shapes,
+            output_dtypes=dtypes,
         )
+
+    # decode_attention_mma_merge's count of finished threadgroups per head and block of rows
+    # (zero between launches; the layers of a model share it, one launch after another).
+    counters = mx.zeros((B * Hkv * blocks,), mx.int32) if mma_merge else None
+    if counters is not None:
+        mx.eval(counters)
 
     return SimpleNamespace(
         attend=attend,
@@ -391,6 +412,7 @@ def _fused_plan(
         merge=merge_kernel,
         merge_args=merge_args,
         rt_t=unrotation,
+        counters=counters,
     )
 
 
@@ -437,22 +459,25 @@ def _fused_launch(p, queries, keys, values, starts):
     recent = keys.recent is not None
     if recent:  # the kernel reads the packed rows before the last `window` (_recent_offset)
         S = max(S - keys.window, 0)
-    o, ml = p.attend(
-        inputs=[
-            queries,
-            keys.data,
-            values.data,
-            *p.constants,
-            p.ones if keys.channel_scale is None else keys.channel_scale,  # with its strides
-            p.no_starts if starts is None else starts.astype(mx.int32),
-        ],
-        **p.attend_args(p.groups(S)),
-    )
-    exact = (o,) * 5  # (not read)
+    inputs = [
+        queries,
+        keys.data,
+        values.data,
+        *p.constants,
+        p.ones if keys.channel_scale is None else keys.channel_scale,  # with its strides
+        p.no_starts if starts is None else starts.astype(mx.int32),
+    ]
+    exact = (queries,) * 4  # (not read)
     if recent:
         offset = p.zeros if keys.offset is None else keys.offset
-        exact = (queries, keys.recent, values.recent, offset, p.constants[1])
-    return p.merge(inputs=[o, ml, p.rt_t, *exact], **p.merge_args)[0]
+        exact = (queries, keys.recent, values.recent, offset)
+    if p.counters is not None:  # the launch merges too
+        return p.attend(
+            inputs=[*inputs, p.rt_t, *exact[1:], p.counters], **p.attend_args(p.groups(S))
+        )[2]
+    o, ml = p.attend(inputs=inputs, **p.attend_args(p.groups(S)))
+    merge_exact = (o,) * 5 if not recent else (*exact, p.constants[1])
+    return p.merge(inputs=[o, ml, p.rt_t, *merge_exact], **p.merge_args)[0]
 
 
 def _spoilt(bad, mask, Hq, L):

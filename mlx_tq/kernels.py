@@ -133,8 +133,27 @@ SIGNATURES = {
 }
 
 
-# The same launch on the matrix units (CUDA only).
+# The same launch on the matrix units (CUDA only), and that launch also merging the splits.
 SIGNATURES["decode_attention_mma"] = SIGNATURES["decode_attention"]
+SIGNATURES["decode_attention_mma_merge"] = (
+    SIGNATURES["decode_attention"][0]
+    + (("rt_t", mx.float32), ("kr", None), ("vr", None), ("k_off", mx.float32))
+    + (("counters", mx.int32),),
+    SIGNATURES["decode_attention"][1] + (("out", None),),
+)
+# A kernel's body: the files of metal/ it is made of, in order (else `<name>.metal`).
+PARTS = {
+    "decode_attention_mma_merge": ("decode_attention_mma.metal", "decode_attention_mma_merge.metal")
+}
+
+
+def parts(name: str) -> tuple[str, ...]:
+    return PARTS.get(name, (f"{name}.metal",))
+
+
+def body(name: str) -> str:
+    """The minified text of kernel `name`'s body (its `parts`)."""
+    return "".join(source(p) for p in parts(name))
 
 
 def constants(template, types: dict) -> str:
@@ -171,23 +190,22 @@ def program(name: str, kind: str, template=()) -> tuple[str, str]:
     their files where `include_path` names them (NVRTC reads them once, at compile time):
     MLX copies a kernel's text into every call and hashes it at every launch, ~0.3-0.4 us
     per KB a call on the H200's host (benchmarks/RESULTS.md), ~12 KB of text a kernel."""
-    parts = [f"prelude_{kind}.h", "common.h", f"{name}.metal"]
-    paths = [include_path(p) for p in parts] if kind == "cuda" else [None]
+    files = [f"prelude_{kind}.h", "common.h", *parts(name)]
+    paths = [include_path(p) for p in files] if kind == "cuda" else [None]
     declared = constants(template, TYPE_NAMES[kind])
     if all(paths):
-        text = source(parts[2])
         # MLX passes an input's shape, strides or ndim where the body's text names them;
         # the digest keeps the text (MLX's cache key) apart for other file contents.
-        names = sorted(set(re.findall(r"\b\w+_(?:shape|strides|ndim)\b", text)))
-        digest = hashlib.sha1("".join(source(p) for p in parts).encode()).hexdigest()[:16]
+        names = sorted(set(re.findall(r"\b\w+_(?:shape|strides|ndim)\b", body(name))))
+        digest = hashlib.sha1("".join(source(p) for p in files).encode()).hexdigest()[:16]
+        include = "".join(f'#include "{path}"\n' for path in paths[2:])
         header = "".join(f'#include "{path}"\n' for path in paths[:2])
-        body = f'// {" ".join(names)} {digest}\n#include "{paths[2]}"\n'
-        return header, declared + body
+        return header, f"{declared}// {' '.join(names)} {digest}\n{include}"
     prelude = source(f"prelude_{kind}.h") + source("common.h")
-    body = declared + source(f"{name}.metal")
+    text = declared + body(name)
     # MLX adds the Metal attributes named in the body to the signature, so the Metal
     # prelude goes in the body; CUDA device helpers must sit outside the kernel.
-    return ("", prelude + body) if kind == "metal" else (prelude, body)
+    return ("", prelude + text) if kind == "metal" else (prelude, text)
 
 
 def cuda_text(name: str, template, inputs, outputs, function: str = "kernel") -> str:

@@ -4,6 +4,7 @@
 // the group's 32 threads. Slow, but it runs the kernel bodies as written, barriers and all.
 #ifndef TQ_PRELUDE_EMU
 #define TQ_PRELUDE_EMU
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -141,4 +142,8 @@ inline void tq_mma(float* d, const uint32_t* a, const uint32_t* b, const float* 
 #define TQ_OPAQUE(x) uint32_t(x)
 #define TQ_EXP(x) std::exp(x)
 #define TQ_MMA(d, a, b, c) tq_mma(d, a, b, c)
+// (One threadgroup runs at a time: plain memory is ordered.)
+#define TQ_FENCE() std::atomic_thread_fence(std::memory_order_seq_cst)
+#define TQ_ATOMIC_ADD(p, x) __atomic_fetch_add(p, x, __ATOMIC_SEQ_CST)
+#define TQ_LDCG(p) (*(p))
 #endif

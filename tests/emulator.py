@@ -42,7 +42,7 @@ def _npdtype(dtype):
 
 
 def _source(name, inputs, outputs, in_dtypes, out_dtypes, template):
-    body = kernels.source(f"{name}.metal")
+    body = kernels.body(name)
     # Every float dtype runs as float here.
     consts = kernels.constants(template, defaultdict(lambda: "float"))
     params = []

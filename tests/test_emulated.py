@@ -43,17 +43,29 @@ def emulated(monkeypatch):
     emulate(monkeypatch)
 
 
-@pytest.mark.parametrize("mma", [True, False], ids=["mma", "cores"])
+PATHS = {"mma-merge": (True, True), "mma": (True, False), "cores": (False, False)}
+
+
+def use_path(path, monkeypatch):
+    """attention.MMA and MMA_MERGE for a path: the matrix units merging in the same launch
+    or in the merge kernel, or the CUDA cores."""
+    mma, merge = PATHS[path]
+    monkeypatch.setattr(attention, "MMA", mma)
+    monkeypatch.setattr(attention, "MMA_MERGE", merge)
+    return mma
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("groups", [640, 3], ids=["splits", "few-splits"])
 @pytest.mark.parametrize("config", ATTENTION, ids=[test_gpu.config_id(c) for c in ATTENTION])
-def test_attention_matches_float64(config, groups, mma, monkeypatch):
+def test_attention_matches_float64(config, groups, path, monkeypatch):
     """With the default threadgroup target (one tile per split at these sizes) and with
     three threadgroups, so that each split runs several tiles (online softmax, prefetch);
     on the matrix units where they apply (K and V of one width: attention._use_mma) with the
     default split target and with 8 splits (several steps of 32 keys each), else on the
     CUDA cores."""
     B, Hkv, G, L, S, D, kb, vb, dtype, smooth = config
-    monkeypatch.setattr(attention, "MMA", mma)
+    mma = use_path(path, monkeypatch)
     if mma and not attention._use_mma(D, kb, vb):
         pytest.skip("keys and values of different widths: CUDA cores only")
     monkeypatch.setattr(attention, "TARGET_GROUPS", groups)
@@ -61,18 +73,22 @@ def test_attention_matches_float64(config, groups, mma, monkeypatch):
     test_gpu.test_attention_matches_float64(config)
 
 
-@pytest.mark.parametrize("mma", [True, False], ids=["mma", "cores"])
-def test_merge_shifts_by_the_max_of_every_split(mma, monkeypatch):
-    monkeypatch.setattr(attention, "MMA", mma)
+@pytest.mark.parametrize("path", PATHS)
+def test_merge_shifts_by_the_max_of_every_split(path, monkeypatch):
+    use_path(path, monkeypatch)
     test_gpu.test_merge_shifts_by_the_max_of_every_split(monkeypatch)
 
 
+@pytest.mark.parametrize("path", ["mma-merge", "mma"])
 @pytest.mark.parametrize("config", test_gpu.RECENT[:5], ids=[str(c) for c in test_gpu.RECENT[:5]])
-def test_recent_window_matches_float64(config):
+def test_recent_window_matches_float64(config, path, monkeypatch):
+    use_path(path, monkeypatch)
     test_gpu.test_recent_window_matches_float64(config)
 
 
-def test_cache_decode_step_through_mlx_lm_matches_float64():
+@pytest.mark.parametrize("path", ["mma-merge", "mma"])
+def test_cache_decode_step_through_mlx_lm_matches_float64(path, monkeypatch):
+    use_path(path, monkeypatch)
     test_gpu.test_cache_decode_step_through_mlx_lm_matches_float64(mx.bfloat16)
 
 

@@ -385,6 +385,37 @@ def test_recent_window_matches_float64(config):
     assert public <= tol_fused(D, kb, vb) + 6 * ROUNDING[mx.float16], errors
 
 
+# The configs the matrix units take (attention._use_mma on CUDA) as decode (fused) calls.
+MERGED = [c for c in CONFIGS if c[6] == c[7] and 2 <= c[6] <= 4 and c[5] % 16 == 0 and c[3] <= 8]
+
+
+@pytest.mark.skipif(kernels.backend() != "cuda", reason="matrix units: CUDA only")
+@pytest.mark.parametrize("config", MERGED, ids=[config_id(c) for c in MERGED])
+def test_attention_merged_in_the_launch_matches_float64(config, monkeypatch):
+    """attention.MMA_MERGE (off by default until timed): the matrix units' launch merges
+    its splits itself (the last threadgroup of each head), for the configs that take it."""
+    merge_in_the_launch(monkeypatch)
+    test_attention_matches_float64(config)
+
+
+def merge_in_the_launch(monkeypatch):
+    monkeypatch.setattr(attention, "MMA_MERGE", True)
+    plan = functools.cache(attention._fused_plan.__wrapped__)  # (none cached without it)
+    monkeypatch.setattr(attention, "_fused_plan", plan)
+
+
+@pytest.mark.skipif(kernels.backend() != "cuda", reason="matrix units: CUDA only")
+@pytest.mark.parametrize("recent", [None, *RECENT[:5]], ids=["merge-shifts", *map(str, RECENT[:5])])
+def test_recent_window_merged_in_the_launch_matches_float64(recent, monkeypatch):
+    """As test_attention_merged_in_the_launch_matches_float64: the loud late splits and
+    the exact recent window."""
+    merge_in_the_launch(monkeypatch)
+    if recent is None:
+        test_merge_shifts_by_the_max_of_every_split(monkeypatch)
+    else:
+        test_recent_window_matches_float64(recent)
+
+
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
 def test_cache_decode_step_through_mlx_lm_matches_float64(dtype):
     """Decode steps of a cache with a window, attended as a model does (mlx-lm's patched

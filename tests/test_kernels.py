@@ -129,6 +129,9 @@ def test_cuda_sources_compile(tmp_path):
     for D, bits, causal in ((128, 4, False), (128, 3, True), (64, 3, False), (112, 2, True)):
         template = attention._mma_template(mx.float16, D, bits, causal, causal, 4 * causal)
         picked.append(("decode_attention_mma", template))
+        # (and merging in the same launch: recent window or none, pow2 D or not)
+        template = attention._mma_template(mx.float16, D, bits, causal, causal, 4 * causal, False)
+        picked.append(("decode_attention_mma_merge", template))
     src.write_text(CUDA_SHIM + "\n".join(cuda_source(i, n, t) for i, (n, t) in enumerate(picked)))
     cmd = ["nvcc", "-std=c++17", "-arch=sm_90", "--ptx", "-o", str(tmp_path / "k.ptx"), str(src)]
     result = subprocess.run(cmd, capture_output=True, text=True)
