@@ -467,7 +467,7 @@ def _fused_launch(p, queries, keys, values, starts):
         p.ones if keys.channel_scale is None else keys.channel_scale,  # with its strides
         p.no_starts if starts is None else starts.astype(mx.int32),
     ]
-    exact = (queries,) * 4  # (not read)
+    exact = (queries, queries, queries, p.zeros)  # (not read; k_off float32, as declared)
     if recent:
         offset = p.zeros if keys.offset is None else keys.offset
         exact = (queries, keys.recent, values.recent, offset)

@@ -368,6 +368,27 @@ def test_gpu_dispatch_arguments_with_recent_window(monkeypatch):
     assert m_in[6] is cache.key_offset
 
 
+@pytest.mark.parametrize("recent", [0, 4], ids=["no-window", "window"])
+def test_merging_launch_passes_the_signature_dtypes(recent, monkeypatch):
+    """MLX's cuda_kernel declares each input with its array's dtype (not the signature's, which
+    the offline compile checks use): an fp16 k_off made `d < D ? k_off[..] : 0.0f` ambiguous
+    (__half or float), a compile error on the GPU only."""
+    import functools
+
+    from mlx_tq.cache import TurboQuantKVCache
+
+    monkeypatch.setattr(attention, "MMA", True)
+    monkeypatch.setattr(attention, "MMA_MERGE", True)
+    plan = functools.cache(attention._fused_plan.__wrapped__)
+    monkeypatch.setattr(attention, "_fused_plan", plan)
+    cache = TurboQuantKVCache(4, 4, warmup_tokens=0, recent_tokens=recent)
+    stub_decode_step(monkeypatch, cache)
+    name, inputs, template, *_ = RecordingKernel.calls[1]
+    assert name == "decode_attention_mma_merge" and len(RecordingKernel.calls) == 2
+    for (arg, dtype), a in zip(kernels.SIGNATURES[name][0], inputs, strict=True):
+        assert a.dtype == (dtype or template["T"]), (arg, a.dtype)
+
+
 def test_each_variant_name_has_one_source():
     """Every variant the dispatchers build gets a name of its own: MLX 0.32.0's CUDA backend
     caches a compiled module by the kernel's name alone."""
