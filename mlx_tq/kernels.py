@@ -50,9 +50,11 @@ def include_path(name: str) -> str | None:
     return None if set(text) & set('"\\\n') else text
 
 
-# Source text: string literals, // comments, identifier or number runs, whitespace, or any
-# other character (punctuation).
-_TOKENS = re.compile(r'"(?:\\.|[^"\\])*"|//.*|[A-Za-z0-9_.]+|\s+|.')
+# Source text: string and character literals, // comments, identifier or number runs,
+# whitespace, or any other character (punctuation).
+_TOKENS = re.compile(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'|//.*|[A-Za-z0-9_.]+|\s+|.')
+# /* */ comments (each one space, as in C), not inside a literal or a // comment.
+_BLOCK = re.compile(r'"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'|//[^\n]*|/\*.*?\*/', re.S)
 _WORD = re.compile(r"[A-Za-z0-9_]")
 # Punctuation that may fuse with a neighbour into another token (a - -b, a / *p, x < <y).
 _FUSES = set("+-*/%<>=!&|^:.#?~")
@@ -64,6 +66,7 @@ def minify(text: str) -> str:
     punctuation that could fuse, and after a #define's name). Lines stay lines, so that
     preprocessor directives and backslash continuations keep their meaning."""
     lines = []
+    text = _BLOCK.sub(lambda m: " " if m.group().startswith("/*") else m.group(), text)
     for raw in text.splitlines():
         line = raw.strip()
         if line.startswith("#define"):  # `#define F(x) y` and `#define N (x)` differ
@@ -91,7 +94,9 @@ def _squeeze(line: str) -> str:
             prev = text[-1][-1] if text and text[-1] != " " else ""
             nxt = out[i + 1][0] if i + 1 < len(out) else ""
             word = _WORD.match(prev) and _WORD.match(nxt)
-            if not (word or (prev in _FUSES and nxt in _FUSES)) or not prev or not nxt:
+            # (a number runs on through e+, e-, p+, p-: `0x1e - 1` is not `0x1e-1`)
+            exponent = prev in "eEpP" and nxt in "+-" and re.match(r"\.?\d", text[-1])
+            if not (word or exponent or (prev in _FUSES and nxt in _FUSES)) or not prev or not nxt:
                 continue
         text.append(token)
     line = "".join(text).strip()

@@ -433,6 +433,18 @@ def test_minify_keeps_every_token_apart():
     )
 
 
+def test_minify_keeps_literals_numbers_and_block_comments():
+    """What no kernel has yet but C allows: a /* */ comment holding `//` (or over lines), a
+    character literal ' ', and a hex number ending in e before + or - (a pp-number runs on
+    through e+: `0x1e-1` is one invalid token)."""
+    text = (
+        "float y = x /* see a // b */ + 1; /* two\n"
+        "   lines */ char c = ' ';\n"
+        "int z = 0x1e - 1 + 0xE + x;\n"
+    )
+    assert kernels.minify(text) == "float y=x+1;char c=' ';\nint z=0x1e -1+0xE +x;\n"
+
+
 def test_template_constants_are_written_into_the_source():
     """A kernel variant carries its constants in its source (a call passes none) and keeps
     the name MLX's CUDA backend gave it from them, so that CUDA profiles read as before."""
