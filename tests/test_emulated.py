@@ -86,6 +86,29 @@ def test_recent_window_matches_float64(config, path, monkeypatch):
     test_gpu.test_recent_window_matches_float64(config)
 
 
+# The matrix units' edges: two batch rows; SIMD-groups, and whole heads, that see no packed
+# key (a few keys; a window holding them all); two blocks of rows; dims no power of two.
+MMA_EDGES = [
+    (2, 2, 2, 1, 5, 128, 4, 4, mx.float16, False),
+    (2, 1, 8, 1, 40, 80, 3, 3, mx.bfloat16, True),
+]
+MMA_RECENT_EDGES = [(2, 1, 4, 4, 6, 64, 2, 2, 4), (2, 2, 3, 4, 300, 96, 4, 4, 3)]
+
+
+@pytest.mark.parametrize("path", ["mma-merge", "mma"])
+@pytest.mark.parametrize("config", MMA_EDGES, ids=[test_gpu.config_id(c) for c in MMA_EDGES])
+def test_mma_edges_match_float64(config, path, monkeypatch):
+    use_path(path, monkeypatch)
+    test_gpu.test_attention_matches_float64(config)
+
+
+@pytest.mark.parametrize("path", ["mma-merge", "mma"])
+@pytest.mark.parametrize("config", MMA_RECENT_EDGES, ids=[str(c) for c in MMA_RECENT_EDGES])
+def test_mma_recent_window_edges_match_float64(config, path, monkeypatch):
+    use_path(path, monkeypatch)
+    test_gpu.test_recent_window_matches_float64(config)
+
+
 @pytest.mark.parametrize("path", ["mma-merge", "mma"])
 def test_cache_decode_step_through_mlx_lm_matches_float64(path, monkeypatch):
     use_path(path, monkeypatch)
