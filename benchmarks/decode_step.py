@@ -35,7 +35,7 @@ from gpu_bench import RANDOM_MODELS
 from mlx_lm.models import llama
 
 import mlx_tq
-from mlx_tq import kernels, tools
+from mlx_tq import attention, kernels, tools
 
 
 def stub_kernels():
@@ -111,10 +111,16 @@ def main():
     parser.add_argument("--one-layer", action="store_true", help="one layer's step alone")
     parser.add_argument("--full-model", action="store_true", help="Llama-3.1-8B's MLP and vocab")
     parser.add_argument(
+        "--mma-merge",
+        action="store_true",
+        help="attention.MMA_MERGE: the matrix units' launch merges its splits itself (CUDA)",
+    )
+    parser.add_argument(
         "--configs", type=tools.check_config, nargs="+", default=["fp16", "tq4", "tq4-r0"]
     )
     args = parser.parse_args()
     dtype = mx.float16
+    attention.MMA_MERGE = args.mma_merge
     if args.one_layer:
         return one_layer(args, dtype)
     model = llama_model(args.layers, dtype, small_mlp=not args.full_model)
@@ -161,6 +167,7 @@ def main():
                 runs[name][kind].append(1e3 * t[kind] / args.steps)
     report = {
         "device": "stub kernels" if args.stub else str(mx.default_device()),
+        "mma_merge": args.mma_merge,
         "context": args.context,
         "layers": args.layers,
         **{
