@@ -336,8 +336,9 @@ def _fused_plan(
     # recent: the window; then query i of L reads packed rows j < S - E + i + c
     # = (S - recent) - L + 1 + i (see _recent_offset): the kernel leaves out the last
     # `recent` rows and reads the rest causally.
-    mma_merge = MMA_MERGE and _use_mma(D, key_bits, value_bits)
-    if _use_mma(D, key_bits, value_bits):
+    mma = _use_mma(D, key_bits, value_bits)
+    mma_merge = MMA_MERGE and mma
+    if mma:
         # A threadgroup of MMA_WARPS SIMD-groups over its keys, 8 query rows, one split.
         template = _mma_template(
             dtype, D, key_bits, causal or recent > 0, smooth, recent, causal if mma_merge else None
@@ -467,16 +468,16 @@ def _fused_launch(p, queries, keys, values, starts):
         p.ones if keys.channel_scale is None else keys.channel_scale,  # with its strides
         p.no_starts if starts is None else starts.astype(mx.int32),
     ]
-    exact = (queries, queries, queries, p.zeros)  # (not read; k_off float32, as declared)
+    # The exact window's keys, values and keys' offset (kr, vr, k_off; not read without one,
+    # but of their declared dtypes: k_off float32).
+    exact = (queries, queries, p.zeros)
     if recent:
-        offset = p.zeros if keys.offset is None else keys.offset
-        exact = (queries, keys.recent, values.recent, offset)
+        exact = (keys.recent, values.recent, p.zeros if keys.offset is None else keys.offset)
     if p.counters is not None:  # the launch merges too
-        return p.attend(
-            inputs=[*inputs, p.rt_t, *exact[1:], p.counters], **p.attend_args(p.groups(S))
-        )[2]
+        args = p.attend_args(p.groups(S))
+        return p.attend(inputs=[*inputs, p.rt_t, *exact, p.counters], **args)[2]
     o, ml = p.attend(inputs=inputs, **p.attend_args(p.groups(S)))
-    merge_exact = (o,) * 5 if not recent else (*exact, p.constants[1])
+    merge_exact = (queries, *exact, p.constants[1]) if recent else (o,) * 5  # (not read)
     return p.merge(inputs=[o, ml, p.rt_t, *merge_exact], **p.merge_args)[0]
 
 
