@@ -118,30 +118,42 @@ def main():
     parser.add_argument("--full-model", action="store_true", help="Llama-3.1-8B's MLP and vocab")
     parser.add_argument(
         "--mma-merge",
-        action="store_true",
-        help="attention.MMA_MERGE: the matrix units' launch merges its splits itself (CUDA)",
+        nargs="?",
+        const="on",
+        default="off",
+        choices=["off", "on", "both"],
+        help="attention.MMA_MERGE: the matrix units' launch merges its splits itself (CUDA); "
+        "both: each TurboQuant config also as <config>+merge, in the same interleaved run",
     )
     parser.add_argument(
         "--configs", type=tools.check_config, nargs="+", default=["fp16", "tq4", "tq4-r0"]
     )
     args = parser.parse_args()
     dtype = mx.float16
-    attention.MMA_MERGE = args.mma_merge
+    attention.MMA_MERGE = args.mma_merge == "on"
     if args.one_layer:
         return one_layer(args, dtype)
     model = llama_model(args.layers, dtype, small_mlp=not args.full_model)
-    caches = {n: filled(tools.make_cache(model, n), args.context, dtype) for n in args.configs}
+    merged = {n: attention.MMA_MERGE for n in args.configs}
+    if args.mma_merge == "both":
+        merged.update({f"{n}+merge": True for n in args.configs if n != "fp16"})
+    caches = {
+        n: filled(tools.make_cache(model, n.removesuffix("+merge")), args.context, dtype)
+        for n in merged
+    }
     if args.stub:
         stub_kernels()
     mlx_tq.patch()
     token = mx.array([[1]])
-    for cache in caches.values():  # compile every kernel variant before timing
+    for name, cache in caches.items():  # compile every kernel variant before timing
+        attention.MMA_MERGE = merged[name]
         for _ in range(2):
             mx.eval(model(token, cache=cache))
     kinds = ("host",) if args.stub else ("host", "encode", "step", "pipelined")
     runs = {name: {kind: [] for kind in kinds} for name in caches}
     for _ in range(args.repeats):  # interleaved, so drift hits both
         for name, cache in caches.items():
+            attention.MMA_MERGE = merged[name]
             t = dict.fromkeys(kinds, 0.0)
             for i in range(args.steps):
                 t0 = time.perf_counter()

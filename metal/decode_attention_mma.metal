@@ -193,17 +193,38 @@ const auto v_span = vp + (g * SV) / 32;
 const auto v_scale = vp + WV;
 const uint32_t k_last = (end - 1) * k_row;
 const uint32_t v_last = (end - 1) * v_row;
-for (int t0 = begin; t0 < end; t0 += 32) {
-  // Every load of the step first.
+// Software-pipelined: a step's loads are issued one step ahead, before the previous step's
+// math, so their latency hides behind it (the loop starts a step early and only loads;
+// a split without keys runs none: k_last needs end >= 1). The step after the last reads
+// the last row again (clamped), unused.
+uint32_t nkw[2][2][NK];
+float nks[2][2];
+float nvs[2][2];
+uint32_t nvw[2][4][NV];
+for (int t0 = begin < end ? begin - 32 : end; t0 < end; t0 += 32) {
   uint32_t kw[2][2][NK];
   float ks[2][2];
   float vs[2][2];
   uint32_t vw[2][4][NV];
-  // Row offsets: score keys g and g + 8 of each 16 (their value scales too), value keys
-  // 2c, 2c + 1, 2c + 8 and 2c + 9.
-  const uint32_t k0 = (t0 + g) * k_row;
-  const uint32_t s0 = (t0 + g) * v_row;
-  const uint32_t v0 = (t0 + 2 * c) * v_row;
+  UNROLL for (int u = 0; u < 2; ++u) {
+    UNROLL for (int y = 0; y < 2; ++y) {
+      UNROLL for (int w = 0; w < NK; ++w) {
+        kw[u][y][w] = nkw[u][y][w];
+      }
+      ks[u][y] = nks[u][y];
+      vs[u][y] = nvs[u][y];
+    }
+    UNROLL for (int y = 0; y < 4; ++y) {
+      UNROLL for (int w = 0; w < NV; ++w) {
+        vw[u][y][w] = nvw[u][y][w];
+      }
+    }
+  }
+  // The next step's loads. Row offsets: score keys g and g + 8 of each 16 (their value
+  // scales too), value keys 2c, 2c + 1, 2c + 8 and 2c + 9.
+  const uint32_t k0 = (t0 + 32 + g) * k_row;
+  const uint32_t s0 = (t0 + 32 + g) * v_row;
+  const uint32_t v0 = (t0 + 32 + 2 * c) * v_row;
   UNROLL for (int u = 0; u < 2; ++u) {
     UNROLL for (int y = 0; y < 2; ++y) {
       uint32_t ka = k0 + (16 * u + 8 * y) * k_row;
@@ -216,10 +237,10 @@ for (int t0 = begin; t0 < end; t0 += 32) {
         raw[w] = kr[w];
       }
       UNROLL for (int w = 0; w < NK; ++w) {
-        kw[u][y][w] = SK % 32 == 0 ? raw[w] : TQ_FUNNEL(raw[w], raw[w + (LK > NK)], (c * SK) % 32);
+        nkw[u][y][w] = SK % 32 == 0 ? raw[w] : TQ_FUNNEL(raw[w], raw[w + (LK > NK)], (c * SK) % 32);
       }
-      ks[u][y] = AS_FLOAT(k_scale[ka]);
-      vs[u][y] = AS_FLOAT(v_scale[sa]);
+      nks[u][y] = AS_FLOAT(k_scale[ka]);
+      nvs[u][y] = AS_FLOAT(v_scale[sa]);
     }
     UNROLL for (int y = 0; y < 4; ++y) {
       uint32_t va = v0 + (16 * u + (y & 1) + 8 * (y >> 1)) * v_row;
@@ -230,9 +251,12 @@ for (int t0 = begin; t0 < end; t0 += 32) {
         raw[w] = vr[w];
       }
       UNROLL for (int w = 0; w < NV; ++w) {
-        vw[u][y][w] = SV % 32 == 0 ? raw[w] : TQ_FUNNEL(raw[w], raw[w + (LV > NV)], (g * SV) % 32);
+        nvw[u][y][w] = SV % 32 == 0 ? raw[w] : TQ_FUNNEL(raw[w], raw[w + (LV > NV)], (g * SV) % 32);
       }
     }
+  }
+  if (t0 < begin) {
+    continue;  // (the first loads only)
   }
 
   // Scores: s[u][0..3] = key g, rows 2c, 2c + 1; key g + 8, rows 2c, 2c + 1 (tile u).

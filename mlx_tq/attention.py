@@ -329,9 +329,11 @@ def merge_template(dtype, D, recent, causal):
 
 @cache
 def _fused_plan(
-    dtype, B, Hq, Hkv, L, D, key_bits, value_bits, seeds, causal, smooth, scale, recent
-):
-    """What a fused call needs besides its queries and keys, built once per layer shape."""
+    dtype, B, Hq, Hkv, L, D, key_bits, value_bits, seeds, causal, smooth, scale, recent,
+    switches=None,
+):  # fmt: skip
+    """What a fused call needs besides its queries and keys, built once per layer shape.
+    `switches`: the module's settings it is built under (`_switches()`, part of the key)."""
     GL = Hq // Hkv * L
     # recent: the window; then query i of L reads packed rows j < S - E + i + c
     # = (S - recent) - L + 1 + i (see _recent_offset): the kernel leaves out the last
@@ -417,6 +419,10 @@ def _fused_plan(
     )
 
 
+def _switches():
+    return (MMA, MMA_MERGE, MMA_WARPS, MMA_TARGET_WARPS, MMA_MIN_KEYS, TARGET_GROUPS)
+
+
 def _plan_for(queries, keys, values, scale, causal):
     """`_fused_plan` of these inputs, the recent rows checked (`_recent_offset`)."""
     B, Hq, L, D = queries.shape
@@ -424,7 +430,7 @@ def _plan_for(queries, keys, values, scale, causal):
     p = _fused_plan(
         queries.dtype, B, Hq, keys.data.shape[1], L, D, keys.bits, values.bits,
         (keys.seed, values.seed), causal, keys.channel_scale is not None, float(scale),
-        keys.window if recent else 0,
+        keys.window if recent else 0, _switches(),
     )  # fmt: skip
     if recent:
         _recent_offset(keys, L)
