@@ -26,7 +26,8 @@ TARGET_GROUPS = 640
 MMA = True
 # On the matrix units, the split merge in the same launch (decode_attention_mma_merge.metal:
 # the last threadgroup of each head merges): one custom-kernel call a layer instead of two.
-# Off until timed on a GPU (emulated in the tests only, 2026-12-01).
+# Off: it passes the GPU tests, but on the H200 it was no faster, in the kernel's time or the
+# host's (benchmarks/RESULTS.md, 2026-12-01 15:29- UTC).
 MMA_MERGE = False
 MMA_WARPS = 4
 MMA_TARGET_WARPS = 1024
