@@ -93,9 +93,7 @@ a_in = [q, k.data, v.data, *p.constants, k.channel_scale, p.no_starts]
 a_args = p.attend_args(p.groups(S))
 o, ml = p.attend(inputs=a_in, **a_args)
 m_in = [o, ml, p.rt_t, q, k.recent, v.recent, k.offset, p.constants[1]]
-q_kernel, q_consts, q_call = quant._quantize_call(
-    dtype, x.shape, 4, 4, 0, True, c._window[0].shape
-)
+q_kernel, q_consts, q_call = quant._quantize_call(dtype, x.shape, 4, 4, 0, True, c._window[0].shape)
 q_in = [x, x, *q_consts, *c._rows, *c._window]
 
 pieces = {
