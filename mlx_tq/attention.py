@@ -26,8 +26,9 @@ TARGET_GROUPS = 640
 MMA = True
 # On the matrix units, the split merge in the same launch (decode_attention_mma_merge.metal:
 # the last threadgroup of each head merges): one custom-kernel call a layer instead of two.
-# Off: it passes the GPU tests, but on the H200 it was no faster, in the kernel's time or the
-# host's (benchmarks/RESULTS.md, 2026-12-01 15:29- UTC).
+# Off: it passes the GPU tests; on the H200 it was 6-13% faster pipelined at 32K-131K keys,
+# 22% slower at 8K, no cheaper to build, and end to end within the noise (benchmarks/RESULTS.md,
+# 2026-12-01 15:29- UTC).
 MMA_MERGE = False
 MMA_WARPS = 4
 MMA_TARGET_WARPS = 1024
