@@ -92,7 +92,7 @@ for name, c, fn in (
                 guard(c)
         build.append(1e6 * t / 200)
         t0 = time.perf_counter()
-        for i in range(100):
+        for _ in range(100):
             mx.eval(fn())
         step.append(1e6 * (time.perf_counter() - t0) / 100)
         guard(c)
