@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import test_gpu
 from emulator import COMPILER, emulate
-from test_gpu import attention_f64, normal, packed_view, rel_err, seen_matrix, tol_fused
+from test_gpu import attention_f64, normal, packed_view, rel_err, tol_fused
 
 from mlx_tq import attention
 from mlx_tq.attention import _fused_attention
@@ -48,31 +48,15 @@ def test_mma_causal_trimmed_end(config, warps, merge, monkeypatch):
 
 
 @pytest.mark.parametrize("merge", [False, True], ids=["mma", "mma-merge"])
-def test_mma_left_padding_past_whole_splits(merge, monkeypatch):
-    """A batch row whose first visible key lies past several whole splits of several steps
-    (they see nothing), and one that starts mid-step."""
-    from mlx_tq.quant import TurboQuantized
-
+@pytest.mark.parametrize("L", [1, 3])
+def test_mma_left_padding_past_whole_splits(L, merge, monkeypatch):
+    """test_gpu's left-padding case with one threadgroup of 4 SIMD-groups of 96 keys each:
+    the row that starts at key 137 has no visible key in the first."""
     monkeypatch.setattr(attention, "MMA", True)
     monkeypatch.setattr(attention, "MMA_MERGE", merge)
     monkeypatch.setattr(attention, "MMA_MIN_KEYS", 32)
     monkeypatch.setattr(attention, "MMA_TARGET_WARPS", 8)
-    rng = np.random.default_rng(3)
-    B, Hkv, G, L, S, D = 2, 1, 4, 1, 300, 64
-    starts = [230, 45]
-    keys = packed_view(rng, B, Hkv, S, D, 4, 0, 7, smooth=True)
-    values = packed_view(rng, B, Hkv, S, D, 4, 1, 7, keys=False)
-    q = normal(rng, (B, Hkv * G, L, D))
-    got = _fused_attention(q, keys, values, D**-0.5, False, starts=mx.array(starts))
-    for b, start in enumerate(starts):
-        mask = mx.array(seen_matrix(None, L, S) & (np.arange(S) >= start)[None])
-        kb = TurboQuantized(
-            keys.data[b : b + 1], 4, D, 0, offset=keys.offset[b : b + 1],
-            channel_scale=keys.channel_scale[b : b + 1],
-        )  # fmt: skip
-        vb = TurboQuantized(values.data[b : b + 1], 4, D, 1)
-        ref = attention_f64(q[b : b + 1], kb, vb, D**-0.5, mask)
-        assert rel_err(got[b : b + 1], ref) <= tol_fused(D, 4, 4), b
+    test_gpu.test_fused_left_padding_matches_float64(L)
 
 
 # Packed rows all inside the exact window (the kernel's S = 0: no split has keys, k_last
