@@ -156,3 +156,25 @@ def test_decode_rotated_matches_float64():
 @pytest.mark.parametrize("one_row", [0, 10**6], ids=["rows-per-group", "one-row"])
 def test_quantize_kv_rows_per_threadgroup(one_row, monkeypatch):
     test_gpu.test_quantize_kv_rows_per_threadgroup(one_row, monkeypatch)
+
+
+# The matrix units' pipelined loop (decode_attention_mma.metal loads each step one step
+# ahead): splits trimmed off a step boundary or below their begin, left padding past whole
+# splits, all packed rows inside the exact window.
+@pytest.mark.parametrize("merge", [False, True], ids=["mma", "mma-merge"])
+@pytest.mark.parametrize("warps", [2048, 4], ids=["splits", "few-splits"])
+@pytest.mark.parametrize("config", test_gpu.TRIMMED, ids=map(test_gpu.config_id, test_gpu.TRIMMED))
+def test_mma_causal_trimmed_end(config, warps, merge, monkeypatch):
+    test_gpu.test_mma_causal_trimmed_end_matches_float64(config, warps, merge, monkeypatch)
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["mma", "mma-merge"])
+@pytest.mark.parametrize("L", [1, 3])
+def test_mma_left_padding_past_whole_splits(L, merge, monkeypatch):
+    test_gpu.test_mma_left_padding_past_whole_splits(L, merge, monkeypatch)
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["mma", "mma-merge"])
+@pytest.mark.parametrize("config", test_gpu.EMPTY, ids=map(str, test_gpu.EMPTY))
+def test_mma_window_holds_every_row(config, merge, monkeypatch):
+    test_gpu.test_mma_window_holds_every_row(config, merge, monkeypatch)

@@ -392,7 +392,7 @@ MERGED = [c for c in CONFIGS if c[6] == c[7] and 2 <= c[6] <= 4 and c[5] % 16 ==
 @pytest.mark.skipif(kernels.backend() != "cuda", reason="matrix units: CUDA only")
 @pytest.mark.parametrize("config", MERGED, ids=[config_id(c) for c in MERGED])
 def test_attention_merged_in_the_launch_matches_float64(config, monkeypatch):
-    """attention.MMA_MERGE (off by default until timed): the matrix units' launch merges
+    """attention.MMA_MERGE (off by default: its timings were mixed): the matrix units' launch merges
     its splits itself (the last threadgroup of each head), for the configs that take it."""
     merge_in_the_launch(monkeypatch)
     test_attention_matches_float64(config)
@@ -414,6 +414,64 @@ def test_recent_window_merged_in_the_launch_matches_float64(recent, monkeypatch)
         test_merge_shifts_by_the_max_of_every_split(monkeypatch)
     else:
         test_recent_window_matches_float64(recent)
+
+
+# Causal rows with L > 8 on the matrix units: a block of 8 rows that does not hold the last
+# query stops before S, so a split's end is trimmed off a step boundary (decode_attention_mma's
+# loop loads a step ahead), below its begin for the last splits, or inside a split of several
+# steps (few SIMD-groups); S < 32 too.
+TRIMMED = [
+    (1, 1, 1, 20, 100, 64, 4, 4, mx.float16, False),  # block 0: stop 88, split 3 [96, 88)
+    (1, 2, 2, 12, 77, 128, 3, 3, mx.bfloat16, True),  # block 0: stop 73
+    (1, 1, 1, 16, 250, 64, 2, 2, mx.float16, False),  # block 0: stop 242, in a 2-step split
+    (1, 1, 1, 16, 20, 64, 4, 4, mx.float16, False),  # S < 32: block 0 stop 12, block 1 20
+]
+
+
+@pytest.mark.skipif(kernels.backend() != "cuda", reason="matrix units: CUDA only")
+@pytest.mark.parametrize("merge", [False, True], ids=["mma", "mma-merge"])
+@pytest.mark.parametrize("warps", [2048, 4], ids=["splits", "few-splits"])
+@pytest.mark.parametrize("config", TRIMMED, ids=[config_id(c) for c in TRIMMED])
+def test_mma_causal_trimmed_end_matches_float64(config, warps, merge, monkeypatch):
+    monkeypatch.setattr(attention, "MMA", True)
+    monkeypatch.setattr(attention, "MMA_MERGE", merge)
+    monkeypatch.setattr(attention, "MMA_MIN_KEYS", 32)
+    monkeypatch.setattr(attention, "MMA_TARGET_WARPS", warps)
+    B, Hkv, G, L, S, D, kb, vb, dtype, smooth = config
+    rng = np.random.default_rng([B, Hkv, G, L, S, D, kb, vb])
+    keys = packed_view(rng, B, Hkv, S, D, kb, 0, 5, smooth=smooth)
+    values = packed_view(rng, B, Hkv, S, D, vb, 1, 5, keys=False)
+    q = normal(rng, (B, Hkv * G, L, D), dtype).astype(mx.float32)
+    ref = attention_f64(q, keys, values, D**-0.5, "causal")
+    err = rel_err(_fused_attention(q, keys, values, D**-0.5, True), ref)
+    assert err <= tol_fused(D, kb, vb), err
+
+
+@pytest.mark.skipif(kernels.backend() != "cuda", reason="matrix units: CUDA only")
+@pytest.mark.parametrize("merge", [False, True], ids=["mma", "mma-merge"])
+@pytest.mark.parametrize("L", [1, 3])
+def test_mma_left_padding_past_whole_splits(L, merge, monkeypatch):
+    """test_fused_left_padding_matches_float64 with one threadgroup of 4 SIMD-groups of 96
+    keys each: the row that starts at key 137 has no visible key in the first."""
+    monkeypatch.setattr(attention, "MMA", True)
+    monkeypatch.setattr(attention, "MMA_MERGE", merge)
+    monkeypatch.setattr(attention, "MMA_MIN_KEYS", 32)
+    monkeypatch.setattr(attention, "MMA_TARGET_WARPS", 8)
+    test_fused_left_padding_matches_float64(L)
+
+
+# Packed rows all inside the exact window (the kernel's S = 0: no split has keys) and a few
+# packed rows, L 1 and 2, on the matrix units.
+EMPTY = [(1, 1, 4, 1, 3, 64, 4, 4, 4), (2, 1, 4, 2, 5, 64, 3, 3, 8), (1, 2, 2, 2, 9, 64, 2, 2, 4)]
+
+
+@pytest.mark.skipif(kernels.backend() != "cuda", reason="matrix units: CUDA only")
+@pytest.mark.parametrize("merge", [False, True], ids=["mma", "mma-merge"])
+@pytest.mark.parametrize("config", EMPTY, ids=map(str, EMPTY))
+def test_mma_window_holds_every_row(config, merge, monkeypatch):
+    monkeypatch.setattr(attention, "MMA", True)
+    monkeypatch.setattr(attention, "MMA_MERGE", merge)
+    test_recent_window_matches_float64(config)
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
