@@ -5,7 +5,7 @@
 // broadcast), attends the row's RECENT exact keys (its WINDOW newest positions; MCAUSAL: the
 // mask's causal flag), rotates back and casts into out.
 // Further inputs: rt_t, kr, vr, k_off as merge.metal's; counters: [B * Hkv * blocks] int32,
-// finished threadgroups, zero between launches (the last threadgroup sets its slot back).
+// finished threadgroups, zeroed for each launch (the last threadgroup also sets its slot back).
 // Further output: out [B * Hkv, GL, D] T (= [B, Hq, L, D]).
 {
   SHARED int is_last;

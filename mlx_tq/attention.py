@@ -399,11 +399,11 @@ def _fused_plan(
             output_dtypes=dtypes,
         )
 
-    # decode_attention_mma_merge's count of finished threadgroups per head and block of rows
-    # (zero between launches; the layers of a model share it, one launch after another).
-    counters = mx.zeros((B * Hkv * blocks,), mx.int32) if mma_merge else None
-    if counters is not None:
-        mx.eval(counters)
+    # decode_attention_mma_merge's count of finished threadgroups per head and block of rows,
+    # zeroed for each launch: MLX's CUDA graph runs launches that share no written array at
+    # the same time, and it does not know the kernel writes the counts, so launches sharing
+    # one array raced (two independent calls in one graph; the H200, 2026-12-01).
+    counters = (B * Hkv * blocks,) if mma_merge else None
 
     return SimpleNamespace(
         attend=attend,
@@ -483,7 +483,8 @@ def _fused_launch(p, queries, keys, values, starts):
         exact = (keys.recent, values.recent, p.zeros if keys.offset is None else keys.offset)
     if p.counters is not None:  # the launch merges too
         args = p.attend_args(p.groups(S))
-        return p.attend(inputs=[*inputs, p.rt_t, *exact, p.counters], **args)[2]
+        counters = mx.zeros(p.counters, mx.int32)
+        return p.attend(inputs=[*inputs, p.rt_t, *exact, counters], **args)[2]
     o, ml = p.attend(inputs=inputs, **p.attend_args(p.groups(S)))
     merge_exact = (queries, *exact, p.constants[1]) if recent else (o,) * 5  # (not read)
     return p.merge(inputs=[o, ml, p.rt_t, *merge_exact], **p.merge_args)[0]
