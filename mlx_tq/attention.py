@@ -481,11 +481,11 @@ def _fused_launch(p, queries, keys, values, starts):
     exact = (queries, queries, p.zeros)
     if recent:
         exact = (keys.recent, values.recent, p.zeros if keys.offset is None else keys.offset)
+    args = p.attend_args(p.groups(S))
     if p.counters is not None:  # the launch merges too
-        args = p.attend_args(p.groups(S))
         counters = mx.zeros(p.counters, mx.int32)
         return p.attend(inputs=[*inputs, p.rt_t, *exact, counters], **args)[2]
-    o, ml = p.attend(inputs=inputs, **p.attend_args(p.groups(S)))
+    o, ml = p.attend(inputs=inputs, **args)
     merge_exact = (queries, *exact, p.constants[1]) if recent else (o,) * 5  # (not read)
     return p.merge(inputs=[o, ml, p.rt_t, *merge_exact], **p.merge_args)[0]
 

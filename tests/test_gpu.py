@@ -394,14 +394,8 @@ MERGED = [c for c in CONFIGS if c[6] == c[7] and 2 <= c[6] <= 4 and c[5] % 16 ==
 def test_attention_merged_in_the_launch_matches_float64(config, monkeypatch):
     """attention.MMA_MERGE (off by default: its timings were mixed): the matrix units' launch merges
     its splits itself (the last threadgroup of each head), for the configs that take it."""
-    merge_in_the_launch(monkeypatch)
+    monkeypatch.setattr(attention, "MMA_MERGE", True)  # (a plan of its own: _switches)
     test_attention_matches_float64(config)
-
-
-def merge_in_the_launch(monkeypatch):
-    monkeypatch.setattr(attention, "MMA_MERGE", True)
-    plan = functools.cache(attention._fused_plan.__wrapped__)  # (none cached without it)
-    monkeypatch.setattr(attention, "_fused_plan", plan)
 
 
 @pytest.mark.skipif(kernels.backend() != "cuda", reason="matrix units: CUDA only")
@@ -409,7 +403,7 @@ def merge_in_the_launch(monkeypatch):
 def test_recent_window_merged_in_the_launch_matches_float64(recent, monkeypatch):
     """As test_attention_merged_in_the_launch_matches_float64: the loud late splits and
     the exact recent window."""
-    merge_in_the_launch(monkeypatch)
+    monkeypatch.setattr(attention, "MMA_MERGE", True)
     if recent is None:
         test_merge_shifts_by_the_max_of_every_split(monkeypatch)
     else:

@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx_lm.models.base as base
 from decode_step import filled
 from mlx_lm.models.cache import KVCache
+from profile_step import per_call_us
 
 import mlx_tq
 from mlx_tq import attention, quant
@@ -60,15 +61,6 @@ for name, (c, merge) in caches.items():
     row[f"{name}_attention_us"] = round(statistics.median(att), 2)
 
 
-def per_call_us(fn, n=1000):
-    mx.eval(fn())
-    t0 = time.perf_counter()
-    outs = [fn() for _ in range(n)]
-    dt = (time.perf_counter() - t0) / n * 1e6
-    mx.eval(outs)
-    return round(dt, 2)
-
-
 c, _ = caches["tq4"]
 if c._step_launch is None:
     sys.exit(print(json.dumps(row), "(no GPU kernels: single calls timed on a GPU only)"))
@@ -106,5 +98,5 @@ pieces = {
     "slice update": slice_update,
     "slice": lambda: kf[:, :, :100],
 }
-row.update({name: per_call_us(fn) for name, fn in pieces.items()})
+row.update({name: per_call_us(fn, n=1000) for name, fn in pieces.items()})
 print(json.dumps(row))
