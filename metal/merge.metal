@@ -50,11 +50,21 @@ const auto kp = kr + b * kr_strides[0] + h * kr_strides[1];
 const auto vp = vr + b * vr_strides[0] + h * vr_strides[1];
 float kd[CH];
 float vd[CH];
-#define TQ_RECENT_CHUNK(e0)                                                                   \
-  UNROLL for (int e = 0; e < CH; ++e) {                                                       \
-    const bool in = d < D && (e0) + e < E;                                                    \
-    kd[e] = in ? static_cast<float>(kp[((e0) + e) * kr_strides[2] + d * kr_strides[3]]) : 0.0f; \
-    vd[e] = in ? static_cast<float>(vp[((e0) + e) * vr_strides[2] + d * vr_strides[3]]) : 0.0f; \
+// With QUANT (merge_quantize.metal), kr and vr hold the window before this step: row e
+// reads their row e + 1, and the last (e = E - 1) the step's new key and value.
+#ifndef TQ_NEW_K
+#define TQ_NEW_K(d) 0.0f
+#define TQ_NEW_V(d) 0.0f
+#endif
+#define TQ_RECENT_CHUNK(e0)                                                               \
+  UNROLL for (int e = 0; e < CH; ++e) {                                                   \
+    const int r_ = (e0) + e + (QUANT ? 1 : 0);                                            \
+    const bool in = d < D && (e0) + e < E;                                                \
+    const bool new_ = QUANT && r_ == E;                                                   \
+    kd[e] = in && !new_ ? static_cast<float>(kp[r_ * kr_strides[2] + d * kr_strides[3]]) \
+                        : (in ? TQ_NEW_K(d) : 0.0f);                                      \
+    vd[e] = in && !new_ ? static_cast<float>(vp[r_ * vr_strides[2] + d * vr_strides[3]]) \
+                        : (in ? TQ_NEW_V(d) : 0.0f);                                      \
   }
 if (RECENT) {
   TQ_RECENT_CHUNK(0)
@@ -192,3 +202,5 @@ if (POW2) {
     out[(bh * GL + row) * D + d] = static_cast<T>((acc[0] + ex) / den);
   }
 }
+#undef TQ_NEW_K
+#undef TQ_NEW_V

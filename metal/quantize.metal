@@ -10,31 +10,30 @@
 // When RW > 0 (one token per row, N = B * H): k_win, v_win [N, RW, D] T, a cache's exact
 // window of keys and values, oldest row first; k_win_out, v_win_out the same shifted by one
 // row, the new vector last (read and written only when RW > 0)
-constexpr int NW = (D + 31) / 32;
-SHARED float us[ROWS * D];
-SHARED uint32_t idx_s[ROWS * D];
-SHARED float red[ROWS * NW];
-constexpr int MB = KB > VB ? KB : VB;
-SHARED float lev_s[1 << MB];
-SHARED float bnd_s[1 << MB];
-
+// (quantize_shared.metal declares its threadgroup memory and q_first, the first
+// threadgroup that quantises: 0 here, after the merging ones in merge_quantize.)
 const int per_offset = k_shape[2];
+// Element j of row `row` (of B * H * P) of the keys or values, read with their strides (a
+// model's keys are often a transposed view, which merge_quantize reads in place).
+#define TQ_QX(s, row)                                                                     \
+  (((row) / per_offset / k_shape[1]) * (s)[0] + ((row) / per_offset % k_shape[1]) * (s)[1] + \
+   ((row) % per_offset) * (s)[2] + j * (s)[3])
 const int n_rows = k_shape[0] * k_shape[1] * per_offset;
 const int blocks = (n_rows + ROWS - 1) / ROWS;
-const bool is_v = static_cast<int>(TGID.x) >= blocks;
-const int row0 = (TGID.x - (is_v ? blocks : 0)) * ROWS;
+const int tg = static_cast<int>(TGID.x) - q_first;
+const bool is_v = tg >= blocks;
+const int row0 = (tg - (is_v ? blocks : 0)) * ROWS;
 const int bits = is_v ? VB : KB;
 const int W = is_v ? WV : WK;
-auto x = is_v ? v : k;
 auto levels = is_v ? v_levels : k_levels;
 auto bounds = is_v ? v_bounds : k_bounds;
 auto out = is_v ? v_out : k_out;
 const int j = TID;
 // The codebook in threadgroup memory, and this coordinate's rotation sign, loaded at once:
 // the search below reads a level per step.
-for (int f = j; f < (1 << bits); f += NW * 32) {
-  lev_s[f] = levels[f];
-  bnd_s[f] = f + 1 < (1 << bits) ? bounds[f] : 0.0f;
+for (int f = j; f < (1 << bits); f += QNW * 32) {
+  q_lev[f] = levels[f];
+  q_bnd[f] = f + 1 < (1 << bits) ? bounds[f] : 0.0f;
 }
 const float sign = POW2 && j < D ? TQ_SIGN(rt[j]) : 0.0f;
 
@@ -43,7 +42,7 @@ for (int r = 0; r < ROWS; ++r) {
   const int row = row0 + r;
   float xj = 0.0f;
   if (j < D && row < n_rows) {
-    xj = static_cast<float>(x[row * D + j]);
+    xj = static_cast<float>(is_v ? v[TQ_QX(v_strides, row)] : k[TQ_QX(k_strides, row)]);
     if (!is_v) {
       const int c = (row / per_offset) * D + j;
       xj -= offset[c];
@@ -51,22 +50,22 @@ for (int r = 0; r < ROWS; ++r) {
         xj /= scale[c];
       }
     }
-    us[r * D + j] = xj;
+    q_us[r * D + j] = xj;
   }
   const float sq = WARP_SUM(xj * xj);
   if (LANE == 0) {
-    red[r * NW + WARP] = sq;
+    q_red[r * QNW + WARP] = sq;
   }
 }
 BARRIER();
 for (int r = 0; r < ROWS; ++r) {
   float sq = 0.0f;
-  for (int w = 0; w < NW; ++w) {
-    sq += red[r * NW + w];
+  for (int w = 0; w < QNW; ++w) {
+    sq += q_red[r * QNW + w];
   }
   norm[r] = SQRT(sq);
   if (j < D) {
-    us[r * D + j] /= norm[r] > 0.0f ? norm[r] : 1.0f;
+    q_us[r * D + j] /= norm[r] > 0.0f ? norm[r] : 1.0f;
   }
 }
 BARRIER();
@@ -80,15 +79,15 @@ for (int r = 0; r < ROWS; ++r) {
 if (POW2) {
   // The signs and 1 / sqrt(D) of the rotation, then butterflies (threads == D).
   for (int r = 0; r < ROWS; ++r) {
-    us[r * D + j] *= sign;
+    q_us[r * D + j] *= sign;
   }
   BARRIER();
-  TQ_FWHT(us, ROWS, j, D)
+  TQ_FWHT(q_us, ROWS, j, D)
   for (int r = 0; r < ROWS; ++r) {
-    z[r] = us[r * D + j];
+    z[r] = q_us[r * D + j];
   }
 } else if (j < D) {
-  TQ_MATVEC(z, us, rt, j, ROWS)
+  TQ_MATVEC(z, q_us, rt, j, ROWS)
 }
 const float sqrt_d = SQRT(static_cast<float>(D));
 for (int r = 0; r < ROWS; ++r) {
@@ -96,16 +95,16 @@ for (int r = 0; r < ROWS; ++r) {
   uint32_t idx = 0;
   for (int b = bits - 1; b >= 0; --b) {
     const uint32_t cand = idx + (1u << b);
-    idx = z[r] * sqrt_d > bnd_s[cand - 1] ? cand : idx;
+    idx = z[r] * sqrt_d > q_bnd[cand - 1] ? cand : idx;
   }
   float lsq = 0.0f;
   if (j < D) {
-    idx_s[r * D + j] = idx;
-    lsq = lev_s[idx] * lev_s[idx];
+    q_idx[r * D + j] = idx;
+    lsq = q_lev[idx] * q_lev[idx];
   }
   lsq = WARP_SUM(lsq);
   if (LANE == 0) {
-    red[r * NW + WARP] = lsq;
+    q_red[r * QNW + WARP] = lsq;
   }
 }
 BARRIER();
@@ -115,20 +114,20 @@ for (int r = 0; r < ROWS; ++r) {
   if (row >= n_rows) {
     break;
   }
-  for (int w = j; w <= W; w += NW * 32) {
+  for (int w = j; w <= W; w += QNW * 32) {
     uint32_t word = 0;
     if (w < W) {
       // Elements overlapping bits [32w, 32w + 32) of the row's stream.
       const int last = (32 * w + 31) / bits < D - 1 ? (32 * w + 31) / bits : D - 1;
       for (int i = (32 * w) / bits; i <= last; ++i) {
         const int pos = i * bits - 32 * w;
-        const uint32_t val = idx_s[r * D + i];
+        const uint32_t val = q_idx[r * D + i];
         word |= pos >= 0 ? val << pos : val >> -pos;
       }
     } else {
       float lsq = 0.0f;
-      for (int k2 = 0; k2 < NW; ++k2) {
-        lsq += red[r * NW + k2];
+      for (int k2 = 0; k2 < QNW; ++k2) {
+        lsq += q_red[r * QNW + k2];
       }
       word = AS_UINT(norm[r] / SQRT(lsq));
     }
@@ -143,6 +142,6 @@ if (RW > 0 && j < D) {
     for (int w = 0; w + 1 < RW; ++w) {
       win_out[(base + w) * D + j] = win[(base + w + 1) * D + j];
     }
-    win_out[(base + RW - 1) * D + j] = x[(row0 + r) * D + j];
+    win_out[(base + RW - 1) * D + j] = is_v ? v[TQ_QX(v_strides, row0 + r)] : k[TQ_QX(k_strides, row0 + r)];
   }
 }

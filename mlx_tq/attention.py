@@ -317,8 +317,9 @@ def _mma_template(dtype, D, bits, causal, smooth, tail=0, merge=None):
     return template
 
 
-def merge_template(dtype, D, recent, causal):
-    """Template constants of merge.metal (`recent`: the exact window, 0 for none)."""
+def merge_template(dtype, D, recent, causal, quant=False):
+    """Template constants of merge.metal (`recent`: the exact window, 0 for none; `quant`:
+    of merge_quantize, see `merge_quantize_template`)."""
     return [
         ("T", dtype),
         ("D", D),
@@ -326,6 +327,21 @@ def merge_template(dtype, D, recent, causal):
         ("RECENT", recent > 0),
         ("WINDOW", recent),
         ("CAUSAL", causal),
+        ("QUANT", quant),
+    ]
+
+
+def merge_quantize_template(dtype, D, recent, key_bits, value_bits, smooth):
+    """Template constants of merge_quantize (merge.metal's, then quantize.metal's for one
+    token a row and a window of `recent` rows)."""
+    return merge_template(dtype, D, recent, False, True) + [
+        ("KB", key_bits),
+        ("VB", value_bits),
+        ("WK", words_per_row(D, key_bits) - 1),
+        ("WV", words_per_row(D, value_bits) - 1),
+        ("ROWS", 1),
+        ("SCALE", smooth),
+        ("RW", recent),
     ]
 
 
@@ -405,7 +421,33 @@ def _fused_plan(
     # one array raced (two independent calls in one graph; the H200, 2026-12-01).
     counters = (B * Hkv * blocks,) if mma_merge else None
 
+    # A decode step of a cache with a window (L = 1, no mask, one seed): the merge launch
+    # also quantises the step's token (merge_quantize.metal), one launch a layer fewer.
+    fold = None
+    if recent and L == 1 and not causal and not mma_merge and seeds[0] == seeds[1]:
+        template = merge_quantize_template(dtype, D, recent, key_bits, value_bits, smooth)
+        words = (words_per_row(D, key_bits), words_per_row(D, value_bits))
+        window = (B, Hkv, recent, D)
+        # rt, the key and value codebooks, rt^T and the scale as one input (inputs cost the
+        # host ~0.35 us each a call).
+        qc = mx.concatenate(
+            [constants[0].reshape(-1), *codebook(key_bits, D), *codebook(value_bits, D)]
+            + [unrotation.reshape(-1), constants[1]]
+        )
+        mx.eval(qc)
+        fold = SimpleNamespace(
+            kernel=kernels.kernel("merge_quantize", contiguous=False, template=tuple(template)),
+            qc=qc,
+            args=dict(
+                grid=(threads * (B * Hkv * GL + 2 * B * Hkv), 1, 1),
+                threadgroup=(threads, 1, 1),
+                output_shapes=[(B, Hq, L, D), *((B, Hkv, 1, w) for w in words), window, window],
+                output_dtypes=[dtype, mx.uint32, mx.uint32, dtype, dtype],
+            ),
+        )
+
     return SimpleNamespace(
+        fold=fold,
         attend=attend,
         attend_args=attend_args,
         groups=groups,
@@ -446,20 +488,52 @@ def _fused_attention(queries, keys, values, scale, causal, starts=None):
     return _fused_launch(p, queries, keys, values, starts)
 
 
-def fused_step(queries, keys, values, scale):
+def fused_step(queries, keys, values, scale, cache=None):
     """`_fused_attention(queries, keys, values, scale, False)` of a cache's decode step (keys
     the cache built, queries checked: patch.py), as a function of (queries, keys, values,
     scale) that the cache keeps: it repeats the launch for queries of the same shape, dtype
-    and float scale over keys of the same cache, and returns None for others."""
+    and float scale over keys of the same cache, and returns None for others. With `cache`
+    (a `TurboQuantKVCache` whose step leaves its token to the launch: `take_step`), the
+    merge launch also quantises the step's token where the plan allows (`fold`)."""
     shape, dtype = queries.shape, queries.dtype
     p = _plan_for(queries, keys, values, scale, False)
+    fold = p.fold if cache is not None and keys.dtype == dtype else None
+    if fold is not None:
+        offset, channel_scale = cache.step_rows()
+        stats = (offset, p.ones.reshape(1, -1) if channel_scale is None else channel_scale)
+        mx.eval(stats)
 
     def attend(q, k, v, s):
         if type(q) is mx.array and q.shape == shape and q.dtype == dtype and s == scale:
-            return _fused_launch(p, q, k, v, None)
+            step = None if fold is None else cache.take_step()
+            if step is None:
+                return _fused_launch(p, q, k, v, None)
+            out, *rows = _fold_launch(p, fold, q, k, v, step, stats)
+            cache.step_done(*rows[:2], rows[2:])
+            return out
         return None
 
     return attend if type(scale) is float else None
+
+
+def _fold_launch(p, fold, queries, keys, values, step, stats):
+    """`_fused_launch` of a decode step whose merge launch also quantises its token: step =
+    (keys, values, window before them) of the token, stats = (offset, channel scale) of
+    the keys as merge_quantize reads them. Returns (output, packed key row, packed value
+    row, window keys, window values)."""
+    S = max(keys.data.shape[2] - keys.window, 0)
+    inputs = [
+        queries,
+        keys.data,
+        values.data,
+        *p.constants,
+        p.ones if keys.channel_scale is None else keys.channel_scale,
+        p.no_starts,
+    ]
+    o, ml = p.attend(inputs=inputs, **p.attend_args(p.groups(S)))
+    k, v, window = step
+    merge_inputs = [o, ml, queries, *window, stats[0], k, v, fold.qc, stats[1]]
+    return fold.kernel(inputs=merge_inputs, **fold.args)
 
 
 def _fused_launch(p, queries, keys, values, starts):

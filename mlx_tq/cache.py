@@ -54,6 +54,27 @@ def check_recent_tokens(n):
         raise ValueError(f"recent_tokens={n!r} is not supported: give an int >= 0 (0: none)")
 
 
+class _StepRows(TurboQuantized):
+    """A decode step's packed keys or values (`TurboQuantKVCache`'s fast path) whose exact
+    window (`recent`) is the cache's once the step's token is shifted into it: the step's
+    attention launch does that (merge_quantize.metal), else the first read of `recent`
+    makes the cache do it (`_settle`)."""
+
+    _cache = None  # the cache, until the window is known
+    _index = 0  # 0: keys, 1: values
+    _recent = None
+
+    @property
+    def recent(self):
+        if self._cache is not None:
+            self._cache._settle()
+        return self._recent
+
+    @recent.setter
+    def recent(self, value):
+        self._recent = value
+
+
 class _TurboQuantMixin:
     # mlx-lm re-quantises caches that have `to_quantized`, which does not apply to packed
     # rows, so hide it from hasattr(). (`merge`, for batching: see batch.py.)
@@ -70,6 +91,11 @@ class _TurboQuantMixin:
     # calls it directly (TurboQuantKVCache.update_and_fetch). Reset with the statistics.
     _step_launch = None
     _step_attention = None  # patch.py's attention launch for the step's keys (reset with it)
+    # A decode step's token is quantised and shifted into the window after the step's
+    # update, by its attention launch (`take_step`, `step_done`) or else by `_settle`:
+    _new = None  # (keys, values, position) of the last step's token, not yet quantised
+    _pending = None  # (keys, values, position): its packed rows, not yet in the buffers
+    _step_rows = ()  # weak references to the last step's _StepRows
 
     def _configure(self, key_bits, value_bits, seed, center_keys, smooth_keys, warmup_tokens):
         check_bits(key_bits, "key_bits")
@@ -195,6 +221,46 @@ class _TurboQuantMixin:
             self._step = weakref.ref(k)
         return self._wrap(k, v, self._window)
 
+    def _settle(self):
+        """Completes the last decode step: quantises its token and shifts it into the window
+        if no attention launch did (`step_done`), hands its keys and values their window,
+        and writes its packed rows into the buffers. Everything that reads the buffers or
+        the window, but a decode step's attention launch, calls this first."""
+        new, self._new = self._new, None
+        if new is not None:
+            k, v, *window = self._step_launch[0](new[0], new[1], self._window)
+            self._window = tuple(window)
+            self._pending = (k, v, new[2])
+        for ref in self._step_rows:
+            rows = ref()
+            if rows is not None and rows._cache is self:
+                rows._recent, rows._cache = self._window[rows._index], None
+        self._step_rows = ()
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            k, v, i = pending
+            self.keys[:, :, i : i + 1] = k
+            self.values[:, :, i : i + 1] = v
+
+    def take_step(self):
+        """For a decode step's attention launch (attention.fused_step): (keys, values, the
+        window before them) of the step's token if no launch has taken it yet, else None."""
+        new = self._new
+        return None if new is None else (new[0], new[1], self._window)
+
+    def step_rows(self):
+        """The key statistics as the launch reads them: the offset (B, H, 1, D) and the
+        channel scale (B * H, D) or None, float32, contiguous."""
+        offset, scale = self._rows
+        return offset.reshape(*self.keys.shape[:2], 1, -1), scale
+
+    def step_done(self, k, v, window):
+        """The launch's packed rows k, v of the step's token and the window with it shifted
+        in: written into the buffers by the next update (or `_settle`)."""
+        self._pending = (k, v, self._new[2])
+        self._new = None
+        self._window = tuple(window)
+
     def _hold_recent(self, keys, values):
         """Holds the update's keys and values in the window; returns the exact rows its
         attention reads: for L <= FUSED_MAX_ROWS the last recent_tokens - 1 + L in order
@@ -254,6 +320,7 @@ class _TurboQuantMixin:
             raise ValueError(f"cannot trim {n} tokens: n must be >= 0")
         if not self.is_trimmable():
             return 0  # a wrapped window: the tokens to drop are no longer at its end
+        self._settle()
         n = super().trim(n)
         if self._window is not None and n:
             # The window again: its rows still held, then the older ones decoded.
@@ -288,6 +355,8 @@ class _TurboQuantMixin:
     def merge(cls, caches):
         from . import batch
 
+        for c in caches:
+            c._settle()
         return getattr(batch, cls._batch).merge(caches)
 
     @classmethod
@@ -299,6 +368,7 @@ class _TurboQuantMixin:
 
     @property
     def nbytes(self):
+        self._settle()
         if self.keys is None:
             return 0
         extra = sum(a.nbytes for a in (*self._stat_arrays(), *(self._window or ())))
@@ -357,20 +427,33 @@ class TurboQuantKVCache(_TurboQuantMixin, KVCache):
             and is_patched()
             and kernels.backend() is not None
         ):
-            k, v, *window = step[0](keys, values, self._window)
-            self._window = tuple(window)
-            # KVCache.update_and_fetch without growth (plain slices: `...` costs ~2 us more).
+            # The last step's rows written; this step's token quantised by its attention
+            # launch (or `_settle`): its packed row is not read before W more tokens.
+            self._settle()
             prev = self.offset
             self.offset = end = prev + 1
-            self.keys[:, :, prev:end] = k
-            self.values[:, :, prev:end] = v
-            if end < self.keys.shape[2]:
-                return self._fetch_step(self.keys[:, :, :end], self.values[:, :, :end])
-            return self._fetch_step(self.keys, self.values)
+            self._new = (keys, values, prev)
+            # KVCache.update_and_fetch without growth (plain slices: `...` costs ~2 us more).
+            k, v = self.keys, self.values
+            if end < k.shape[2]:
+                k, v = k[:, :, :end], v[:, :, :end]
+            self._step = weakref.ref(k)  # the patched attention trusts these keys (patch.py)
+            args = (self.head_dim, self.seed, getattr(mx, self.dtype))
+            W = self.recent_tokens
+            rows = (
+                _StepRows(k, self.key_bits, *args, self.key_offset, None, self.key_scale, None, W),
+                _StepRows(v, self.value_bits, *args, None, None, None, None, W),
+            )
+            for i, r in enumerate(rows):
+                r._cache, r._index = self, i
+            self._step_rows = tuple(map(weakref.ref, rows))
+            return rows
+        self._settle()
         return super().update_and_fetch(keys, values)
 
     @property
     def state(self):
+        self._settle()
         if self.keys is None:
             return []
         n = self.offset
@@ -380,6 +463,8 @@ class TurboQuantKVCache(_TurboQuantMixin, KVCache):
     @state.setter
     def state(self, v):
         self.keys, self.values, *stats = v if v else (None, None)
+        self._new = self._pending = None
+        self._step_rows = ()
         self.offset = 0 if self.keys is None else self.keys.shape[2]
         # The window is stored as one 5-D array: (2, B, H, W, D).
         self._window = tuple(stats.pop()) if stats and stats[-1].ndim == 5 else None

@@ -146,9 +146,29 @@ SIGNATURES["decode_attention_mma_merge"] = (
     + (("counters", mx.int32),),
     SIGNATURES["decode_attention"][1] + (("out", None),),
 )
+# The merge launch that also quantises a decode step's token (merge_quantize.metal).
+SIGNATURES["merge_quantize"] = (
+    (("o", mx.float32), ("ml", mx.float32), ("q", None), ("kr", None), ("vr", None))
+    + (("k_off", mx.float32), ("k_new", None), ("v_new", None), ("qc", mx.float32))
+    + (("qscale", mx.float32),),
+    (("out", None),) + SIGNATURES["quantize"][1],
+)
 # A kernel's body: the files of metal/ it is made of, in order (else `<name>.metal`).
+# merge_quantize runs quantize.metal's code in a block (merge_quantize.metal opens it,
+# merge_quantize_end.metal closes it), then merge.metal's.
 PARTS = {
-    "decode_attention_mma_merge": ("decode_attention_mma.metal", "decode_attention_mma_merge.metal")
+    "decode_attention_mma_merge": (
+        "decode_attention_mma.metal",
+        "decode_attention_mma_merge.metal",
+    ),
+    "quantize": ("quantize_shared.metal", "quantize.metal"),
+    "merge_quantize": (
+        "quantize_shared.metal",
+        "merge_quantize.metal",
+        "quantize.metal",
+        "merge_quantize_end.metal",
+        "merge.metal",
+    ),
 }
 
 

@@ -48,7 +48,7 @@ def _attention(queries, keys, values, cache, scale, mask, sinks=None):
             return out
         attention.check_queries(queries, keys)
         if queries.shape[2] == 1 and attention._path(queries, keys, values, None) == "fused":
-            cache._step_attention = attention.fused_step(queries, keys, values, scale)
+            cache._step_attention = attention.fused_step(queries, keys, values, scale, cache)
             return attention._fused_attention(queries, keys, values, scale, False)
     # A batch of left-padded rows (not a sliding window): its mask is causal from each row's
     # first token, which the fused kernel applies itself instead of decoding for an array mask.

@@ -119,6 +119,11 @@ def test_repeated_decode_steps_equal_the_general_path():
     test_gpu.test_repeated_decode_steps_equal_the_general_path()
 
 
+@pytest.mark.parametrize("D, kb, vb, smooth", [(64, 4, 3, 0.5), (96, 3, 3, 0.0)])
+def test_decode_step_quantises_in_the_merge_launch(D, kb, vb, smooth, monkeypatch):
+    test_gpu.test_decode_step_quantises_in_the_merge_launch(D, kb, vb, smooth, monkeypatch)
+
+
 def test_cache_after_decode_steps_holds_no_fetched_keys_and_copies():
     test_gpu.test_cache_after_decode_steps_holds_no_fetched_keys_and_copies()
 

@@ -506,8 +506,9 @@ def test_cache_decode_step_through_mlx_lm_matches_float64(dtype):
 
 def test_repeated_decode_steps_equal_the_general_path():
     """A cache's decode steps after the first repeat that step's launch and attention plan
-    (issue 15): the same packed rows, window and attention output as a twin that takes the
-    general path every step, across the buffer's growth at 256 rows and a trim."""
+    (issue 15), the token quantised in the merge launch (merge_quantize): the same packed
+    rows, window and attention output as a twin that takes the general path every step,
+    across the buffer's growth at 256 rows and a trim."""
     import mlx_lm.models.base as base
 
     from mlx_tq import patch, unpatch
@@ -534,11 +535,76 @@ def test_repeated_decode_steps_equal_the_general_path():
             for c in (fast, slow):
                 keys, values = c.update_and_fetch(*new)
                 out = base.scaled_dot_product_attention(q, keys, values, c, D**-0.5, None)
-                got.append((keys.data, values.data, keys.recent, values.recent, out))
+                # (a step's own packed row is written after its attention launch: the
+                # fast keys' last row is not yet the token's, nor read; the state is)
+                rows = (keys.data[..., :-1, :], values.data[..., :-1, :])
+                got.append((*rows, keys.recent, values.recent, out, *c.state[:2]))
             assert fast.offset == slow.offset and fast.keys.shape == slow.keys.shape
             assert all(mx.array_equal(a, b) for a, b in zip(*got, strict=True))
             # Repeated where nothing changed (not the first step, nor the buffer's growth).
             assert (fast._step_launch is launch) == (i not in (0, 3))
+    finally:
+        unpatch()
+
+
+@pytest.mark.parametrize("D, kb, vb, smooth", [(64, 4, 3, 0.5), (96, 3, 3, 0.0)])
+def test_decode_step_quantises_in_the_merge_launch(D, kb, vb, smooth, monkeypatch):
+    """A decode step's token is quantised by its merge launch (merge_quantize), its rows
+    written at the next update: outputs, windows and the settled state equal a twin's on
+    the general path; so do steps whose attention never runs (the next update, `trim`,
+    `state`, `nbytes` or a read of `recent` quantise the token instead), a step attended
+    twice, and keys transposed as a model's (strided)."""
+    import mlx_lm.models.base as base
+
+    from mlx_tq import patch, unpatch
+    from mlx_tq.cache import TurboQuantKVCache
+
+    folds = []
+    launch = attention._fold_launch
+    monkeypatch.setattr(attention, "_fold_launch", lambda *a: folds.append(1) or launch(*a))
+    rng = np.random.default_rng(21)
+    B, Hkv, G, W = 2, 2, 2, 3
+    fast, slow = (
+        TurboQuantKVCache(kb, vb, smooth_keys=smooth, warmup_tokens=0, recent_tokens=W)
+        for _ in range(2)
+    )
+    k0, v0 = (normal(rng, (B, Hkv, 40, D), mx.float16) for _ in range(2))
+    for c in (fast, slow):
+        c.update_and_fetch(k0, v0)
+    patch()
+    try:
+        # What happens after each step's update: "attend" (the fold), "skip" (no attention:
+        # the next update settles), "recent" (recent read before attending), "twice",
+        # "trim", "state", "nbytes".
+        plan = ["attend", "attend", "skip", "attend", "recent", "twice", "attend", "trim"]
+        plan += ["attend", "skip", "skip", "state", "attend", "nbytes", "attend", "attend"]
+        for i, what in enumerate(plan):
+            # keys as a model's: (B, L, H, D) transposed, so strided
+            new = [normal(rng, (B, 1, Hkv, D), mx.float16).transpose(0, 2, 1, 3) for _ in range(2)]
+            q = normal(rng, (B, Hkv * G, 1, D), mx.float16)
+            slow._step_launch = slow._step_attention = None  # the general path
+            outs = []
+            for c in (fast, slow):
+                keys, values = c.update_and_fetch(*new)
+                if what in ("skip", "trim", "state", "nbytes"):
+                    continue
+                if what == "recent":
+                    assert keys.recent is not None  # settles the step
+                out = base.scaled_dot_product_attention(q, keys, values, c, D**-0.5, None)
+                if what == "twice":
+                    again = base.scaled_dot_product_attention(q, keys, values, c, D**-0.5, None)
+                    assert mx.array_equal(again, out)
+                outs.append(out)
+            if what == "trim":
+                assert fast.trim(1) == slow.trim(1) == 1
+            if what == "nbytes":
+                assert fast.nbytes == slow.nbytes
+            if len(outs) == 2:
+                assert mx.array_equal(*outs), (i, what)
+            assert fast.offset == slow.offset
+            if what == "state" or i == len(plan) - 1:  # (else the next update settles)
+                assert all(mx.array_equal(*ab) for ab in zip(fast.state, slow.state, strict=True))
+        assert len(folds) >= plan.count("attend"), "steps left their token to another launch"
     finally:
         unpatch()
 

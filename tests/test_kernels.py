@@ -46,7 +46,13 @@ def variants():
         for dtype, window, causal in zip(FLOATS, (0, 4, 16), (False, True, False), strict=True):
             pow2 = D & (D - 1) == 0
             template = [("T", dtype), ("D", D), ("POW2", pow2), ("RECENT", window > 0)]
-            yield "merge", template + [("WINDOW", window), ("CAUSAL", causal)]
+            yield "merge", template + [("WINDOW", window), ("CAUSAL", causal), ("QUANT", False)]
+            if window:  # a decode step's merge that quantises its token
+                for bits in ((4, 3), (3, 3)):
+                    yield (
+                        "merge_quantize",
+                        attention.merge_quantize_template(dtype, D, window, *bits, causal),
+                    )
         for bits in SUPPORTED_BITS:
             for dtype, shift in ((mx.float16, 4), (mx.bfloat16, 0)):
                 yield "dequantize", dequantize_template(dtype, D, bits, shift)
@@ -345,7 +351,8 @@ def test_gpu_dispatch_arguments(monkeypatch):
     assert a_in[7] is cache.key_scale  # read in place with its strides, no copy
     _, m_in, m_t, _, _ = RecordingKernel.calls[2]
     assert m_t == {"T": mx.float16, "D": D, "POW2": True, "RECENT": False, "WINDOW": 0} | {
-        "CAUSAL": False
+        "CAUSAL": False,
+        "QUANT": False,
     }
     assert len(m_in) == 8
 
