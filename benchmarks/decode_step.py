@@ -126,34 +126,45 @@ def main():
         "both: each TurboQuant config also as <config>+merge, in the same interleaved run",
     )
     parser.add_argument(
+        "--fold",
+        default="on",
+        choices=["off", "on", "both"],
+        help="attention.FOLD: a decode step's merge launch quantises its token; both: each "
+        "TurboQuant config also as <config>+nofold, in the same interleaved run",
+    )
+    parser.add_argument(
         "--configs", type=tools.check_config, nargs="+", default=["fp16", "tq4", "tq4-r0"]
     )
     args = parser.parse_args()
     dtype = mx.float16
     attention.MMA_MERGE = args.mma_merge == "on"
+    attention.FOLD = args.fold != "off"
     if args.one_layer:
         return one_layer(args, dtype)
     model = llama_model(args.layers, dtype, small_mlp=not args.full_model)
-    merged = {n: attention.MMA_MERGE for n in args.configs}
+    # Each config's (MMA_MERGE, FOLD), set while it runs.
+    merged = {n: (attention.MMA_MERGE, attention.FOLD) for n in args.configs}
+    tq = [n for n in args.configs if n != "fp16"]
     if args.mma_merge == "both":
-        merged.update({f"{n}+merge": True for n in args.configs if n != "fp16"})
+        merged.update({f"{n}+merge": (True, attention.FOLD) for n in tq})
+    if args.fold == "both":
+        merged.update({f"{n}+nofold": (attention.MMA_MERGE, False) for n in tq})
     caches = {
-        n: filled(tools.make_cache(model, n.removesuffix("+merge")), args.context, dtype)
-        for n in merged
+        n: filled(tools.make_cache(model, n.split("+")[0]), args.context, dtype) for n in merged
     }
     if args.stub:
         stub_kernels()
     mlx_tq.patch()
     token = mx.array([[1]])
     for name, cache in caches.items():  # compile every kernel variant before timing
-        attention.MMA_MERGE = merged[name]
+        attention.MMA_MERGE, attention.FOLD = merged[name]
         for _ in range(2):
             mx.eval(model(token, cache=cache))
     kinds = ("host",) if args.stub else ("host", "encode", "step", "pipelined")
     runs = {name: {kind: [] for kind in kinds} for name in caches}
     for _ in range(args.repeats):  # interleaved, so drift hits both
         for name, cache in caches.items():
-            attention.MMA_MERGE = merged[name]
+            attention.MMA_MERGE, attention.FOLD = merged[name]
             t = dict.fromkeys(kinds, 0.0)
             for i in range(args.steps):
                 t0 = time.perf_counter()
@@ -187,6 +198,7 @@ def main():
     report = {
         "device": "stub kernels" if args.stub else str(mx.default_device()),
         "mma_merge": args.mma_merge,
+        "fold": args.fold,
         "context": args.context,
         "layers": args.layers,
         **{

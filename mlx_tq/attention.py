@@ -30,6 +30,9 @@ MMA = True
 # 22% slower at 8K, no cheaper to build, and end to end within the noise (benchmarks/RESULTS.md,
 # 2026-12-01 15:29- UTC).
 MMA_MERGE = False
+# A decode step's merge launch also quantises the step's token (merge_quantize.metal;
+# `_fused_plan`'s fold): one custom-kernel call a layer fewer.
+FOLD = True
 MMA_WARPS = 4
 MMA_TARGET_WARPS = 1024
 MMA_MIN_KEYS = 128
@@ -424,7 +427,7 @@ def _fused_plan(
     # A decode step of a cache with a window (L = 1, no mask, one seed): the merge launch
     # also quantises the step's token (merge_quantize.metal), one launch a layer fewer.
     fold = None
-    if recent and L == 1 and not causal and not mma_merge and seeds[0] == seeds[1]:
+    if FOLD and recent and L == 1 and not causal and not mma_merge and seeds[0] == seeds[1]:
         template = merge_quantize_template(dtype, D, recent, key_bits, value_bits, smooth)
         words = (words_per_row(D, key_bits), words_per_row(D, value_bits))
         window = (B, Hkv, recent, D)
@@ -464,7 +467,7 @@ def _fused_plan(
 
 
 def _switches():
-    return (MMA, MMA_MERGE, MMA_WARPS, MMA_TARGET_WARPS, MMA_MIN_KEYS, TARGET_GROUPS)
+    return (MMA, MMA_MERGE, FOLD, MMA_WARPS, MMA_TARGET_WARPS, MMA_MIN_KEYS, TARGET_GROUPS)
 
 
 def _plan_for(queries, keys, values, scale, causal):
@@ -513,6 +516,7 @@ def fused_step(queries, keys, values, scale, cache=None):
             return out
         return None
 
+    attend.folds = fold is not None  # (the cache then leaves its steps' tokens to it)
     return attend if type(scale) is float else None
 
 

@@ -427,16 +427,26 @@ class TurboQuantKVCache(_TurboQuantMixin, KVCache):
             and is_patched()
             and kernels.backend() is not None
         ):
-            # The last step's rows written; this step's token quantised by its attention
-            # launch (or `_settle`): its packed row is not read before W more tokens.
-            self._settle()
+            self._settle()  # the last step's rows written
             prev = self.offset
             self.offset = end = prev + 1
-            self._new = (keys, values, prev)
+            attend = self._step_attention
+            fold = attend is not None and attend.folds
+            if fold:
+                # Quantised by the step's merge launch (or `_settle`): the token's packed
+                # row is not read before W more tokens.
+                self._new = (keys, values, prev)
+            else:
+                k, v, *window = step[0](keys, values, self._window)
+                self._window = tuple(window)
+                self.keys[:, :, prev:end] = k
+                self.values[:, :, prev:end] = v
             # KVCache.update_and_fetch without growth (plain slices: `...` costs ~2 us more).
             k, v = self.keys, self.values
             if end < k.shape[2]:
                 k, v = k[:, :, :end], v[:, :, :end]
+            if not fold:
+                return self._fetch_step(k, v)
             self._step = weakref.ref(k)  # the patched attention trusts these keys (patch.py)
             args = (self.head_dim, self.seed, getattr(mx, self.dtype))
             W = self.recent_tokens

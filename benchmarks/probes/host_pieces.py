@@ -1,9 +1,11 @@
 """Host time of one attention layer's decode step, in pieces, with the real kernels: mlx-lm's
-`KVCache` (fp16) against `TurboQuantKVCache` (4 bits, exact window), each with the launch
-that merges (attention.MMA_MERGE) and without: `update_and_fetch`, then the (patched)
+`KVCache` (fp16) against `TurboQuantKVCache` (4 bits, exact window): as it runs, without the
+token quantised in the merge launch (+nofold: attention.FOLD) and with the launch that also
+merges (+merge: attention.MMA_MERGE); `update_and_fetch`, then the (patched)
 `scaled_dot_product_attention`, built only (evaluated every 100 steps, untimed); then single
 calls: the quantise launch of a step, the attention launch alone, fp16 SDPA, a slice update.
-us per call, median of 3 rounds of 500 steps (B = 1, 32/8 heads, D 128, 8,192 tokens held).
+us per call, median of 5 interleaved rounds of 500 steps (B = 1, 32/8 heads, D 128, 8,192
+tokens held).
 Run from the repository root on a GPU:
 
     python3 benchmarks/probes/host_pieces.py [--context 8192]
@@ -31,20 +33,26 @@ q = mx.random.normal((1, 32, 1, 128)).astype(dtype)
 x = mx.random.normal((1, 8, 1, 128)).astype(dtype)
 mx.eval(q, x)
 caches = {}
-for name, merge in (("fp16", False), ("tq4", False), ("tq4+merge", True)):
-    attention.MMA_MERGE = merge
+# (attention.MMA_MERGE, attention.FOLD) of each
+for name, switches in (
+    ("fp16", (False, True)),
+    ("tq4", (False, True)),
+    ("tq4+nofold", (False, False)),
+    ("tq4+merge", (True, True)),
+):
+    attention.MMA_MERGE, attention.FOLD = switches
     c = KVCache() if name == "fp16" else mlx_tq.TurboQuantKVCache(4, 4, smooth_keys=0.5)
     filled([c], context, dtype)
     for _ in range(3):  # the cache's step launch and attention built
         k, v = c.update_and_fetch(x, x)
         mx.eval(base.scaled_dot_product_attention(q, k, v, c, scale=0.088, mask=None))
-    caches[name] = (c, merge)
+    caches[name] = (c, switches)
 
 row = {"context": context}
-for name, (c, merge) in caches.items():
-    attention.MMA_MERGE = merge
-    upd, att = [], []
-    for _ in range(3):
+times = {name: ([], []) for name in caches}
+for _ in range(5):  # rounds, the configs interleaved in each (so that drift hits all)
+    for name, (c, switches) in caches.items():
+        attention.MMA_MERGE, attention.FOLD = switches
         tu = ta = 0.0
         for i in range(500):
             t0 = time.perf_counter()
@@ -55,10 +63,14 @@ for name, (c, merge) in caches.items():
             tu += t1 - t0
             if i % 100 == 99:
                 mx.eval(out, c.state)
-        upd.append(tu / 500 * 1e6)
-        att.append(ta / 500 * 1e6)
+        times[name][0].append(tu / 500 * 1e6)
+        times[name][1].append(ta / 500 * 1e6)
+for name, (upd, att) in times.items():
     row[f"{name}_update_us"] = round(statistics.median(upd), 2)
     row[f"{name}_attention_us"] = round(statistics.median(att), 2)
+    row[f"{name}_layer_us"] = round(
+        statistics.median(u + a for u, a in zip(upd, att, strict=True)), 2
+    )
 
 
 c, _ = caches["tq4"]
@@ -78,7 +90,7 @@ def slice_update():
 
 
 # The kernel calls alone, their inputs listed beforehand.
-attention.MMA_MERGE = False
+attention.MMA_MERGE, attention.FOLD = False, True
 p = attention._plan_for(q, k, v, 0.088, False)
 S = k.data.shape[2] - k.window
 a_in = [q, k.data, v.data, *p.constants, k.channel_scale, p.no_starts]
@@ -98,5 +110,10 @@ pieces = {
     "slice update": slice_update,
     "slice": lambda: kf[:, :, :100],
 }
+if getattr(p, "fold", None) is not None:  # the merge launch that also quantises the token
+    offset, qs = c.step_rows()
+    qs = p.ones.reshape(1, -1) if qs is None else qs
+    f_in = [o, ml, q, *c._window, offset, x, x, p.fold.qc, qs]
+    pieces["merge_quantize kernel alone"] = lambda: p.fold.kernel(inputs=f_in, **p.fold.args)[0]
 row.update({name: per_call_us(fn, n=1000) for name, fn in pieces.items()})
 print(json.dumps(row))
