@@ -127,10 +127,12 @@ def main():
     )
     parser.add_argument(
         "--fold",
-        default="on",
+        nargs="?",
+        const="on",
+        default="off",
         choices=["off", "on", "both"],
         help="attention.FOLD: a decode step's merge launch quantises its token; both: each "
-        "TurboQuant config also as <config>+nofold, in the same interleaved run",
+        "TurboQuant config also as <config>+fold, in the same interleaved run",
     )
     parser.add_argument(
         "--configs", type=tools.check_config, nargs="+", default=["fp16", "tq4", "tq4-r0"]
@@ -148,7 +150,7 @@ def main():
     if args.mma_merge == "both":
         merged.update({f"{n}+merge": (True, attention.FOLD) for n in tq})
     if args.fold == "both":
-        merged.update({f"{n}+nofold": (attention.MMA_MERGE, False) for n in tq})
+        merged.update({f"{n}+fold": (attention.MMA_MERGE, True) for n in tq})
     caches = {
         n: filled(tools.make_cache(model, n.split("+")[0]), args.context, dtype) for n in merged
     }

@@ -57,10 +57,12 @@ def variant(name, dtype, D, bits, G=4, recent=4):
         template = attention.merge_template(dtype, D, recent, False)
     elif name == "quantize":
         template = quant.quantize_template(dtype, D, bits, bits, True, recent, 1)
+    elif name == "merge_quantize":
+        template = attention.merge_quantize_template(dtype, D, recent, bits, bits, True)
     else:
         raise SystemExit(
             f"unknown kernel {name!r}: choose decode_attention, decode_attention_mma, "
-            "decode_attention_mma_merge, merge or quantize"
+            "decode_attention_mma_merge, merge, quantize or merge_quantize"
         )
     types = {**CUDA_TYPES, None: CUDA_TYPES[dtype]}
     inputs, outputs = ([(arg, types[t]) for arg, t in x] for x in kernels.SIGNATURES[name])

@@ -31,8 +31,12 @@ MMA = True
 # 2026-12-01 15:29- UTC).
 MMA_MERGE = False
 # A decode step's merge launch also quantises the step's token (merge_quantize.metal;
-# `_fused_plan`'s fold): one custom-kernel call a layer fewer.
-FOLD = True
+# `_fused_plan`'s fold), its packed rows written at the next update: one custom-kernel call
+# a layer fewer. Off: it passes the GPU tests, and on the H200 a layer's step built 4 us
+# faster (43 vs 47 us, interleaved), but the whole model decoded 8K tokens ~10% slower in
+# two runs (host build + encode +0.1-0.2 ms a token), 128K the same (benchmarks/RESULTS.md,
+# 2026-12-01 17:30- UTC).
+FOLD = False
 MMA_WARPS = 4
 MMA_TARGET_WARPS = 1024
 MMA_MIN_KEYS = 128

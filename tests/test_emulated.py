@@ -115,8 +115,9 @@ def test_cache_decode_step_through_mlx_lm_matches_float64(path, monkeypatch):
     test_gpu.test_cache_decode_step_through_mlx_lm_matches_float64(mx.bfloat16)
 
 
-def test_repeated_decode_steps_equal_the_general_path():
-    test_gpu.test_repeated_decode_steps_equal_the_general_path()
+@pytest.mark.parametrize("fold", [False, True], ids=["", "fold"])
+def test_repeated_decode_steps_equal_the_general_path(fold, monkeypatch):
+    test_gpu.test_repeated_decode_steps_equal_the_general_path(fold, monkeypatch)
 
 
 @pytest.mark.parametrize("D, kb, vb, smooth", [(64, 4, 3, 0.5), (96, 3, 3, 0.0)])

@@ -504,7 +504,8 @@ def test_cache_decode_step_through_mlx_lm_matches_float64(dtype):
         unpatch()
 
 
-def test_repeated_decode_steps_equal_the_general_path():
+@pytest.mark.parametrize("fold", [False, True], ids=["", "fold"])
+def test_repeated_decode_steps_equal_the_general_path(fold, monkeypatch):
     """A cache's decode steps after the first repeat that step's launch and attention plan
     (issue 15), the token quantised in the merge launch (merge_quantize): the same packed
     rows, window and attention output as a twin that takes the general path every step,
@@ -514,6 +515,7 @@ def test_repeated_decode_steps_equal_the_general_path():
     from mlx_tq import patch, unpatch
     from mlx_tq.cache import TurboQuantKVCache
 
+    monkeypatch.setattr(attention, "FOLD", fold)
     rng = np.random.default_rng(13)
     B, Hkv, G, D, W = 1, 2, 2, 64, 4
     fast, slow = (
@@ -559,6 +561,7 @@ def test_decode_step_quantises_in_the_merge_launch(D, kb, vb, smooth, monkeypatc
     from mlx_tq import patch, unpatch
     from mlx_tq.cache import TurboQuantKVCache
 
+    monkeypatch.setattr(attention, "FOLD", True)
     folds = []
     launch = attention._fold_launch
     monkeypatch.setattr(attention, "_fold_launch", lambda *a: folds.append(1) or launch(*a))

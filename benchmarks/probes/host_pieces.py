@@ -1,6 +1,6 @@
 """Host time of one attention layer's decode step, in pieces, with the real kernels: mlx-lm's
-`KVCache` (fp16) against `TurboQuantKVCache` (4 bits, exact window): as it runs, without the
-token quantised in the merge launch (+nofold: attention.FOLD) and with the launch that also
+`KVCache` (fp16) against `TurboQuantKVCache` (4 bits, exact window): as it runs, with the
+token quantised in the merge launch (+fold: attention.FOLD) and with the launch that also
 merges (+merge: attention.MMA_MERGE); `update_and_fetch`, then the (patched)
 `scaled_dot_product_attention`, built only (evaluated every 100 steps, untimed); then single
 calls: the quantise launch of a step, the attention launch alone, fp16 SDPA, a slice update.
@@ -36,9 +36,9 @@ caches = {}
 # (attention.MMA_MERGE, attention.FOLD) of each
 for name, switches in (
     ("fp16", (False, True)),
-    ("tq4", (False, True)),
-    ("tq4+nofold", (False, False)),
-    ("tq4+merge", (True, True)),
+    ("tq4", (False, False)),
+    ("tq4+fold", (False, True)),
+    ("tq4+merge", (True, False)),
 ):
     attention.MMA_MERGE, attention.FOLD = switches
     c = KVCache() if name == "fp16" else mlx_tq.TurboQuantKVCache(4, 4, smooth_keys=0.5)
