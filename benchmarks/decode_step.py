@@ -116,24 +116,15 @@ def main():
     parser.add_argument("--stub", action="store_true", help="stub kernels (time the host only)")
     parser.add_argument("--one-layer", action="store_true", help="one layer's step alone")
     parser.add_argument("--full-model", action="store_true", help="Llama-3.1-8B's MLP and vocab")
-    parser.add_argument(
-        "--mma-merge",
-        nargs="?",
-        const="on",
-        default="off",
-        choices=["off", "on", "both"],
-        help="attention.MMA_MERGE: the matrix units' launch merges its splits itself (CUDA); "
-        "both: each TurboQuant config also as <config>+merge, in the same interleaved run",
-    )
-    parser.add_argument(
-        "--fold",
-        nargs="?",
-        const="on",
-        default="off",
-        choices=["off", "on", "both"],
-        help="attention.FOLD: a decode step's merge launch quantises its token; both: each "
-        "TurboQuant config also as <config>+fold, in the same interleaved run",
-    )
+    # Switches of attention.py: off, on, or both (each TurboQuant config also as
+    # <config>+<suffix> with the switch on, in the same interleaved run).
+    for option, what in (
+        ("--mma-merge", "attention.MMA_MERGE: the matrix units' launch merges its splits (CUDA)"),
+        ("--fold", "attention.FOLD: a decode step's merge launch quantises its token"),
+    ):
+        parser.add_argument(
+            option, nargs="?", const="on", default="off", choices=["off", "on", "both"], help=what
+        )
     parser.add_argument(
         "--configs", type=tools.check_config, nargs="+", default=["fp16", "tq4", "tq4-r0"]
     )
