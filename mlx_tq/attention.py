@@ -498,10 +498,12 @@ def _fused_attention(queries, keys, values, scale, causal, starts=None):
 def fused_step(queries, keys, values, scale, cache=None):
     """`_fused_attention(queries, keys, values, scale, False)` of a cache's decode step (keys
     the cache built, queries checked: patch.py), as a function of (queries, keys, values,
-    scale) that the cache keeps: it repeats the launch for queries of the same shape, dtype
-    and float scale over keys of the same cache, and returns None for others. With `cache`
-    (a `TurboQuantKVCache` whose step leaves its token to the launch: `take_step`), the
-    merge launch also quantises the step's token where the plan allows (`fold`)."""
+    scale, cache) that the cache keeps: it repeats the launch for queries of the same shape,
+    dtype and float scale over keys of the same cache (or a copy of it), and returns None for
+    others. With `cache` (a `TurboQuantKVCache`), the merge launch also quantises the step's
+    token where the plan allows (`fold`; the closure's `folds`): the cache then leaves its
+    steps' tokens to it (`take_step`). The cache is an argument of each call, not held: a
+    cache keeps the closure, and its deep copies share it."""
     shape, dtype = queries.shape, queries.dtype
     p = _plan_for(queries, keys, values, scale, False)
     fold = p.fold if cache is not None and keys.dtype == dtype else None
@@ -510,9 +512,9 @@ def fused_step(queries, keys, values, scale, cache=None):
         stats = (offset, p.ones.reshape(1, -1) if channel_scale is None else channel_scale)
         mx.eval(stats)
 
-    def attend(q, k, v, s):
+    def attend(q, k, v, s, cache=None):
         if type(q) is mx.array and q.shape == shape and q.dtype == dtype and s == scale:
-            step = None if fold is None else cache.take_step()
+            step = None if fold is None or cache is None else cache.take_step()
             if step is None:
                 return _fused_launch(p, q, k, v, None)
             out, *rows = _fold_launch(p, fold, q, k, v, step, stats)
@@ -520,7 +522,7 @@ def fused_step(queries, keys, values, scale, cache=None):
             return out
         return None
 
-    attend.folds = fold is not None  # (the cache then leaves its steps' tokens to it)
+    attend.folds = fold is not None
     return attend if type(scale) is float else None
 
 

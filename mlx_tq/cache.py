@@ -98,6 +98,7 @@ class _TurboQuantMixin:
     _step_rows = ()  # weak references to the last step's _StepRows
 
     def _configure(self, key_bits, value_bits, seed, center_keys, smooth_keys, warmup_tokens):
+        self._settle()  # (a step pending with the old settings)
         check_bits(key_bits, "key_bits")
         check_bits(value_bits, "value_bits")
         if warmup_tokens < 0:
@@ -429,7 +430,7 @@ class TurboQuantKVCache(_TurboQuantMixin, KVCache):
         ):
             self._settle()  # the last step's rows written
             prev = self.offset
-            self.offset = end = prev + 1
+            end = prev + 1
             attend = self._step_attention
             fold = attend is not None and attend.folds
             if fold:
@@ -441,6 +442,7 @@ class TurboQuantKVCache(_TurboQuantMixin, KVCache):
                 self._window = tuple(window)
                 self.keys[:, :, prev:end] = k
                 self.values[:, :, prev:end] = v
+            self.offset = end
             # KVCache.update_and_fetch without growth (plain slices: `...` costs ~2 us more).
             k, v = self.keys, self.values
             if end < k.shape[2]:
@@ -472,9 +474,8 @@ class TurboQuantKVCache(_TurboQuantMixin, KVCache):
 
     @state.setter
     def state(self, v):
+        self._settle()  # (the fetched keys of a pending step get their window)
         self.keys, self.values, *stats = v if v else (None, None)
-        self._new = self._pending = None
-        self._step_rows = ()
         self.offset = 0 if self.keys is None else self.keys.shape[2]
         # The window is stored as one 5-D array: (2, B, H, W, D).
         self._window = tuple(stats.pop()) if stats and stats[-1].ndim == 5 else None

@@ -43,7 +43,7 @@ def _attention(queries, keys, values, cache, scale, mask, sinks=None):
         # The keys the cache built for a decode step: only the queries need a check, once
         # per shape, dtype and scale (the cache then keeps the launch; reset with its own).
         attend = cache._step_attention
-        out = None if attend is None else attend(queries, keys, values, scale)
+        out = None if attend is None else attend(queries, keys, values, scale, cache)
         if out is not None:
             return out
         attention.check_queries(queries, keys)

@@ -125,6 +125,11 @@ def test_decode_step_quantises_in_the_merge_launch(D, kb, vb, smooth, monkeypatc
     test_gpu.test_decode_step_quantises_in_the_merge_launch(D, kb, vb, smooth, monkeypatch)
 
 
+@pytest.mark.parametrize("fold", [False, True], ids=["", "fold"])
+def test_deep_copy_mid_step_is_its_own(fold, monkeypatch):
+    test_gpu.test_deep_copy_mid_step_is_its_own(fold, monkeypatch)
+
+
 def test_cache_after_decode_steps_holds_no_fetched_keys_and_copies():
     test_gpu.test_cache_after_decode_steps_holds_no_fetched_keys_and_copies()
 

@@ -555,7 +555,7 @@ def test_decode_step_quantises_in_the_merge_launch(D, kb, vb, smooth, monkeypatc
     written at the next update: outputs, windows and the settled state equal a twin's on
     the general path; so do steps whose attention never runs (the next update, `trim`,
     `state`, `nbytes` or a read of `recent` quantise the token instead), a step attended
-    twice, and keys transposed as a model's (strided)."""
+    twice, and keys transposed as a model's (strided on a GPU: the emulator copies them)."""
     import mlx_lm.models.base as base
 
     from mlx_tq import patch, unpatch
@@ -608,6 +608,57 @@ def test_decode_step_quantises_in_the_merge_launch(D, kb, vb, smooth, monkeypatc
             if what == "state" or i == len(plan) - 1:  # (else the next update settles)
                 assert all(mx.array_equal(*ab) for ab in zip(fast.state, slow.state, strict=True))
         assert len(folds) >= plan.count("attend"), "steps left their token to another launch"
+    finally:
+        unpatch()
+
+
+@pytest.mark.parametrize("fold", [False, True], ids=["", "fold"])
+def test_deep_copy_mid_step_is_its_own(fold, monkeypatch):
+    """A cache deep-copied between a decode step's update and its attention (mlx-lm's prompt
+    cache copies caches) does not keep its original alive, nor take the original's pending
+    step: its own next step equals a copy's on the general path."""
+    import copy
+    import gc
+    import weakref
+
+    import mlx_lm.models.base as base
+
+    from mlx_tq import patch, unpatch
+    from mlx_tq.cache import TurboQuantKVCache
+
+    monkeypatch.setattr(attention, "FOLD", fold)
+    rng = np.random.default_rng(22)
+
+    def token():
+        return normal(rng, (1, 2, 1, 64), mx.float16)
+
+    cache = TurboQuantKVCache(4, 4, warmup_tokens=0, recent_tokens=3)
+    k0 = normal(rng, (1, 2, 40, 64), mx.float16)
+    cache.update_and_fetch(k0, k0)
+    patch()
+    try:
+        for _ in range(3):  # steps that build the cache's step launches
+            new, q = token(), normal(rng, (1, 4, 1, 64), mx.float16)
+            keys, values = cache.update_and_fetch(new, new)
+            base.scaled_dot_product_attention(q, keys, values, cache, 0.125, None)
+        new = token()
+        keys, values = cache.update_and_fetch(new, new)  # a step not attended yet
+        twin, other = copy.deepcopy(cache), copy.deepcopy(cache)
+        other._settle()
+        other._step_launch = other._step_attention = None  # the general path
+        pending = cache._new
+        new, q = token(), normal(rng, (1, 4, 1, 64), mx.float16)
+        outs = []
+        for c in (twin, other):
+            k, v = c.update_and_fetch(new, new)
+            outs.append(base.scaled_dot_product_attention(q, k, v, c, 0.125, None))
+        assert cache._new is pending, "a copy's step took its original's token"
+        assert mx.array_equal(*outs)
+        assert all(mx.array_equal(*ab) for ab in zip(twin.state, other.state, strict=True))
+        original = weakref.ref(cache)
+        del cache, keys, values, pending
+        gc.collect()
+        assert original() is None, "a deep copy keeps its original alive"
     finally:
         unpatch()
 
