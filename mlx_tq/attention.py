@@ -508,7 +508,7 @@ def fused_step(queries, keys, values, scale, cache=None):
     p = _plan_for(queries, keys, values, scale, False)
     fold = p.fold if cache is not None and keys.dtype == dtype else None
     if fold is not None:
-        offset, channel_scale = cache.step_rows()
+        offset, channel_scale = cache.step_stats()
         stats = (offset, p.ones.reshape(1, -1) if channel_scale is None else channel_scale)
         mx.eval(stats)
 
@@ -532,18 +532,23 @@ def _fold_launch(p, fold, queries, keys, values, step, stats):
     the keys as merge_quantize reads them. Returns (output, packed key row, packed value
     row, window keys, window values)."""
     S = max(keys.data.shape[2] - keys.window, 0)
-    inputs = [
-        queries,
-        keys.data,
-        values.data,
-        *p.constants,
-        p.ones if keys.channel_scale is None else keys.channel_scale,
-        p.no_starts,
-    ]
+    inputs = _attend_inputs(p, queries, keys, values, None)
     o, ml = p.attend(inputs=inputs, **p.attend_args(p.groups(S)))
     k, v, window = step
     merge_inputs = [o, ml, queries, *window, stats[0], k, v, fold.qc, stats[1]]
     return fold.kernel(inputs=merge_inputs, **fold.args)
+
+
+def _attend_inputs(p, queries, keys, values, starts):
+    """The split-K launch's inputs (SIGNATURES["decode_attention"]) with plan p."""
+    return [
+        queries,
+        keys.data,
+        values.data,
+        *p.constants,
+        p.ones if keys.channel_scale is None else keys.channel_scale,  # with its strides
+        p.no_starts if starts is None else starts.astype(mx.int32),
+    ]
 
 
 def _fused_launch(p, queries, keys, values, starts):
@@ -552,14 +557,7 @@ def _fused_launch(p, queries, keys, values, starts):
     recent = keys.recent is not None
     if recent:  # the kernel reads the packed rows before the last `window` (_recent_offset)
         S = max(S - keys.window, 0)
-    inputs = [
-        queries,
-        keys.data,
-        values.data,
-        *p.constants,
-        p.ones if keys.channel_scale is None else keys.channel_scale,  # with its strides
-        p.no_starts if starts is None else starts.astype(mx.int32),
-    ]
+    inputs = _attend_inputs(p, queries, keys, values, starts)
     # The exact window's keys, values and keys' offset (kr, vr, k_off; not read without one,
     # but of their declared dtypes: k_off float32).
     exact = (queries, queries, p.zeros)

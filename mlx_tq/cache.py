@@ -216,10 +216,15 @@ class _TurboQuantMixin:
         recent = self._hold_recent(keys, values) if self.recent_tokens else None
         return self._wrap(k, v, recent)
 
-    def _fetch_step(self, k, v):
-        """A decode step's packed keys and values, its one query attending the whole window."""
+    def _fetch_step(self, k, v, lazy=False):
+        """A decode step's packed keys and values, its one query attending the whole window;
+        `lazy`: the step's token not yet in the window (`_StepRows`)."""
         if is_patched():  # the patched attention trusts these keys (patch.py)
             self._step = weakref.ref(k)
+        if lazy:
+            rows = self._packed(k, v, lazy=True)
+            self._step_rows = tuple(map(weakref.ref, rows))
+            return rows
         return self._wrap(k, v, self._window)
 
     def _settle(self):
@@ -249,7 +254,7 @@ class _TurboQuantMixin:
         new = self._new
         return None if new is None else (new[0], new[1], self._window)
 
-    def step_rows(self):
+    def step_stats(self):
         """The key statistics as the launch reads them: the offset (B, H, 1, D) and the
         channel scale (B * H, D) or None, float32, contiguous."""
         offset, scale = self._rows
@@ -298,11 +303,18 @@ class _TurboQuantMixin:
         """Packed rows of this cache, with its key statistics, as plain (B, H, L, D) arrays."""
         return tuple(map(dequantize, self._packed(k, v)))
 
-    def _packed(self, k, v, recent=None):
+    def _packed(self, k, v, recent=None, lazy=False):
+        """TurboQuantized keys and values of packed rows k, v; `recent`: their window's
+        (keys, values); `lazy`: `_StepRows` whose window this cache makes when read."""
         args = (self.head_dim, self.seed, getattr(mx, self.dtype))
         rk, rv, w = (None, None, 0) if recent is None else (*recent, self.recent_tokens)
-        k = TurboQuantized(k, self.key_bits, *args, self.key_offset, None, self.key_scale, rk, w)
-        return k, TurboQuantized(v, self.value_bits, *args, None, None, None, rv, w)
+        cls, w = (_StepRows, self.recent_tokens) if lazy else (TurboQuantized, w)
+        k = cls(k, self.key_bits, *args, self.key_offset, None, self.key_scale, rk, w)
+        rows = (k, cls(v, self.value_bits, *args, None, None, None, rv, w))
+        if lazy:
+            for i, r in enumerate(rows):
+                r._cache, r._index = self, i
+        return rows
 
     def _wrap(self, k, v, recent=None):
         """Packed keys and values for the patched attention, else dequantised for any (the
@@ -447,19 +459,7 @@ class TurboQuantKVCache(_TurboQuantMixin, KVCache):
             k, v = self.keys, self.values
             if end < k.shape[2]:
                 k, v = k[:, :, :end], v[:, :, :end]
-            if not fold:
-                return self._fetch_step(k, v)
-            self._step = weakref.ref(k)  # the patched attention trusts these keys (patch.py)
-            args = (self.head_dim, self.seed, getattr(mx, self.dtype))
-            W = self.recent_tokens
-            rows = (
-                _StepRows(k, self.key_bits, *args, self.key_offset, None, self.key_scale, None, W),
-                _StepRows(v, self.value_bits, *args, None, None, None, None, W),
-            )
-            for i, r in enumerate(rows):
-                r._cache, r._index = self, i
-            self._step_rows = tuple(map(weakref.ref, rows))
-            return rows
+            return self._fetch_step(k, v, lazy=fold)
         self._settle()
         return super().update_and_fetch(keys, values)
 

@@ -111,7 +111,7 @@ pieces = {
     "slice": lambda: kf[:, :, :100],
 }
 if getattr(p, "fold", None) is not None:  # the merge launch that also quantises the token
-    offset, qs = c.step_rows()
+    offset, qs = c.step_stats()
     qs = p.ones.reshape(1, -1) if qs is None else qs
     f_in = [o, ml, q, *c._window, offset, x, x, p.fold.qc, qs]
     pieces["merge_quantize kernel alone"] = lambda: p.fold.kernel(inputs=f_in, **p.fold.args)[0]
